@@ -1,0 +1,2911 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "aiohttp>=3.9,<4",
+#     "aiosqlite>=0.20,<1",
+#     "Pillow>=10.3,<14",
+# ]
+# ///
+"""imgproxy: a self-hosted image host in one file.
+
+Upload an image (multipart POST, raw PUT, the stdlib client or the upload page),
+get a public URL. Images are stored once per distinct content under
+``uploads/ab/cd/<md5>.<ext>``, described in SQLite, served with strong caching
+headers, and removed after ``cleanup.expire_days`` by a daily in-process pass.
+
+Run:   python3 imgproxy.py [--config config.json] [--host H] [--port P]
+Hash:  python3 imgproxy.py hash-password
+
+Chapters, top-down: constants · config · errors · storage · database ·
+image inspection · auth · middlewares · handlers · cleanup · upload page ·
+create_app · main.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import collections
+import contextlib
+import dataclasses
+import datetime as dt
+import errno
+import fcntl
+import getpass
+import hashlib
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Optional
+
+import aiosqlite
+from aiohttp import BodyPartReader, hdrs, web
+from PIL import Image
+
+# ==== constants =================================================================
+
+__version__ = "1.0.0"
+log = logging.getLogger("imgproxy")
+
+DENIED_MESSAGE = "该用户权限不足，请联系管理员"
+SHIPPED_PASSWORDS = frozenset({"alice123"})  # passwords in the example config.json
+ROLES = ("uploader", "admin")
+
+# Detected Pillow format -> (stored extension, MIME type). MPO is what Pillow
+# calls a camera JPEG with extra preview frames; it is a JPEG for everyone else.
+FORMATS: dict[str, tuple[str, str]] = {
+    "JPEG": ("jpg", "image/jpeg"),
+    "PNG": ("png", "image/png"),
+    "GIF": ("gif", "image/gif"),
+    "WEBP": ("webp", "image/webp"),
+    "BMP": ("bmp", "image/bmp"),
+    "TIFF": ("tiff", "image/tiff"),
+    "ICO": ("ico", "image/x-icon"),
+    "AVIF": ("avif", "image/avif"),
+}
+DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO")
+
+MD5_RE = re.compile(r"[0-9a-f]{32}")
+CHUNK = 256 * 1024              # network read size
+FLUSH_BYTES = 1024 * 1024       # uploads below this stay in memory until published
+MULTIPART_SLACK = 64 * 1024     # boundaries and part headers around the file
+MAX_FRAMES = 10_000             # animated images: frames decoded at most
+TMP_MAX_AGE = 3600.0            # tmp/ leftovers older than this are from dead uploads
+COUNT_FLUSH_SECONDS = 2.0       # access counts reach the database this often
+CLEANUP_BATCH = 500
+BODY_CACHE_MAX_FILE = 512 * 1024
+META_CACHE_ENTRIES = 100_000
+AUTH_FAIL_LIMIT = 10            # failed sign-ins per address ...
+AUTH_FAIL_WINDOW = 60.0         # ... within this many seconds block that address this long
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+IMAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+            "img-src 'self' blob: data:; connect-src 'self'; form-action 'self'; "
+            "base-uri 'none'; frame-ancestors 'none'")
+
+
+# ==== config ====================================================================
+
+class ConfigError(ValueError):
+    """A config problem, worded for the operator: names the key and what to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UserConfig:
+    username: str
+    role: str = "uploader"
+    password: Optional[str] = dataclasses.field(default=None, repr=False)
+    password_hash: Optional[str] = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    domain: str = "localhost"
+    port: int = 8000
+    host: str = "127.0.0.1"
+    base_url: Optional[str] = None
+    data_dir: Path = Path("data")
+    max_upload_mb: float = 20
+    max_pixels: int = 50_000_000
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    cache_mb: float = 64
+    log_file: Optional[Path] = None
+    log_level: str = "INFO"
+    access_log: bool = False
+    trust_forwarded_for: bool = False
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanupConfig:
+    enable: bool = True
+    expire_days: float = 30
+    cleanup_time: dt.time = dt.time(3, 0, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    username: Optional[str] = None
+    password: Optional[str] = dataclasses.field(default=None, repr=False)
+    cache_path: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    cleanup: CleanupConfig = CleanupConfig()
+    users: tuple[UserConfig, ...] = ()
+    client: ClientConfig = ClientConfig()
+    path: Optional[Path] = None
+
+    @property
+    def base_url(self) -> str:
+        if self.server.base_url:
+            return self.server.base_url
+        return f"http://{self.server.domain}:{self.server.port}"
+
+    @property
+    def expire_seconds(self) -> float:
+        return self.cleanup.expire_days * 86400.0
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _expect(key: str, value: Any, kind: str) -> Any:
+    ok = {
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(value),
+        "list": isinstance(value, list),
+        "object": isinstance(value, dict),
+    }[kind]
+    if not ok:
+        wanted = {"str": "a string", "bool": "true or false", "int": "an integer",
+                  "number": "a number", "list": "a list", "object": "an object"}[kind]
+        raise ConfigError(f"{key}: expected {wanted}, got {_type_name(value)} {json.dumps(value)[:40]}")
+    return value
+
+
+def _only_keys(key: str, raw: dict, allowed: Iterable[str]) -> None:
+    allowed = list(allowed)
+    for name in raw:
+        if name not in allowed:
+            raise ConfigError(f"{key + '.' if key else ''}{name}: unknown key "
+                              f"(known keys: {', '.join(allowed)})")
+
+
+def parse_cleanup_time(text: str, key: str = "cleanup.cleanup_time") -> dt.time:
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}))?", text.strip())
+    if m:
+        h, mi, s = int(m[1]), int(m[2]), int(m[3] or 0)
+        if h < 24 and mi < 60 and s < 60:
+            return dt.time(h, mi, s)
+    raise ConfigError(f"{key}: expected a time of day as HH:MM:SS (like \"03:00:00\"), got {text!r}")
+
+
+def _optional_path(key: str, value: Any, base: Path) -> Optional[Path]:
+    if value is None:
+        return None
+    p = Path(_expect(key, value, "str")).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Config:
+    """Validate a decoded config.json into a Config; raises ConfigError naming the key."""
+    _expect("config", raw, "object")
+    _only_keys("", raw, ("server", "cleanup", "users", "client"))
+
+    s = _expect("server", raw.get("server", {}), "object")
+    _only_keys("server", s, [f.name for f in dataclasses.fields(ServerConfig)])
+    d = ServerConfig()
+    port = _expect("server.port", s.get("port", d.port), "int")
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"server.port: expected 0..65535, got {port}")
+    base_url = s.get("base_url")
+    if base_url is not None:
+        base_url = _expect("server.base_url", base_url, "str").rstrip("/")
+        if not re.match(r"https?://[^/\s]+", base_url):
+            raise ConfigError(f"server.base_url: expected an http:// or https:// URL, got {base_url!r}")
+    max_mb = _expect("server.max_upload_mb", s.get("max_upload_mb", d.max_upload_mb), "number")
+    if max_mb <= 0:
+        raise ConfigError("server.max_upload_mb: must be greater than 0")
+    max_pixels = _expect("server.max_pixels", s.get("max_pixels", d.max_pixels), "int")
+    if max_pixels <= 0:
+        raise ConfigError("server.max_pixels: must be greater than 0")
+    formats = s.get("formats", list(d.formats))
+    _expect("server.formats", formats, "list")
+    wanted_formats = []
+    for f in formats:
+        name = _expect("server.formats[]", f, "str").upper()
+        name = {"JPG": "JPEG", "TIF": "TIFF"}.get(name, name)
+        if name not in FORMATS:
+            raise ConfigError(f"server.formats: {f!r} is not supported (choose from {', '.join(FORMATS)})")
+        if name == "AVIF" and not _pillow_has("AVIF"):
+            raise ConfigError("server.formats: AVIF needs a Pillow built with AVIF support")
+        wanted_formats.append(name)
+    if not wanted_formats:
+        raise ConfigError("server.formats: list at least one format")
+    cache_mb = _expect("server.cache_mb", s.get("cache_mb", d.cache_mb), "number")
+    if cache_mb < 0:
+        raise ConfigError("server.cache_mb: must be 0 or more")
+    level = _expect("server.log_level", s.get("log_level", d.log_level), "str").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"server.log_level: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    server = ServerConfig(
+        domain=_expect("server.domain", s.get("domain", d.domain), "str"),
+        port=port,
+        host=_expect("server.host", s.get("host", d.host), "str"),
+        base_url=base_url,
+        data_dir=_optional_path("server.data_dir", s.get("data_dir", "data"), base_dir),
+        max_upload_mb=max_mb,
+        max_pixels=max_pixels,
+        formats=tuple(dict.fromkeys(wanted_formats)),
+        cache_mb=cache_mb,
+        log_file=_optional_path("server.log_file", s.get("log_file"), base_dir),
+        log_level=level,
+        access_log=_expect("server.access_log", s.get("access_log", d.access_log), "bool"),
+        trust_forwarded_for=_expect("server.trust_forwarded_for",
+                                    s.get("trust_forwarded_for", d.trust_forwarded_for), "bool"),
+    )
+    if not server.domain.strip():
+        raise ConfigError("server.domain: must not be empty")
+
+    c = _expect("cleanup", raw.get("cleanup", {}), "object")
+    _only_keys("cleanup", c, ("enable", "expire_days", "cleanup_time"))
+    days = _expect("cleanup.expire_days", c.get("expire_days", 30), "number")
+    if days < 0:
+        raise ConfigError(f"cleanup.expire_days: must be 0 or more, got {days}")
+    cleanup = CleanupConfig(
+        enable=_expect("cleanup.enable", c.get("enable", True), "bool"),
+        expire_days=days,
+        cleanup_time=parse_cleanup_time(_expect("cleanup.cleanup_time",
+                                                c.get("cleanup_time", "03:00:00"), "str")),
+    )
+
+    users = []
+    seen = set()
+    for i, u in enumerate(_expect("users", raw.get("users", []), "list")):
+        key = f"users[{i}]"
+        _expect(key, u, "object")
+        _only_keys(key, u, ("username", "password", "password_hash", "role"))
+        if "username" not in u:
+            raise ConfigError(f"{key}.username: missing")
+        name = _expect(f"{key}.username", u["username"], "str")
+        if not name or ":" in name or not name.isprintable():
+            raise ConfigError(f"{key}.username: must be non-empty, printable and without ':'")
+        if name in seen:
+            raise ConfigError(f"{key}.username: {name!r} appears twice")
+        seen.add(name)
+        role = _expect(f"{key}.role", u.get("role", "uploader"), "str")
+        if role not in ROLES:
+            raise ConfigError(f"{key}.role: expected 'uploader' or 'admin', got {role!r}")
+        pw = u.get("password")
+        ph = u.get("password_hash")
+        if pw is None and ph is None:
+            raise ConfigError(f"{key}: user {name!r} needs a password or a password_hash "
+                              "(make one with: python3 imgproxy.py hash-password)")
+        if pw is not None and ph is not None:
+            raise ConfigError(f"{key}: user {name!r} has both password and password_hash; keep one")
+        if pw is not None:
+            _expect(f"{key}.password", pw, "str")
+            if not pw:
+                raise ConfigError(f"{key}.password: must not be empty")
+        if ph is not None:
+            _expect(f"{key}.password_hash", ph, "str")
+            try:
+                _parse_scrypt_hash(ph)
+            except ValueError:
+                raise ConfigError(f"{key}.password_hash: not a hash made by "
+                                  "'python3 imgproxy.py hash-password' (scrypt$N$r$p$salt$hash)") from None
+        users.append(UserConfig(username=name, role=role, password=pw, password_hash=ph))
+
+    cl = _expect("client", raw.get("client", {}) or {}, "object")
+    _only_keys("client", cl, ("username", "password", "cache_path"))
+    client = ClientConfig(
+        username=None if cl.get("username") is None else _expect("client.username", cl["username"], "str"),
+        password=None if cl.get("password") is None else _expect("client.password", cl["password"], "str"),
+        cache_path=None if cl.get("cache_path") is None else _expect("client.cache_path", cl["cache_path"], "str"),
+    )
+    return Config(server=server, cleanup=cleanup, users=tuple(users), client=client, path=path)
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate config.json; every problem is a ConfigError with one clear line."""
+    path = Path(path).expanduser().absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (copy config.json from the project "
+                          "or pass --config PATH)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    try:
+        return parse_config(raw, path.parent, path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _pillow_has(fmt: str) -> bool:
+    Image.init()
+    return fmt in Image.OPEN
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_safe_to_listen(config: Config, host: str) -> None:
+    """Refuse to face the network while a user keeps the example password."""
+    if is_loopback(host):
+        return
+    for u in config.users:
+        if u.password is not None and u.password in SHIPPED_PASSWORDS:
+            raise ConfigError(
+                f"refusing to listen on {host}: user {u.username!r} still has the example password "
+                "from config.json. Make a hash with 'python3 imgproxy.py hash-password' and put it in "
+                "users[].password_hash (removing 'password'), or listen on 127.0.0.1 behind a proxy.")
+
+
+# ==== errors ====================================================================
+
+class ApiError(web.HTTPException):
+    """An HTTP error carrying API.md's JSON error object."""
+
+    def __init__(self, status: int, body: str, headers: Optional[dict] = None):
+        self.status_code = status  # HTTPException reads the status from here
+        super().__init__(text=body, content_type="application/json", headers=headers)
+
+
+def json_error(status: int, message: str, code: str, headers: Optional[dict] = None) -> web.HTTPException:
+    """An exception that renders as API.md's error object; raise it from handlers."""
+    return ApiError(status, json.dumps({"error": message, "code": code}, ensure_ascii=False), headers)
+
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 408: "timeout", 411: "length_required",
+                 412: "precondition_failed", 413: "too_large", 415: "unsupported_image",
+                 416: "range_not_satisfiable", 417: "expectation_failed", 429: "rate_limited",
+                 431: "headers_too_large", 500: "internal_error", 503: "unavailable",
+                 507: "insufficient_storage"}
+
+
+class UploadRejected(Exception):
+    """Raised by the inspection and streaming steps; becomes a 4xx for the uploader."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+# ==== storage ===================================================================
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Storage:
+    """Paths under data_dir. Every path is built from a digest, never from user text."""
+
+    def __init__(self, data_dir: Path):
+        self.root = Path(data_dir)
+        self.uploads = self.root / "uploads"
+        self.tmp = self.root / "tmp"
+        self.db_path = self.root / "images.db"
+        self.cleanup_lock = self.root / "cleanup.lock"
+
+    def prepare(self) -> None:
+        for d in (self.root, self.uploads, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def image_path(self, md5: str, ext: str) -> Path:
+        return self.uploads / md5[0:2] / md5[2:4] / f"{md5}.{ext}"
+
+    def new_tmp_path(self, kind: str = "upload") -> Path:
+        return self.tmp / f"{kind}-{secrets.token_hex(8)}.part"
+
+    def place(self, md5: str, ext: str, data: Optional[bytes], tmp_path: Optional[Path]) -> Path:
+        """Put the validated bytes at their final path (blocking; run in a thread).
+
+        Bytes are written under tmp/ and renamed: the rename is atomic on one
+        file system, so a reader or a crash never sees a half-written image.
+        """
+        final = self.image_path(md5, ext)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp_path is None:
+            tmp_path = self.new_tmp_path()
+            with open(tmp_path, "wb") as f:
+                f.write(data or b"")
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, final)
+        return final
+
+
+def _unlink_quietly(path: Optional[Path]) -> int:
+    """Remove a file if present; returns the bytes freed."""
+    if path is None:
+        return 0
+    try:
+        size = path.stat().st_size
+        path.unlink()
+        return size
+    except FileNotFoundError:
+        return 0
+
+
+class UploadSink:
+    """Receives an upload's bytes: hashes them and keeps them in memory or in tmp/.
+
+    Small uploads stay in memory and are written only when published (a
+    duplicate then costs no disk write at all). Past FLUSH_BYTES the data goes
+    to a tmp/ file through a worker thread, one write in flight at a time, so
+    hashing and disk work overlap with reading the network.
+    """
+
+    def __init__(self, storage: Storage, limit: int):
+        self.storage = storage
+        self.limit = limit
+        self.size = 0
+        self.md5 = hashlib.md5()
+        self.buf = bytearray()
+        self.tmp_path: Optional[Path] = None
+        self._file: Optional[io.BufferedWriter] = None
+        self._pending: Optional[asyncio.Future] = None
+
+    async def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise UploadRejected(413, "too_large",
+                                 f"file is larger than the {self.limit // (1024 * 1024)} MB upload limit")
+        self.buf += chunk
+        if len(self.buf) >= FLUSH_BYTES:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        data, self.buf = self.buf, bytearray()
+        if self._pending is not None:
+            await self._pending
+        self._pending = asyncio.get_running_loop().run_in_executor(None, self._write, data)
+
+    def _write(self, data: bytes | bytearray) -> None:
+        if self._file is None:
+            self.tmp_path = self.storage.new_tmp_path()
+            self._file = open(self.tmp_path, "wb")
+        self.md5.update(data)
+        self._file.write(data)
+
+    async def finish(self) -> tuple[str, Optional[bytes]]:
+        """Returns (md5 hex, the bytes if they stayed in memory)."""
+        if self._pending is not None:
+            await self._pending
+            self._pending = None
+        if self._file is None:
+            data = bytes(self.buf)
+            self.buf = bytearray()
+            if len(data) > 64 * 1024:
+                digest = await asyncio.to_thread(lambda: hashlib.md5(data).hexdigest())
+            else:
+                digest = hashlib.md5(data).hexdigest()
+            return digest, data
+        rest, self.buf = self.buf, bytearray()
+
+        def close() -> str:
+            if rest:
+                self._write(rest)
+            self._file.close()
+            return self.md5.hexdigest()
+
+        return await asyncio.to_thread(close), None
+
+    async def discard(self) -> None:
+        if self._pending is not None:
+            with contextlib.suppress(Exception):
+                await self._pending
+        if self._file is not None:
+            f, path = self._file, self.tmp_path
+            self._file = self.tmp_path = None
+
+            def drop() -> None:
+                f.close()
+                _unlink_quietly(path)
+
+            await asyncio.to_thread(drop)
+
+
+# ==== database ==================================================================
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    md5          TEXT PRIMARY KEY,
+    ext          TEXT NOT NULL,
+    format       TEXT NOT NULL,
+    mime         TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    width        INTEGER NOT NULL,
+    height       INTEGER NOT NULL,
+    access_count INTEGER NOT NULL DEFAULT 0,
+    created_at   REAL NOT NULL,
+    expire_at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_expire ON images(expire_at);
+CREATE INDEX IF NOT EXISTS images_created ON images(created_at);
+CREATE TABLE IF NOT EXISTS holds (
+    md5      TEXT NOT NULL,
+    username TEXT NOT NULL,
+    held_at  REAL NOT NULL,
+    PRIMARY KEY (md5, username)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS holds_user ON holds(username, held_at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+IMAGE_COLUMNS = "md5, ext, format, mime, name, size, width, height, access_count, created_at, expire_at"
+
+
+async def open_db(path: Path, readonly: bool = False) -> aiosqlite.Connection:
+    db = await aiosqlite.connect(str(path), isolation_level=None)
+    db.row_factory = sqlite3.Row
+    await db.execute("PRAGMA busy_timeout = 15000")
+    if not readonly:
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute("PRAGMA synchronous = NORMAL")
+        await db.executescript(SCHEMA)
+    return db
+
+
+@dataclasses.dataclass
+class ServedImage:
+    """What serving one image needs, kept in memory so a hit costs no I/O."""
+    md5: str
+    ext: str
+    mime: str
+    size: int
+    expire_at: float
+    path: Path
+    body: Optional[bytes] = None
+
+
+class ImageStore:
+    """The images: database rows, files, expiry, holds and the serving cache.
+
+    The handlers, the cleanup schedule and cleanup.py all go through this one
+    object. Writers are serialised by `write_lock` and run inside
+    `BEGIN IMMEDIATE`, which also excludes writers in other processes
+    (cleanup.py): a file is renamed into uploads/ or unlinked only while that
+    write lock is held, so no other writer can observe a row without its file.
+    """
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.clock = clock
+        self.storage = Storage(config.server.data_dir)
+        self.db_write: Optional[aiosqlite.Connection] = None
+        self.db_read: Optional[aiosqlite.Connection] = None
+        self.write_lock = asyncio.Lock()
+        self.pending_counts: collections.Counter[str] = collections.Counter()
+        self.served: collections.OrderedDict[str, ServedImage] = collections.OrderedDict()
+        self.body_bytes = 0
+        self.body_budget = int(config.server.cache_mb * 1024 * 1024)
+        self._data_version: Optional[int] = None
+        self.decode_slots = asyncio.Semaphore(max(1, min(4, os.cpu_count() or 1)))
+
+    # -- life cycle --
+    async def open(self) -> "ImageStore":
+        await asyncio.to_thread(self.storage.prepare)
+        self.db_write = await open_db(self.storage.db_path)
+        self.db_read = await open_db(self.storage.db_path, readonly=True)
+        self._data_version = await self._read_data_version()
+        return self
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.flush_counts()
+        for db in (self.db_read, self.db_write):
+            if db is not None:
+                with contextlib.suppress(Exception):
+                    await db.close()
+        self.db_read = self.db_write = None
+
+    @contextlib.asynccontextmanager
+    async def transaction(self):
+        """One write transaction, exclusive in this process and across processes."""
+        async with self.write_lock:
+            db = self.db_write
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await db.execute("ROLLBACK")
+                raise
+            else:
+                await db.execute("COMMIT")
+
+    # -- reading --
+    def info(self, row: sqlite3.Row, status: Optional[str] = None) -> dict:
+        md5 = row["md5"]
+        out = {
+            "md5": md5,
+            "url": f"{self.config.base_url}/i/{md5}.{row['ext']}",
+            "name": row["name"],
+            "size": row["size"],
+            "width": row["width"],
+            "height": row["height"],
+            "format": row["format"],
+            "mime": row["mime"],
+            "access_count": row["access_count"] + self.pending_counts.get(md5, 0),
+            "created_at": iso(row["created_at"]),
+            "expire_at": iso(row["expire_at"]),
+        }
+        if status:
+            out["status"] = status
+        return out
+
+    async def get_row(self, md5: str, db: Optional[aiosqlite.Connection] = None) -> Optional[sqlite3.Row]:
+        async with (db or self.db_read).execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE md5 = ?", (md5,)) as cur:
+            return await cur.fetchone()
+
+    async def lookup(self, md5: str) -> Optional[dict]:
+        row = await self.get_row(md5)
+        if row is None or row["expire_at"] <= self.clock():
+            return None
+        return self.info(row)
+
+    async def list_images(self, username: Optional[str], limit: int, offset: int) -> tuple[list[dict], int]:
+        now = self.clock()
+        db = self.db_read
+        if username is None:
+            where, args = "WHERE expire_at > ?", [now]
+            sql = f"SELECT {IMAGE_COLUMNS} FROM images {where} ORDER BY created_at DESC, md5 LIMIT ? OFFSET ?"
+            count_sql = f"SELECT COUNT(*) FROM images {where}"
+        else:
+            cols = ", ".join(f"i.{c.strip()}" for c in IMAGE_COLUMNS.split(","))
+            where, args = "WHERE h.username = ? AND i.expire_at > ?", [username, now]
+            sql = (f"SELECT {cols} FROM holds h JOIN images i ON i.md5 = h.md5 {where} "
+                   "ORDER BY h.held_at DESC, i.md5 LIMIT ? OFFSET ?")
+            count_sql = f"SELECT COUNT(*) FROM holds h JOIN images i ON i.md5 = h.md5 {where}"
+        async with db.execute(sql, (*args, limit, offset)) as cur:
+            rows = await cur.fetchall()
+        async with db.execute(count_sql, args) as cur:
+            total = (await cur.fetchone())[0]
+        return [self.info(r) for r in rows], total
+
+    # -- writing --
+    async def publish(self, user: str, md5: str, facts: "ImageFacts", name: str,
+                      data: Optional[bytes], tmp_path: Optional[Path]) -> tuple[dict, bool]:
+        """Store an inspected upload or renew the copy we have; returns (info, created)."""
+        ext, mime = FORMATS[facts.format]
+        async with self.transaction() as db:
+            now = self.clock()
+            expire_at = now + self.config.expire_seconds
+            row = await self.get_row(md5, db)
+            path = self.storage.image_path(md5, ext)
+            if row is not None and row["ext"] == ext and await asyncio.to_thread(path.is_file):
+                await db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?", (expire_at, md5))
+                created = False
+            else:
+                # New bytes, or a row whose file went missing: (re)place the file
+                # before the row commits, so the row never points at nothing.
+                await asyncio.to_thread(self.storage.place, md5, ext, data, tmp_path)
+                tmp_path = None
+                if row is None:
+                    await db.execute(
+                        f"INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,0,?,?)",
+                        (md5, ext, facts.format, mime, name, facts.size, facts.width, facts.height,
+                         now, expire_at))
+                    created = True
+                else:
+                    await db.execute(
+                        "UPDATE images SET ext=?, format=?, mime=?, size=?, width=?, height=?, expire_at=? "
+                        "WHERE md5=?", (ext, facts.format, mime, facts.size, facts.width, facts.height,
+                                        expire_at, md5))
+                    created = False
+            await self._hold(db, md5, user, now)
+            row = await self.get_row(md5, db)
+        if tmp_path is not None:
+            await asyncio.to_thread(_unlink_quietly, tmp_path)
+        self.forget(md5)
+        return self.info(row, "uploaded" if created else "exists"), created
+
+    async def _hold(self, db: aiosqlite.Connection, md5: str, user: str, now: float) -> None:
+        await db.execute(
+            "INSERT INTO holds (md5, username, held_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (md5, username) DO UPDATE SET held_at = excluded.held_at",
+            (md5, user, now))
+
+    async def renew(self, user: str, md5: str) -> Optional[dict]:
+        """Dedup without bytes: renew expiry and record the caller as a holder."""
+        async with self.transaction() as db:
+            row = await self.get_row(md5, db)
+            if row is None:
+                return None
+            if not await asyncio.to_thread(self.storage.image_path(md5, row["ext"]).is_file):
+                # A row without its file cannot be served; drop it so the
+                # client uploads the bytes again instead of trusting a dead URL.
+                await self._delete_rows(db, [md5])
+                self.forget(md5)
+                return None
+            now = self.clock()
+            await db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?",
+                             (now + self.config.expire_seconds, md5))
+            await self._hold(db, md5, user, now)
+            row = await self.get_row(md5, db)
+        self.forget(md5)
+        return self.info(row, "exists")
+
+    async def delete(self, user: str, md5: str, admin: bool) -> bool:
+        """Admin: remove outright. Uploader: drop own hold; the image goes with the last hold."""
+        async with self.transaction() as db:
+            row = await self.get_row(md5, db)
+            if row is None:
+                return False
+            if not admin:
+                cur = await db.execute("DELETE FROM holds WHERE md5 = ? AND username = ?", (md5, user))
+                if cur.rowcount == 0:
+                    return False
+                async with db.execute("SELECT COUNT(*) FROM holds WHERE md5 = ?", (md5,)) as c:
+                    if (await c.fetchone())[0] > 0:
+                        return True
+            await asyncio.to_thread(_unlink_quietly, self.storage.image_path(md5, row["ext"]))
+            await self._delete_rows(db, [md5])
+        self.forget(md5)
+        return True
+
+    async def _delete_rows(self, db: aiosqlite.Connection, md5s: list[str]) -> None:
+        marks = ",".join("?" * len(md5s))
+        await db.execute(f"DELETE FROM holds WHERE md5 IN ({marks})", md5s)
+        await db.execute(f"DELETE FROM images WHERE md5 IN ({marks})", md5s)
+
+    # -- access counts --
+    def count_access(self, md5: str) -> None:
+        self.pending_counts[md5] += 1
+
+    async def flush_counts(self) -> None:
+        if not self.pending_counts or self.db_write is None:
+            return
+        counts, self.pending_counts = self.pending_counts, collections.Counter()
+        try:
+            async with self.transaction() as db:
+                await db.executemany("UPDATE images SET access_count = access_count + ? WHERE md5 = ?",
+                                     [(n, md5) for md5, n in counts.items()])
+        except BaseException:
+            self.pending_counts.update(counts)  # keep them for the next attempt
+            raise
+
+    # -- serving cache --
+    async def served_image(self, md5: str) -> Optional[ServedImage]:
+        entry = self.served.get(md5)
+        if entry is not None:
+            self.served.move_to_end(md5)
+            return entry
+        row = await self.get_row(md5)
+        if row is None:
+            return None
+        entry = ServedImage(md5, row["ext"], row["mime"], row["size"], row["expire_at"],
+                            self.storage.image_path(md5, row["ext"]))
+        if row["size"] <= BODY_CACHE_MAX_FILE and row["size"] <= self.body_budget:
+            try:
+                entry.body = await asyncio.to_thread(entry.path.read_bytes)
+            except OSError:
+                return None
+            self.body_bytes += len(entry.body)
+        self.served[md5] = entry
+        while self.served and (self.body_bytes > self.body_budget or len(self.served) > META_CACHE_ENTRIES):
+            _, old = self.served.popitem(last=False)
+            if old.body is not None:
+                self.body_bytes -= len(old.body)
+        return entry
+
+    def forget(self, md5: str) -> None:
+        old = self.served.pop(md5, None)
+        if old is not None and old.body is not None:
+            self.body_bytes -= len(old.body)
+
+    def forget_all(self) -> None:
+        self.served.clear()
+        self.body_bytes = 0
+
+    async def _read_data_version(self) -> int:
+        async with self.db_write.execute("PRAGMA data_version") as cur:
+            return (await cur.fetchone())[0]
+
+    async def notice_other_writers(self) -> None:
+        """Another process (cleanup.py, a reset) changed the database: drop cached entries."""
+        version = await self._read_data_version()
+        if version != self._data_version:
+            self._data_version = version
+            self.forget_all()
+
+    async def healthy(self) -> Optional[str]:
+        try:
+            async with self.db_read.execute("SELECT 1") as cur:
+                await cur.fetchone()
+        except Exception as exc:  # noqa: BLE001 - health reports any failure
+            return f"database: {exc}"
+        ok = await asyncio.to_thread(lambda: os.access(self.storage.uploads, os.W_OK)
+                                     and os.access(self.storage.tmp, os.W_OK))
+        return None if ok else "data folder is not writable"
+
+    # -- meta --
+    async def get_meta(self, key: str) -> Optional[str]:
+        async with self.db_read.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else row[0]
+
+    async def set_meta(self, key: str, value: str) -> None:
+        async with self.transaction() as db:
+            await db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    # -- database snapshot --
+    async def snapshot(self) -> Path:
+        """A consistent copy through SQLite's backup API, in tmp/ (caller removes it)."""
+        target = self.storage.new_tmp_path("snapshot")
+
+        def run() -> None:
+            src = sqlite3.connect(f"file:{self.storage.db_path}?mode=ro", uri=True, timeout=15)
+            try:
+                dst = sqlite3.connect(str(target))
+                try:
+                    src.backup(dst)
+                    dst.execute("PRAGMA journal_mode = DELETE")
+                finally:
+                    dst.close()
+            finally:
+                src.close()
+
+        try:
+            await asyncio.to_thread(run)
+        except BaseException:
+            await asyncio.to_thread(_unlink_quietly, target)
+            raise
+        return target
+
+
+# ==== image inspection ==========================================================
+
+@dataclasses.dataclass(frozen=True)
+class ImageFacts:
+    format: str
+    width: int
+    height: int
+    size: int
+    frames: int = 1
+
+
+def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max_pixels: int) -> ImageFacts:
+    """Decide from the bytes what the image is; raise UploadRejected if we refuse it.
+
+    Blocking and CPU-bound: run in a worker thread. Order matters: the pixel
+    limit is checked from the header before any pixel is decoded (bombs), then
+    verify() catches broken chunk CRCs and a full decode of every frame catches
+    truncated data that verify() misses (JPEG).
+    """
+    pillow_formats = list(formats)  # JPEG's opener also yields MPO, reported as JPEG below
+
+    def open_image() -> Image.Image:
+        return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                          formats=pillow_formats)
+
+    unsupported = ("not an image in an accepted format ("
+                   + ", ".join(formats) + "); SVG and other formats are refused")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with open_image() as im:
+                fmt = "JPEG" if im.format == "MPO" else im.format
+                width, height = im.size
+                if fmt not in formats:
+                    raise UploadRejected(415, "unsupported_image", unsupported)
+                if width <= 0 or height <= 0:
+                    raise UploadRejected(415, "unsupported_image", "image has no pixels")
+                if width * height > max_pixels:
+                    raise UploadRejected(413, "too_many_pixels",
+                                         f"image is {width}x{height} = {width * height} pixels; "
+                                         f"the limit is {max_pixels}")
+                im.verify()
+            with open_image() as im:
+                if fmt == "JPEG":
+                    # DCT scaling still entropy-decodes the whole stream (so
+                    # truncation is caught) at a fraction of the memory and time.
+                    im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
+                im.load()
+                frames, budget = 1, max_pixels * 10 - width * height
+                while True:
+                    try:
+                        im.seek(frames)
+                    except EOFError:
+                        break
+                    frames += 1
+                    w, h = im.size
+                    budget -= w * h
+                    if frames > MAX_FRAMES or budget < 0:
+                        raise UploadRejected(413, "too_many_pixels",
+                                             "animation is too large to check (too many frames or pixels)")
+                    im.load()
+        except UploadRejected:
+            raise
+        except Image.UnidentifiedImageError:
+            raise UploadRejected(415, "unsupported_image", unsupported) from None
+        except Image.DecompressionBombError:
+            raise UploadRejected(413, "too_many_pixels", "image declares more pixels than allowed") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is bad input
+            log.debug("rejected corrupt image: %r", exc)
+            raise UploadRejected(415, "unsupported_image",
+                                 f"image is corrupt or truncated ({type(exc).__name__})") from None
+    return ImageFacts(fmt, width, height, size, frames)
+
+
+def sanitize_name(raw: Optional[str], ext: str) -> str:
+    """A display name from client text: last path segment, printable, bounded."""
+    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip()
+    if len(name) > 200:
+        stem, dot, suffix = name.rpartition(".")
+        name = (stem[:190] + dot + suffix[:9]) if dot and len(suffix) < 10 else name[:200]
+    if name in ("", ".", ".."):
+        name = f"image.{ext}"
+    return name
+
+
+# ==== auth ======================================================================
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt)}${b64(digest)}"
+
+
+def _parse_scrypt_hash(text: str) -> tuple[int, int, int, bytes, bytes]:
+    parts = text.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        raise ValueError("not an scrypt hash")
+    n, r, p = (int(x) for x in parts[1:4])
+    if n < 2 or n & (n - 1) or n > 2**20 or not 1 <= r <= 32 or not 1 <= p <= 16:
+        raise ValueError("scrypt parameters out of range")
+    salt, digest = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True)
+    if not salt or len(digest) < 16:
+        raise ValueError("scrypt salt or digest missing")
+    return n, r, p, salt, digest
+
+
+def verify_password_hash(password: str, stored: str) -> bool:
+    n, r, p, salt, digest = _parse_scrypt_hash(stored)
+    candidate = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p,
+                               dklen=len(digest), maxmem=256 * 1024 * 1024)
+    return hmac.compare_digest(candidate, digest)
+
+
+class Authenticator:
+    """HTTP Basic against the config's users, with a limiter for guessing.
+
+    Timing does not tell a missing user from a wrong password: both run the
+    same kind of check (a plain compare of digests, or scrypt when the config
+    uses hashes). A successful (user, password) pair is remembered as an HMAC
+    under a per-process key, so scrypt runs once per client, not per request.
+    """
+
+    def __init__(self, users: Iterable[UserConfig], clock: Callable[[], float] = time.monotonic):
+        self.users = {u.username: u for u in users}
+        self._plain = {u.username: hashlib.sha256(u.password.encode()).digest()
+                       for u in self.users.values() if u.password is not None}
+        self._key = secrets.token_bytes(32)
+        self._dummy_hash = hash_password(secrets.token_hex(8)) \
+            if any(u.password_hash for u in self.users.values()) else None
+        self._dummy_plain = hashlib.sha256(secrets.token_bytes(16)).digest()
+        self._accepted: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        self._failures: dict[str, list[float]] = {}
+        self.clock = clock
+
+    def blocked_for(self, address: str) -> float:
+        entry = self._failures.get(address)
+        if entry is None:
+            return 0.0
+        count, start = entry
+        elapsed = self.clock() - start
+        if elapsed > AUTH_FAIL_WINDOW:
+            if count < AUTH_FAIL_LIMIT or elapsed > 2 * AUTH_FAIL_WINDOW:
+                del self._failures[address]
+            return 0.0 if count < AUTH_FAIL_LIMIT or elapsed > 2 * AUTH_FAIL_WINDOW \
+                else 2 * AUTH_FAIL_WINDOW - elapsed
+        return AUTH_FAIL_WINDOW - elapsed if count >= AUTH_FAIL_LIMIT else 0.0
+
+    def record_failure(self, address: str) -> None:
+        now = self.clock()
+        entry = self._failures.get(address)
+        if entry is None or now - entry[1] > AUTH_FAIL_WINDOW and entry[0] < AUTH_FAIL_LIMIT:
+            self._failures[address] = [1, now]
+        else:
+            entry[0] += 1
+            if entry[0] == AUTH_FAIL_LIMIT:
+                entry[1] = now  # the block runs from the failure that tripped it
+        if len(self._failures) > 10_000:
+            for addr in [a for a, (_, t) in self._failures.items() if now - t > 2 * AUTH_FAIL_WINDOW]:
+                del self._failures[addr]
+
+    async def check(self, header: Optional[str]) -> Optional[UserConfig]:
+        """The user for an Authorization header, or None."""
+        if not header:
+            return None
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return None
+        username, sep, password = decoded.partition(":")
+        if not sep:
+            return None
+        memo = hmac.new(self._key, decoded.encode(), hashlib.sha256).digest()
+        if memo in self._accepted:
+            self._accepted.move_to_end(memo)
+            return self.users.get(self._accepted[memo])
+        user = self.users.get(username)
+        if user is not None and user.password_hash is not None:
+            ok = await asyncio.to_thread(verify_password_hash, password, user.password_hash)
+        elif user is not None:
+            ok = hmac.compare_digest(hashlib.sha256(password.encode()).digest(), self._plain[username])
+        elif self._dummy_hash is not None:
+            await asyncio.to_thread(verify_password_hash, password, self._dummy_hash)
+            ok = False
+        else:
+            hmac.compare_digest(hashlib.sha256(password.encode()).digest(), self._dummy_plain)
+            ok = False
+        if not ok:
+            return None
+        self._accepted[memo] = username
+        if len(self._accepted) > 1024:
+            self._accepted.popitem(last=False)
+        return user
+
+
+def client_address(request: web.Request) -> str:
+    if request.app[CONFIG].server.trust_forwarded_for:
+        forwarded = request.headers.get("X-Forwarded-For")
+        if forwarded:
+            return forwarded.rsplit(",", 1)[-1].strip()
+    return request.remote or "?"
+
+
+def denied(status: int, request: web.Request) -> web.HTTPException:
+    headers = {}
+    # The upload page asks without the browser's own login dialog.
+    if status == 401 and "X-Requested-With" not in request.headers:
+        headers["WWW-Authenticate"] = 'Basic realm="imgproxy", charset="UTF-8"'
+    return json_error(status, DENIED_MESSAGE, "unauthorized" if status == 401 else "forbidden", headers)
+
+
+async def require_user(request: web.Request, role: str = "uploader") -> UserConfig:
+    auth = request.app[AUTH]
+    address = client_address(request)
+    wait = auth.blocked_for(address)
+    if wait > 0:
+        raise json_error(429, f"too many failed sign-ins from this address; try again in {math.ceil(wait)} s",
+                         "rate_limited", {"Retry-After": str(math.ceil(wait))})
+    header = request.headers.get(hdrs.AUTHORIZATION)
+    user = await auth.check(header)
+    if user is None:
+        if header:
+            auth.record_failure(address)
+        raise denied(401, request)
+    if role == "admin" and user.role != "admin":
+        raise denied(403, request)
+    return user
+
+
+# ==== middlewares ===============================================================
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    """Every error leaves as API.md's JSON object; surprises are logged, never shown."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        message = exc.reason
+        if exc.status == 404:
+            message = "not found"
+        elif exc.status == 405:
+            message = f"method {request.method} is not allowed here"
+        elif exc.status == 413:
+            message = "request body is too large"
+        raise json_error(exc.status, message, _STATUS_CODES.get(exc.status, "error"),
+                         {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")})
+    except UploadRejected as exc:
+        raise json_error(exc.status, exc.message, exc.code)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("disk full while handling %s %s", request.method, request.path)
+            raise json_error(507, "the server's disk is full; nothing was stored", "insufficient_storage")
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            log.error("data folder not writable: %s", exc)
+            raise json_error(503, "the server cannot write its data folder right now; nothing was stored",
+                             "storage_unavailable")
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        raise json_error(500, "internal server error", "internal_error")
+    except sqlite3.OperationalError as exc:
+        log.error("database busy or unavailable in %s %s: %s", request.method, request.path, exc)
+        raise json_error(503, "the database is busy; try again shortly", "unavailable",
+                         {"Retry-After": "2"})
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        raise json_error(500, "internal server error", "internal_error")
+
+
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    if "Cache-Control" not in headers:
+        headers["Cache-Control"] = "no-store"
+    headers.setdefault("Referrer-Policy", "no-referrer")
+
+
+# ==== handlers ==================================================================
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", ImageStore)
+AUTH = web.AppKey("auth", Authenticator)
+TASKS = web.AppKey("tasks", list)
+CLOCK = web.AppKey("clock", object)
+
+
+def md5_param(request: web.Request) -> str:
+    md5 = request.match_info["md5"]
+    if not MD5_RE.fullmatch(md5):
+        raise json_error(400, "not an image id: expected 32 lowercase hex characters (an MD5)", "bad_md5")
+    return md5
+
+
+def wants_text(request: web.Request) -> bool:
+    accept = request.headers.get(hdrs.ACCEPT, "")
+    t = accept.find("text/plain")
+    if t < 0:
+        return False
+    j = accept.find("application/json")
+    return j < 0 or t < j
+
+
+async def upload_expect(request: web.Request) -> None:
+    """Answer `Expect: 100-continue` only when the body would be accepted.
+
+    curl sends big bodies with this header, so a wrong password or a declared
+    size over the limit is refused before a single byte is sent.
+    """
+    if request.version != (1, 1):
+        return
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if expect.lower() != "100-continue":
+        raise json_error(417, f"unknown Expect: {expect}", "expectation_failed")
+    await require_user(request)
+    check_declared_length(request)
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0
+
+
+def check_declared_length(request: web.Request) -> None:
+    limit = request.app[CONFIG].server.max_upload_bytes
+    declared = request.content_length
+    slack = MULTIPART_SLACK if request.method == "POST" else 0
+    if declared is not None and declared > limit + slack:
+        raise json_error(413, f"file is larger than the {request.app[CONFIG].server.max_upload_mb:g} MB "
+                              "upload limit", "too_large")
+
+
+async def receive_upload(request: web.Request, sink: UploadSink) -> Optional[str]:
+    """Stream the upload into sink; returns the client's file name (display only)."""
+    if request.method == "PUT":
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            await sink.feed(chunk)
+        return request.match_info.get("filename")
+
+    if not request.content_type.startswith("multipart/"):
+        raise json_error(400, "send the image as multipart/form-data in a field named 'file' "
+                              "(curl -F file=@x.png), or as a raw body with PUT /upload/NAME", "bad_request")
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError, KeyError):
+        raise json_error(400, "malformed multipart body", "bad_request") from None
+    filename, found = None, False
+    try:
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise json_error(400, "nested multipart is not supported", "bad_request")
+            if part.name != "file":
+                drained = 0
+                while chunk := await part.read_chunk(CHUNK):
+                    drained += len(chunk)
+                    if drained > MULTIPART_SLACK:
+                        raise json_error(400, f"form field {part.name!r} is too large; "
+                                              "only 'file' carries data", "bad_request")
+                continue
+            if found:
+                raise json_error(400, "several files sent; upload one file per request", "several_files")
+            found = True
+            filename = part.filename
+            while chunk := await part.read_chunk(CHUNK):
+                await sink.feed(chunk)
+    except (ValueError, AssertionError) as exc:
+        raise json_error(400, f"malformed multipart body ({exc})"[:200], "bad_request") from None
+    if not found:
+        raise json_error(400, "no field named 'file' in the form", "missing_file")
+    return filename
+
+
+async def handle_upload(request: web.Request) -> web.Response:
+    user = await require_user(request)
+    check_declared_length(request)
+    config, store = request.app[CONFIG], request.app[STORE]
+    sink = UploadSink(store.storage, config.server.max_upload_bytes)
+    try:
+        raw_name = await receive_upload(request, sink)
+        if sink.size == 0:
+            raise json_error(400, "the upload is empty", "empty_upload")
+        md5, data = await sink.finish()
+        source = data if data is not None else sink.tmp_path
+        async with store.decode_slots:
+            facts = await asyncio.to_thread(inspect_image, source, sink.size, config.server.formats,
+                                            config.server.max_pixels)
+        name = sanitize_name(raw_name, FORMATS[facts.format][0])
+        info, created = await store.publish(user.username, md5, facts, name, data, sink.tmp_path)
+        sink.tmp_path = None
+    finally:
+        if sink.tmp_path is not None:
+            await sink.discard()
+    log.info("%s %s.%s (%d bytes) for %s", "stored" if created else "renewed", md5,
+             FORMATS[facts.format][0], facts.size, user.username)
+    status = 201 if created else 200
+    if wants_text(request):
+        return web.Response(text=info["url"] + "\n", status=status, content_type="text/plain")
+    headers = {"Location": info["url"]} if created else None
+    return web.json_response(info, status=status, headers=headers, dumps=_dumps)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+async def handle_lookup(request: web.Request) -> web.Response:
+    await require_user(request)
+    md5 = md5_param(request)
+    info = await request.app[STORE].lookup(md5)
+    if info is None:
+        raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found")
+    return web.json_response(info, dumps=_dumps)
+
+
+async def handle_renew(request: web.Request) -> web.Response:
+    user = await require_user(request)
+    md5 = md5_param(request)
+    info = await request.app[STORE].renew(user.username, md5)
+    if info is None:
+        raise json_error(404, "no such image; upload the bytes", "not_found")
+    return web.json_response(info, dumps=_dumps)
+
+
+async def handle_delete(request: web.Request) -> web.Response:
+    user = await require_user(request)
+    md5 = md5_param(request)
+    if not await request.app[STORE].delete(user.username, md5, admin=user.role == "admin"):
+        raise json_error(404, "you hold no image with this id", "not_found")
+    return web.Response(status=204)
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise json_error(400, f"{name} must be a whole number", "bad_request") from None
+    if not lo <= value <= hi:
+        raise json_error(400, f"{name} must be between {lo} and {hi}", "bad_request")
+    return value
+
+
+async def handle_list(request: web.Request) -> web.Response:
+    user = await require_user(request)
+    limit = _int_param(request, "limit", 50, 1, 1000)
+    offset = _int_param(request, "offset", 0, 0, 2**31)
+    images, total = await request.app[STORE].list_images(
+        None if user.role == "admin" else user.username, limit, offset)
+    return web.json_response({"images": images, "total": total}, dumps=_dumps)
+
+
+async def handle_db(request: web.Request) -> web.StreamResponse:
+    await require_user(request, "admin")
+    store = request.app[STORE]
+    snapshot = await store.snapshot()
+    try:
+        resp = web.StreamResponse(headers={
+            "Content-Type": "application/vnd.sqlite3",
+            "Content-Disposition": 'attachment; filename="images_server.db"',
+            "Cache-Control": "no-store",
+        })
+        resp.content_length = (await asyncio.to_thread(snapshot.stat)).st_size
+        await resp.prepare(request)
+        with open(snapshot, "rb") as f:
+            while chunk := await asyncio.to_thread(f.read, FLUSH_BYTES):
+                await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+    finally:
+        await asyncio.to_thread(_unlink_quietly, snapshot)
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    problem = await request.app[STORE].healthy()
+    if problem:
+        return web.json_response({"status": "error", "error": problem, "code": "unhealthy"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+class _ImageFileResponse(web.FileResponse):
+    """sendfile for large images, keeping our content-derived ETag."""
+
+    @property
+    def etag(self):  # type: ignore[override]
+        return None
+
+    @etag.setter
+    def etag(self, value) -> None:
+        pass
+
+
+def _etag_matches(header: str, md5: str) -> bool:
+    for tag in header.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag.removeprefix("W/").strip('"') == md5:
+            return True
+    return False
+
+
+async def handle_image(request: web.Request) -> web.StreamResponse:
+    """The hot path: answer from memory when the image is small and known."""
+    md5, dot, ext = request.match_info["name"].partition(".")
+    if not dot or not MD5_RE.fullmatch(md5):
+        raise json_error(400, "not an image id: expected /i/<md5>.<ext>", "bad_md5")
+    store = request.app[STORE]
+    entry = await store.served_image(md5)
+    now = store.clock()
+    if entry is None or entry.ext != ext or entry.expire_at <= now:
+        raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found")
+    headers = {
+        "Content-Type": entry.mime,
+        "ETag": f'"{md5}"',
+        "Cache-Control": f"public, max-age={int(entry.expire_at - now)}, immutable",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": IMAGE_CSP,
+        "Access-Control-Allow-Origin": "*",
+        "Accept-Ranges": "bytes",
+    }
+    is_get = request.method == "GET"
+    inm = request.headers.get(hdrs.IF_NONE_MATCH)
+    if inm is not None and _etag_matches(inm, md5):
+        if is_get:
+            store.count_access(md5)
+        del headers["Content-Type"]
+        return web.Response(status=304, headers=headers)
+    if is_get:
+        store.count_access(md5)
+    if entry.body is None:
+        return _ImageFileResponse(entry.path, headers=headers)
+    body = entry.body
+    if hdrs.RANGE in request.headers:
+        size = len(body)
+        try:
+            rng = request.http_range
+        except ValueError:
+            rng = None
+        if rng is None:
+            headers["Content-Range"] = f"bytes */{size}"
+            raise json_error(416, "range not satisfiable", "range_not_satisfiable", headers)
+        start, stop = rng.start, rng.stop
+        if start is not None or stop is not None:
+            if start is None:
+                start = 0
+            if start < 0 and stop is None:
+                start = max(0, size + start)
+                stop = size
+            stop = size if stop is None else min(stop, size)
+            if start >= size or start >= stop:
+                headers["Content-Range"] = f"bytes */{size}"
+                raise json_error(416, "range not satisfiable", "range_not_satisfiable",
+                                 {"Content-Range": f"bytes */{size}"})
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+            return web.Response(status=206, body=body[start:stop], headers=headers)
+    return web.Response(body=body, headers=headers)
+
+
+async def handle_page(request: web.Request) -> web.Response:
+    return web.Response(text=PAGE_HTML, content_type="text/html", charset="utf-8",
+                        headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache",
+                                 "X-Frame-Options": "DENY"})
+
+
+async def handle_asset(request: web.Request) -> web.Response:
+    name = request.match_info["asset"]
+    if name == "app.js":
+        return web.Response(text=PAGE_JS, content_type="text/javascript", charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
+    if name == "app.css":
+        return web.Response(text=PAGE_CSS, content_type="text/css", charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
+    raise json_error(404, "not found", "not_found")
+
+
+# ==== cleanup ===================================================================
+
+@dataclasses.dataclass
+class CleanupReport:
+    expired: int = 0
+    orphan_files: int = 0
+    dangling_rows: int = 0
+    temp_files: int = 0
+    bytes_freed: int = 0
+    skipped: bool = False
+    dry_run: bool = False
+    removed: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.skipped:
+            return "cleanup skipped: another cleanup pass is running"
+        verb = "would remove" if self.dry_run else "removed"
+        return (f"cleanup {verb}: {self.expired} expired images, {self.orphan_files} orphan files, "
+                f"{self.dangling_rows} dangling rows, {self.temp_files} temp files, "
+                f"{self.bytes_freed} bytes")
+
+
+def _scan_uploads(storage: Storage) -> list[tuple[str, str, Path]]:
+    """Every file under uploads/ as (md5, ext, path); foreign names get md5=''."""
+    found = []
+    for dirpath, _dirs, files in os.walk(storage.uploads):
+        for f in files:
+            stem, _, ext = f.partition(".")
+            found.append((stem if MD5_RE.fullmatch(stem) else "", ext, Path(dirpath) / f))
+    return found
+
+
+def _old_temp_files(storage: Storage, now: float) -> list[Path]:
+    old = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(storage.tmp):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > TMP_MAX_AGE:
+                    old.append(Path(entry.path))
+    return old
+
+
+async def run_cleanup_pass(store: ImageStore, dry_run: bool = False) -> CleanupReport:
+    """One pass: expired images, orphan files, dangling rows, old temp files.
+
+    Work is cut into batches, each its own short write transaction, with a
+    yield to the event loop between them so serving never waits on a pass.
+    A pass already running (here or in cleanup.py) makes this one skip.
+    """
+    report = CleanupReport(dry_run=dry_run)
+    storage = store.storage
+    lock_fd = os.open(storage.cleanup_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            report.skipped = True
+            return report
+        await _cleanup_expired(store, report, dry_run)
+        await _cleanup_orphans(store, report, dry_run)
+        await _cleanup_dangling(store, report, dry_run)
+        now = store.clock()
+        for path in await asyncio.to_thread(_old_temp_files, storage, time.time()):
+            report.temp_files += 1
+            report.removed.append(str(path))
+            if not dry_run:
+                report.bytes_freed += await asyncio.to_thread(_unlink_quietly, path)
+        if not dry_run:
+            await store.set_meta("last_cleanup", repr(now))
+    finally:
+        os.close(lock_fd)
+    return report
+
+
+async def _cleanup_expired(store: ImageStore, report: CleanupReport, dry_run: bool) -> None:
+    now = store.clock()
+    after = ""
+    while True:
+        async with store.transaction() as db:
+            async with db.execute("SELECT md5, ext, size FROM images WHERE expire_at <= ? AND md5 > ? "
+                                  "ORDER BY md5 LIMIT ?", (now, after, CLEANUP_BATCH)) as cur:
+                rows = await cur.fetchall()
+            if not rows:
+                return
+            after = rows[-1]["md5"]
+            md5s = [r["md5"] for r in rows]
+            report.expired += len(rows)
+            report.removed.extend(f"expired {m}" for m in md5s)
+            if dry_run:
+                report.bytes_freed += sum(r["size"] for r in rows)
+            else:
+                paths = [store.storage.image_path(r["md5"], r["ext"]) for r in rows]
+                report.bytes_freed += await asyncio.to_thread(lambda: sum(map(_unlink_quietly, paths)))
+                await store._delete_rows(db, md5s)
+        for m in md5s:
+            store.forget(m)
+        await asyncio.sleep(0)
+
+
+async def _cleanup_orphans(store: ImageStore, report: CleanupReport, dry_run: bool) -> None:
+    files = await asyncio.to_thread(_scan_uploads, store.storage)
+    for i in range(0, len(files), CLEANUP_BATCH):
+        batch = files[i:i + CLEANUP_BATCH]
+        async with store.transaction() as db:
+            md5s = [m for m, _, _ in batch if m]
+            known: dict[str, str] = {}
+            if md5s:
+                marks = ",".join("?" * len(md5s))
+                async with db.execute(f"SELECT md5, ext FROM images WHERE md5 IN ({marks})", md5s) as cur:
+                    known = {r["md5"]: r["ext"] for r in await cur.fetchall()}
+            orphans = [p for m, ext, p in batch if known.get(m) != ext]
+            if orphans:
+                report.orphan_files += len(orphans)
+                report.removed.extend(f"orphan {p}" for p in orphans)
+                if dry_run:
+                    report.bytes_freed += sum(p.stat().st_size for p in orphans if p.exists())
+                else:
+                    report.bytes_freed += await asyncio.to_thread(lambda: sum(map(_unlink_quietly, orphans)))
+        await asyncio.sleep(0)
+
+
+async def _cleanup_dangling(store: ImageStore, report: CleanupReport, dry_run: bool) -> None:
+    after = ""
+    while True:
+        async with store.db_read.execute("SELECT md5, ext FROM images WHERE md5 > ? ORDER BY md5 LIMIT ?",
+                                         (after, CLEANUP_BATCH * 4)) as cur:
+            rows = await cur.fetchall()
+        if not rows:
+            return
+        after = rows[-1]["md5"]
+        paths = {r["md5"]: store.storage.image_path(r["md5"], r["ext"]) for r in rows}
+        missing = await asyncio.to_thread(lambda: [m for m, p in paths.items() if not p.is_file()])
+        if missing:
+            async with store.transaction() as db:
+                # Re-check under the write lock: an upload may have healed it meanwhile.
+                still = await asyncio.to_thread(lambda: [m for m in missing if not paths[m].is_file()])
+                if still:
+                    report.dangling_rows += len(still)
+                    report.removed.extend(f"dangling {m}" for m in still)
+                    if not dry_run:
+                        await store._delete_rows(db, still)
+            for m in missing:
+                store.forget(m)
+        await asyncio.sleep(0)
+
+
+def next_cleanup_after(now: float, at: dt.time) -> float:
+    """The first cleanup_time in local time strictly after `now` (Unix seconds)."""
+    local = dt.datetime.fromtimestamp(now)
+    candidate = dt.datetime.combine(local.date(), at)
+    while candidate.timestamp() <= now:
+        candidate = dt.datetime.combine(candidate.date() + dt.timedelta(days=1), at)
+    return candidate.timestamp()
+
+
+def last_cleanup_slot(now: float, at: dt.time) -> float:
+    """The latest cleanup_time in local time at or before `now`."""
+    local = dt.datetime.fromtimestamp(now)
+    candidate = dt.datetime.combine(local.date(), at)
+    while candidate.timestamp() > now:
+        candidate = dt.datetime.combine(candidate.date() - dt.timedelta(days=1), at)
+    return candidate.timestamp()
+
+
+async def cleanup_scheduler(run_pass: Callable[[], Awaitable[Any]], last_run: Optional[float],
+                            at: dt.time, clock: Callable[[], float] = time.time,
+                            sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+    """Run `run_pass` daily at `at`; once at start if a slot was missed while down.
+
+    Sleeps in short steps against the wall clock, so a suspended VM or a clock
+    change does not push the pass a day late.
+    """
+    async def attempt() -> None:
+        try:
+            await run_pass()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("cleanup pass failed; the schedule goes on")
+
+    if last_run is None or last_run < last_cleanup_slot(clock(), at):
+        await attempt()
+    while True:
+        due = next_cleanup_after(clock(), at)
+        while (remaining := due - clock()) > 0:
+            await sleep(min(remaining, 60.0))
+        await attempt()
+
+
+async def cleanup_once(config: Config, dry_run: bool = False) -> CleanupReport:
+    """Open the store of `config`, run one pass, close it (used by cleanup.py)."""
+    store = await ImageStore(config).open()
+    try:
+        return await run_cleanup_pass(store, dry_run=dry_run)
+    finally:
+        await store.close()
+
+
+async def reset_store(config: Config) -> None:
+    """Empty the database and the uploads of `config` (cleanup.py --reset)."""
+    store = await ImageStore(config).open()
+    try:
+        storage = store.storage
+        trash = storage.tmp / f"reset-{secrets.token_hex(6)}"
+        async with store.transaction() as db:
+            await db.execute("DELETE FROM holds")
+            await db.execute("DELETE FROM images")
+            await db.execute("DELETE FROM meta")
+            # Moving uploads/ aside inside the transaction is instant; the slow
+            # delete happens after, with no lock held.
+            if storage.uploads.exists():
+                await asyncio.to_thread(os.replace, storage.uploads, trash)
+            await asyncio.to_thread(storage.uploads.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(shutil.rmtree, trash, True)
+        await store.db_write.execute("VACUUM")
+    finally:
+        await store.close()
+
+
+# ==== upload page: begin (generated region, edit the assets) ====
+# Made by page/embed.py from page/index.html, page/app.css and page/app.js;
+# edit those files and run `python3 page/embed.py`, never this block.
+PAGE_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>imgproxy</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/static/app.css">
+<script src="/static/app.js" defer></script>
+</head>
+<body>
+<header class="topbar">
+  <h1 class="brand">imgproxy</h1>
+  <div class="who" id="who" hidden>
+    <span>Signed in as <strong id="who-name"></strong></span>
+    <button type="button" class="btn btn-quiet" id="sign-out">Sign out</button>
+  </div>
+</header>
+
+<main>
+  <section id="signin" class="panel signin" aria-labelledby="signin-title">
+    <h2 id="signin-title">Sign in</h2>
+    <p class="hint">Use the user name and password from the server's config. They are kept only in this browser tab.</p>
+    <form id="signin-form" method="post" novalidate>
+      <label for="signin-user">User name</label>
+      <input id="signin-user" name="username" autocomplete="username" autocapitalize="none" spellcheck="false" required>
+      <label for="signin-password">Password</label>
+      <input id="signin-password" name="password" type="password" autocomplete="current-password" required>
+      <p id="signin-error" class="error" role="alert" hidden></p>
+      <button type="submit" class="btn btn-primary" id="signin-submit" disabled>Sign in</button>
+    </form>
+  </section>
+
+  <div id="app" hidden>
+    <section class="panel" aria-labelledby="upload-title">
+      <h2 id="upload-title">Upload images</h2>
+      <div id="dropzone" class="dropzone">
+        <p class="dropzone-lead">Drop images anywhere on this page, paste a screenshot with <kbd>Ctrl</kbd>+<kbd>V</kbd>, or</p>
+        <input type="file" id="file-input" class="visually-hidden" accept="image/*" multiple>
+        <label for="file-input" class="btn btn-primary">Choose images…</label>
+        <p class="hint">JPEG, PNG, GIF, WebP, BMP, TIFF or ICO. The same image is stored once: uploading it again renews its expiry.</p>
+      </div>
+      <ul id="uploads" class="cards" aria-live="polite"></ul>
+    </section>
+
+    <section class="panel" aria-labelledby="mine-title">
+      <div class="panel-head">
+        <h2 id="mine-title">My images</h2>
+        <button type="button" class="btn btn-quiet" id="mine-refresh">Refresh</button>
+      </div>
+      <p id="mine-status" class="hint" role="status"></p>
+      <ul id="mine" class="cards"></ul>
+      <nav class="pager" id="mine-pager" aria-label="My images pages" hidden>
+        <button type="button" class="btn" id="mine-prev">← Newer</button>
+        <span id="mine-range"></span>
+        <button type="button" class="btn" id="mine-next">Older →</button>
+      </nav>
+    </section>
+  </div>
+</main>
+
+<div id="drop-overlay" class="drop-overlay" hidden><p>Drop to upload</p></div>
+<p id="toast" class="toast" role="status" aria-live="polite"></p>
+
+<dialog id="confirm" class="confirm" aria-labelledby="confirm-title">
+  <h2 id="confirm-title">Delete this image?</h2>
+  <p id="confirm-text"></p>
+  <div class="actions">
+    <button type="button" class="btn" id="confirm-cancel" autofocus>Cancel</button>
+    <button type="button" class="btn btn-danger" id="confirm-ok">Delete</button>
+  </div>
+</dialog>
+</body>
+</html>
+"""
+PAGE_CSS = r"""/* imgproxy upload page. System fonts only: nothing is fetched from elsewhere. */
+:root {
+  --bg: #f5f6f8;
+  --panel: #ffffff;
+  --text: #1d2330;
+  --muted: #5d6677;
+  --line: #dde1e8;
+  --accent: #2457d6;
+  --accent-text: #ffffff;
+  --ok: #1c7c44;
+  --ok-bg: #e3f4ea;
+  --info: #805b00;
+  --info-bg: #fdf1d3;
+  --bad: #b3261e;
+  --bad-bg: #fdeceb;
+  --focus: #ff9f1c;
+  --radius: 10px;
+  color-scheme: light dark;
+}
+
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #14171d;
+    --panel: #1d2129;
+    --text: #e7eaf0;
+    --muted: #9aa3b2;
+    --line: #323845;
+    --accent: #6d95ff;
+    --accent-text: #0b1020;
+    --ok: #6fd69b;
+    --ok-bg: #173326;
+    --info: #f2c45a;
+    --info-bg: #3a2f12;
+    --bad: #ff8a80;
+    --bad-bg: #3d1d1b;
+  }
+}
+
+*, *::before, *::after { box-sizing: border-box; }
+
+html { -webkit-text-size-adjust: 100%; }
+
+body {
+  margin: 0;
+  background: var(--bg);
+  color: var(--text);
+  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans", "Noto Sans CJK SC", "PingFang SC", "Microsoft YaHei", sans-serif;
+}
+
+[hidden] { display: none !important; }
+
+.visually-hidden {
+  position: absolute !important;
+  width: 1px; height: 1px;
+  margin: -1px; padding: 0; border: 0;
+  overflow: hidden;
+  clip: rect(0 0 0 0);
+  white-space: nowrap;
+}
+
+.topbar {
+  display: flex;
+  align-items: center;
+  justify-content: space-between;
+  gap: 12px;
+  flex-wrap: wrap;
+  padding: 12px 20px;
+  background: var(--panel);
+  border-bottom: 1px solid var(--line);
+}
+.brand { margin: 0; font-size: 20px; letter-spacing: 0.02em; }
+.who { display: flex; align-items: center; gap: 10px; color: var(--muted); font-size: 14px; }
+.who strong { color: var(--text); }
+
+main { max-width: 980px; margin: 0 auto; padding: 20px 16px 60px; }
+
+.panel {
+  background: var(--panel);
+  border: 1px solid var(--line);
+  border-radius: var(--radius);
+  padding: 18px 20px;
+  margin-bottom: 20px;
+}
+.panel h2 { margin: 0 0 12px; font-size: 18px; }
+.panel-head { display: flex; align-items: center; justify-content: space-between; gap: 12px; }
+.panel-head h2 { margin-bottom: 0; }
+
+.hint { color: var(--muted); font-size: 13px; margin: 6px 0; }
+.error {
+  color: var(--bad);
+  background: var(--bad-bg);
+  border-radius: 6px;
+  padding: 8px 10px;
+  margin: 10px 0 0;
+}
+
+/* sign in */
+.signin { max-width: 420px; margin: 40px auto; }
+.signin form { display: grid; gap: 6px; }
+.signin label { font-weight: 600; font-size: 14px; margin-top: 8px; }
+.signin .btn { margin-top: 14px; justify-self: start; }
+
+input[type="text"], input:not([type]), input[type="password"] {
+  font: inherit;
+  color: inherit;
+  background: var(--bg);
+  border: 1px solid var(--line);
+  border-radius: 6px;
+  padding: 8px 10px;
+  width: 100%;
+  min-width: 0;
+}
+
+/* buttons */
+.btn {
+  display: inline-flex;
+  align-items: center;
+  justify-content: center;
+  gap: 6px;
+  font: inherit;
+  font-size: 14px;
+  font-weight: 600;
+  color: var(--text);
+  background: var(--panel);
+  border: 1px solid var(--line);
+  border-radius: 6px;
+  padding: 7px 14px;
+  min-height: 36px;
+  cursor: pointer;
+  text-decoration: none;
+  white-space: nowrap;
+}
+.btn:hover { border-color: var(--muted); }
+.btn:disabled { opacity: 0.5; cursor: default; }
+.btn-primary { background: var(--accent); border-color: var(--accent); color: var(--accent-text); }
+.btn-primary:hover { filter: brightness(1.08); border-color: var(--accent); }
+.btn-quiet { background: transparent; }
+.btn-danger { background: var(--bad); border-color: var(--bad); color: #fff; }
+.btn-danger-quiet { color: var(--bad); background: transparent; }
+.btn-small { font-size: 13px; padding: 4px 10px; min-height: 30px; }
+.copy.done { border-color: var(--ok); color: var(--ok); }
+
+:focus-visible,
+.dropzone input:focus-visible + label {
+  outline: 3px solid var(--focus);
+  outline-offset: 2px;
+}
+
+/* drop zone */
+.dropzone {
+  border: 2px dashed var(--line);
+  border-radius: var(--radius);
+  padding: 22px 16px;
+  text-align: center;
+}
+.dropzone-lead { margin: 0 0 12px; }
+kbd {
+  font: 12px/1 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  border: 1px solid var(--line);
+  border-bottom-width: 2px;
+  border-radius: 4px;
+  padding: 2px 5px;
+}
+
+.drop-overlay {
+  position: fixed;
+  inset: 0;
+  z-index: 20;
+  display: flex;
+  align-items: center;
+  justify-content: center;
+  background: rgba(36, 87, 214, 0.18);
+  border: 4px dashed var(--accent);
+  pointer-events: none;
+}
+.drop-overlay p {
+  background: var(--panel);
+  padding: 14px 24px;
+  border-radius: var(--radius);
+  font-size: 20px;
+  font-weight: 700;
+}
+
+/* cards */
+.cards { list-style: none; margin: 16px 0 0; padding: 0; display: grid; gap: 12px; }
+.card {
+  display: grid;
+  grid-template-columns: 112px minmax(0, 1fr);
+  gap: 14px;
+  padding: 12px;
+  border: 1px solid var(--line);
+  border-radius: var(--radius);
+  background: var(--panel);
+}
+.card.failed { border-color: var(--bad); background: var(--bad-bg); }
+.card-body { min-width: 0; display: grid; gap: 6px; align-content: start; }
+.card-body p { margin: 0; }
+.name { font-weight: 600; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.meta, .expiry { color: var(--muted); font-size: 13px; }
+.status { font-size: 14px; }
+.card.failed .status { color: var(--bad); font-weight: 600; }
+
+.thumb {
+  width: 112px;
+  height: 112px;
+  border-radius: 8px;
+  background: var(--bg) linear-gradient(45deg, transparent 48%, var(--line) 50%, transparent 52%);
+  background-size: 12px 12px;
+  display: flex;
+  align-items: center;
+  justify-content: center;
+  overflow: hidden;
+}
+.thumb img { max-width: 100%; max-height: 100%; object-fit: contain; }
+.thumb-label { color: var(--muted); font-size: 12px; padding: 4px; text-align: center; }
+.thumb.no-preview { background: var(--bg); }
+
+progress {
+  width: 100%;
+  height: 8px;
+  appearance: none;
+  border: 0;
+  border-radius: 4px;
+  background: var(--line);
+  overflow: hidden;
+}
+progress::-webkit-progress-bar { background: var(--line); border-radius: 4px; }
+progress::-webkit-progress-value { background: var(--accent); border-radius: 4px; }
+progress::-moz-progress-bar { background: var(--accent); }
+
+.badge {
+  display: inline-block;
+  font-size: 12px;
+  font-weight: 700;
+  padding: 1px 8px;
+  border-radius: 999px;
+}
+.badge-new { color: var(--ok); background: var(--ok-bg); }
+.badge-exists { color: var(--info); background: var(--info-bg); }
+
+.url { font: 13px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.copy-row { display: flex; flex-wrap: wrap; align-items: center; gap: 6px; }
+.copy-label { color: var(--muted); font-size: 13px; margin-right: 2px; }
+.card-actions { display: flex; justify-content: flex-end; }
+
+.pager { display: flex; align-items: center; justify-content: center; gap: 12px; margin-top: 16px; color: var(--muted); font-size: 14px; }
+
+/* confirm dialog */
+.confirm {
+  border: 1px solid var(--line);
+  border-radius: var(--radius);
+  background: var(--panel);
+  color: var(--text);
+  padding: 20px;
+  width: min(440px, calc(100vw - 32px));
+}
+.confirm::backdrop { background: rgba(0, 0, 0, 0.45); }
+.confirm h2 { margin: 0 0 8px; font-size: 18px; }
+.confirm p { overflow-wrap: anywhere; color: var(--muted); }
+.actions { display: flex; justify-content: flex-end; gap: 10px; margin-top: 16px; }
+
+.toast {
+  position: fixed;
+  left: 50%;
+  bottom: 20px;
+  transform: translate(-50%, 20px);
+  margin: 0;
+  padding: 8px 16px;
+  border-radius: 999px;
+  background: var(--text);
+  color: var(--bg);
+  font-size: 14px;
+  opacity: 0;
+  pointer-events: none;
+  transition: opacity 0.2s, transform 0.2s;
+  z-index: 30;
+  max-width: calc(100vw - 32px);
+}
+.toast.show { opacity: 1; transform: translate(-50%, 0); }
+
+.clipboard-helper { position: fixed; top: 0; left: -9999px; opacity: 0; }
+
+@media (max-width: 560px) {
+  main { padding: 12px 10px 48px; }
+  .panel { padding: 14px 12px; }
+  .topbar { padding: 10px 12px; }
+  .card { grid-template-columns: 72px minmax(0, 1fr); gap: 10px; padding: 10px; }
+  .thumb { width: 72px; height: 72px; }
+  .signin { margin: 16px auto; }
+}
+
+@media (prefers-reduced-motion: reduce) {
+  .toast { transition: none; }
+}
+"""
+PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict CSP
+// (script-src 'self'), so: no inline handlers, no eval, no innerHTML with data.
+// Every name shown here is user text and goes into the DOM via textContent.
+"use strict";
+
+(function () {
+  var AUTH_KEY = "imgproxy.auth";   // sessionStorage: lives as long as this tab
+  var USER_KEY = "imgproxy.user";
+  var PAGE_SIZE = 12;
+  var PARALLEL_UPLOADS = 3;
+  var AUTH_MESSAGE = "该用户权限不足，请联系管理员";
+
+  var state = {
+    auth: null,          // "Basic ..." header value
+    user: "",
+    offset: 0,
+    total: 0,
+    queue: [],
+    running: 0,
+    pendingDelete: null
+  };
+
+  function $(id) { return document.getElementById(id); }
+
+  function el(tag, attrs, children) {
+    var node = document.createElement(tag);
+    if (attrs) {
+      Object.keys(attrs).forEach(function (key) {
+        var value = attrs[key];
+        if (value === null || value === undefined || value === false) return;
+        if (key === "text") node.textContent = value;
+        else if (key === "className") node.className = value;
+        else node.setAttribute(key, value === true ? "" : String(value));
+      });
+    }
+    (children || []).forEach(function (child) {
+      if (child !== null && child !== undefined) node.appendChild(child);
+    });
+    return node;
+  }
+
+  function clear(node) {
+    while (node.firstChild) node.removeChild(node.firstChild);
+  }
+
+  // ---- auth ---------------------------------------------------------------
+
+  // btoa() only takes Latin-1; Basic credentials are sent as UTF-8 bytes.
+  function basicAuth(user, password) {
+    var bytes = new TextEncoder().encode(user + ":" + password);
+    var binary = "";
+    for (var i = 0; i < bytes.length; i++) binary += String.fromCharCode(bytes[i]);
+    return "Basic " + btoa(binary);
+  }
+
+  // X-Requested-With tells the server to leave out WWW-Authenticate on a 401,
+  // so a wrong password shows our message instead of the browser's own prompt.
+  function apiHeaders() {
+    var headers = { "X-Requested-With": "imgproxy-page", "Accept": "application/json" };
+    if (state.auth) headers["Authorization"] = state.auth;
+    return headers;
+  }
+
+  function api(method, path) {
+    return fetch(path, {
+      method: method,
+      headers: apiHeaders(),
+      credentials: "omit",
+      cache: "no-store"
+    }).then(function (response) {
+      if (response.status === 204) return { status: 204, body: null };
+      return response.text().then(function (text) {
+        var body = null;
+        try { body = text ? JSON.parse(text) : null; } catch (e) { body = null; }
+        return { status: response.status, body: body };
+      });
+    });
+  }
+
+  function showSignedIn() {
+    $("signin").hidden = true;
+    $("app").hidden = false;
+    $("who").hidden = false;
+    $("who-name").textContent = state.user;
+  }
+
+  function showSignIn(message) {
+    $("app").hidden = true;
+    $("who").hidden = true;
+    $("signin").hidden = false;
+    var error = $("signin-error");
+    error.textContent = message || "";
+    error.hidden = !message;
+    $("signin-submit").disabled = false;
+  }
+
+  function signOut(message) {
+    state.auth = null;
+    state.user = "";
+    sessionStorage.removeItem(AUTH_KEY);
+    sessionStorage.removeItem(USER_KEY);
+    clear($("uploads"));
+    clear($("mine"));
+    $("mine-status").textContent = "";
+    $("mine-pager").hidden = true;
+    $("signin-password").value = "";
+    showSignIn(message);
+    $(message ? "signin-password" : "signin-user").focus();
+  }
+
+  function onSignIn(event) {
+    event.preventDefault();
+    var user = $("signin-user").value.trim();
+    var password = $("signin-password").value;
+    if (!user || !password) {
+      showSignIn("Enter a user name and a password.");
+      return;
+    }
+    var submit = $("signin-submit");
+    submit.disabled = true;
+    state.auth = basicAuth(user, password);
+    state.user = user;
+    // The list endpoint is the cheapest call that proves the credentials.
+    api("GET", "/api/images?limit=" + PAGE_SIZE + "&offset=0").then(function (result) {
+      submit.disabled = false;
+      if (result.status === 200) {
+        sessionStorage.setItem(AUTH_KEY, state.auth);
+        sessionStorage.setItem(USER_KEY, user);
+        $("signin-password").value = "";
+        $("signin-error").hidden = true;
+        showSignedIn();
+        state.offset = 0;
+        renderMine(result.body);
+        $("file-input").focus();
+      } else {
+        state.auth = null;
+        showSignIn(errorText(result.status, result.body));
+        $("signin-password").select();
+      }
+    }, function () {
+      state.auth = null;
+      showSignIn("The server did not answer. Check the connection and try again.");
+    });
+  }
+
+  // ---- formatting ---------------------------------------------------------
+
+  function formatBytes(n) {
+    if (typeof n !== "number" || !isFinite(n)) return "";
+    if (n < 1024) return n + " B";
+    if (n < 1024 * 1024) return (n / 1024).toFixed(1) + " KB";
+    return (n / 1024 / 1024).toFixed(1) + " MB";
+  }
+
+  function formatDate(iso) {
+    var date = new Date(iso);
+    if (isNaN(date.getTime())) return String(iso || "");
+    return date.toLocaleString(undefined, {
+      year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit"
+    });
+  }
+
+  function untilText(iso) {
+    var ms = new Date(iso).getTime() - Date.now();
+    if (isNaN(ms)) return "";
+    if (ms <= 0) return "expired";
+    var hours = ms / 3600000;
+    if (hours < 1) return "in " + Math.max(1, Math.round(ms / 60000)) + " min";
+    if (hours < 48) return "in " + Math.round(hours) + " h";
+    return "in " + Math.round(hours / 24) + " days";
+  }
+
+  function escapeHtml(text) {
+    return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;")
+      .replace(/>/g, "&gt;").replace(/"/g, "&quot;");
+  }
+
+  function markdownAlt(text) {
+    return String(text).replace(/([\\\[\]])/g, "\\$1").replace(/[\r\n]+/g, " ");
+  }
+
+  function snippets(info) {
+    var name = info.name || info.md5 || "image";
+    return [
+      { key: "url", label: "URL", text: info.url },
+      { key: "markdown", label: "Markdown", text: "![" + markdownAlt(name) + "](" + info.url + ")" },
+      { key: "html", label: "HTML", text: '<img src="' + escapeHtml(info.url) + '" alt="' + escapeHtml(name) + '">' },
+      { key: "bbcode", label: "BBCode", text: "[img]" + info.url + "[/img]" }
+    ];
+  }
+
+  // Words for a failed call, next to the file that caused it. The server's own
+  // message comes along when it has one.
+  function errorText(status, body) {
+    var detail = body && typeof body.error === "string" ? body.error : "";
+    var code = body && typeof body.code === "string" ? body.code : "";
+    switch (status) {
+      case 401:
+      case 403:
+        return detail || AUTH_MESSAGE;
+      case 413:
+        if (code === "too_many_pixels") return "Too many pixels: the image is larger than the server allows." + (detail ? " (" + detail + ")" : "");
+        return "Too large: the file is bigger than the server accepts." + (detail ? " (" + detail + ")" : "");
+      case 415:
+        return "Not a supported image: the server could not read this file as JPEG, PNG, GIF, WebP, BMP, TIFF or ICO." + (detail ? " (" + detail + ")" : "");
+      case 400:
+        return "The server refused the upload: " + (detail || "bad request") + ".";
+      case 404:
+        return detail || "Not found (it may have expired).";
+      case 0:
+        return "Upload failed: the connection closed. The file may be larger than the server allows, or the server is unreachable.";
+      default:
+        if (status >= 500) return "Server error (" + status + "). Try again later." + (detail ? " (" + detail + ")" : "");
+        return (detail || "Request failed") + " (" + status + ")";
+    }
+  }
+
+  // ---- copy ---------------------------------------------------------------
+
+  var toastTimer = null;
+  function toast(message) {
+    var node = $("toast");
+    node.textContent = message;
+    node.classList.add("show");
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(function () { node.classList.remove("show"); }, 2200);
+  }
+
+  // navigator.clipboard exists only in secure contexts (https or localhost);
+  // on plain http the hidden-textarea fallback still copies.
+  function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) {
+      return navigator.clipboard.writeText(text).catch(function () { return legacyCopy(text); });
+    }
+    return legacyCopy(text);
+  }
+
+  function legacyCopy(text) {
+    return new Promise(function (resolve, reject) {
+      var area = el("textarea", { readonly: true, className: "clipboard-helper", "aria-hidden": "true" });
+      area.value = text;
+      document.body.appendChild(area);
+      var focused = document.activeElement;
+      area.select();
+      var ok = false;
+      try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
+      document.body.removeChild(area);
+      if (focused && focused.focus) focused.focus();
+      if (ok) resolve(); else reject(new Error("copy failed"));
+    });
+  }
+
+  function copyButton(snippet) {
+    var button = el("button", {
+      type: "button",
+      className: "btn btn-small copy",
+      "data-copy": snippet.key,
+      "aria-label": "Copy " + snippet.label,
+      text: snippet.label
+    });
+    button.addEventListener("click", function () {
+      copyText(snippet.text).then(function () {
+        button.setAttribute("data-copied", snippet.text);
+        button.classList.add("done");
+        setTimeout(function () { button.classList.remove("done"); }, 1500);
+        toast("Copied " + snippet.label);
+      }, function () {
+        toast("Could not copy: select the text and copy it by hand.");
+      });
+    });
+    return button;
+  }
+
+  // The link block every image card shows: URL, copy buttons, expiry.
+  function linkBlock(info) {
+    var parts = snippets(info);
+    var url = el("input", {
+      type: "text", className: "url", readonly: true, value: info.url,
+      "aria-label": "Image URL", spellcheck: "false"
+    });
+    url.addEventListener("focus", function () { url.select(); });
+    var buttons = el("div", { className: "copy-row", role: "group", "aria-label": "Copy link" },
+      [el("span", { className: "copy-label", text: "Copy" })].concat(parts.map(copyButton)));
+    return [url, buttons];
+  }
+
+  function metaLine(info) {
+    var bits = [];
+    if (info.format) bits.push(info.format);
+    if (info.width && info.height) bits.push(info.width + "×" + info.height);
+    if (typeof info.size === "number") bits.push(formatBytes(info.size));
+    return bits.join(" · ");
+  }
+
+  function expiryLine(info) {
+    if (!info.expire_at) return null;
+    return el("p", { className: "expiry" }, [
+      document.createTextNode("Expires "),
+      el("time", { datetime: info.expire_at, text: formatDate(info.expire_at) }),
+      document.createTextNode(" (" + untilText(info.expire_at) + ")")
+    ]);
+  }
+
+  // A preview that degrades to a label when the browser cannot show the
+  // format (TIFF) or CSP blocks a base_url on another origin.
+  function preview(src, alt, label) {
+    var box = el("div", { className: "thumb" });
+    var img = el("img", { alt: alt, decoding: "async" });
+    img.addEventListener("error", function () {
+      box.classList.add("no-preview");
+      img.hidden = true;
+      if (!box.querySelector(".thumb-label")) {
+        box.appendChild(el("span", { className: "thumb-label", text: label || "no preview" }));
+      }
+    });
+    img.addEventListener("load", function () {
+      box.classList.remove("no-preview");
+      img.hidden = false;
+      var old = box.querySelector(".thumb-label");
+      if (old) box.removeChild(old);
+    });
+    if (src) img.src = src;
+    box.appendChild(img);
+    return { box: box, img: img };
+  }
+
+  // ---- uploads ------------------------------------------------------------
+
+  function addFiles(files, source) {
+    if (!state.auth) {
+      showSignIn("Sign in first, then add your images.");
+      return;
+    }
+    var list = Array.prototype.slice.call(files || []);
+    if (!list.length) return;
+    list.forEach(function (file) {
+      var item = uploadCard(file);
+      $("uploads").insertBefore(item.card, $("uploads").firstChild);
+      state.queue.push(item);
+    });
+    toast(list.length === 1 ? "Uploading 1 file" : "Uploading " + list.length + " files");
+    pump();
+  }
+
+  function uploadCard(file) {
+    var name = file.name || "image";
+    var local = URL.createObjectURL(file);
+    var thumb = preview(local, name, "no preview");
+    var progress = el("progress", { max: 100, value: 0, "aria-label": "Upload progress of " + name });
+    var status = el("p", { className: "status", text: "Waiting…" });
+    var body = el("div", { className: "card-body" }, [
+      el("p", { className: "name", text: name, title: name }),
+      el("p", { className: "meta", text: formatBytes(file.size) }),
+      progress,
+      status
+    ]);
+    var card = el("li", { className: "card upload pending", "data-name": name }, [thumb.box, body]);
+    return { file: file, name: name, local: local, thumb: thumb, card: card, body: body, progress: progress, status: status };
+  }
+
+  function pump() {
+    while (state.running < PARALLEL_UPLOADS && state.queue.length) {
+      state.running++;
+      send(state.queue.shift());
+    }
+  }
+
+  function send(item) {
+    var form = new FormData();
+    form.append("file", item.file, item.name);
+    var xhr = new XMLHttpRequest();
+    xhr.open("POST", "/upload");
+    var headers = apiHeaders();
+    Object.keys(headers).forEach(function (key) { xhr.setRequestHeader(key, headers[key]); });
+    item.status.textContent = "Uploading…";
+    xhr.upload.addEventListener("progress", function (event) {
+      if (event.lengthComputable) {
+        var pct = Math.round(event.loaded / event.total * 100);
+        item.progress.value = pct;
+        item.status.textContent = "Uploading… " + pct + "%";
+      }
+    });
+    xhr.addEventListener("load", function () {
+      var body = null;
+      try { body = JSON.parse(xhr.responseText); } catch (e) { body = null; }
+      finish(item, xhr.status, body);
+    });
+    xhr.addEventListener("error", function () { finish(item, 0, null); });
+    xhr.addEventListener("abort", function () { finish(item, 0, null); });
+    xhr.send(form);
+  }
+
+  function finish(item, status, body) {
+    state.running--;
+    item.progress.value = 100;
+    item.card.classList.remove("pending");
+    if ((status === 200 || status === 201) && body && body.url) {
+      showResult(item, status, body);
+      refreshMineSoon();
+    } else {
+      item.card.classList.add("failed");
+      item.progress.hidden = true;
+      item.status.textContent = errorText(status, body);
+      item.status.setAttribute("role", "alert");
+      if (status === 401) {
+        item.status.textContent = errorText(status, body) + " Sign out and sign in again.";
+      }
+    }
+    pump();
+  }
+
+  function showResult(item, status, info) {
+    var existed = status === 200 || info.status === "exists";
+    item.card.classList.add(existed ? "exists" : "uploaded");
+    item.card.setAttribute("data-md5", info.md5 || "");
+    item.progress.hidden = true;
+    item.status.textContent = "";
+    item.status.appendChild(el("span", {
+      className: "badge " + (existed ? "badge-exists" : "badge-new"),
+      text: existed ? "Already there" : "Uploaded"
+    }));
+    item.status.appendChild(document.createTextNode(existed
+      ? " This image was already stored; its expiry was renewed."
+      : " New image stored."));
+    item.body.querySelector(".meta").textContent = metaLine(info);
+    linkBlock(info).forEach(function (node) { item.body.appendChild(node); });
+    var expiry = expiryLine(info);
+    if (expiry) item.body.appendChild(expiry);
+    // Show the image as served at its public URL, so what you see is what the
+    // link gives; the local copy covered the wait.
+    var img = item.thumb.img;
+    var revoke = function () { URL.revokeObjectURL(item.local); };
+    img.addEventListener("load", revoke, { once: true });
+    img.addEventListener("error", revoke, { once: true });
+    img.classList.add("served");
+    img.src = info.url;
+  }
+
+  // ---- drag, drop, paste --------------------------------------------------
+
+  function hasFiles(event) {
+    var types = event.dataTransfer && event.dataTransfer.types;
+    return !!types && Array.prototype.indexOf.call(types, "Files") !== -1;
+  }
+
+  var dragDepth = 0;
+  function onDragEnter(event) {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    dragDepth++;
+    if (state.auth) $("drop-overlay").hidden = false;
+  }
+  function onDragOver(event) {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = state.auth ? "copy" : "none";
+  }
+  function onDragLeave(event) {
+    if (!hasFiles(event)) return;
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (!dragDepth) $("drop-overlay").hidden = true;
+  }
+  function onDrop(event) {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    dragDepth = 0;
+    $("drop-overlay").hidden = true;
+    addFiles(event.dataTransfer.files, "drop");
+  }
+
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+
+  function onPaste(event) {
+    var data = event.clipboardData;
+    if (!data || !state.auth) return;
+    var files = [];
+    Array.prototype.forEach.call(data.items || [], function (entry) {
+      if (entry.kind === "file") {
+        var file = entry.getAsFile();
+        if (file) files.push(file);
+      }
+    });
+    if (!files.length) return;   // ordinary text paste into a field
+    event.preventDefault();
+    // Screenshots arrive as "image.png"; give them a name worth keeping.
+    var now = new Date();
+    var stamp = now.getFullYear() + pad(now.getMonth() + 1) + pad(now.getDate()) + "-" +
+      pad(now.getHours()) + pad(now.getMinutes()) + pad(now.getSeconds());
+    files = files.map(function (file, i) {
+      if (file.name && file.name !== "image.png") return file;
+      var ext = (file.type.split("/")[1] || "png").replace(/[^a-z0-9]/gi, "");
+      var name = "pasted-" + stamp + (files.length > 1 ? "-" + (i + 1) : "") + "." + ext;
+      return new File([file], name, { type: file.type });
+    });
+    addFiles(files, "paste");
+  }
+
+  // ---- my images ----------------------------------------------------------
+
+  var refreshTimer = null;
+  function refreshMineSoon() {
+    clearTimeout(refreshTimer);
+    refreshTimer = setTimeout(function () {
+      state.offset = 0;
+      loadMine();
+    }, 300);
+  }
+
+  function loadMine() {
+    if (!state.auth) return Promise.resolve();
+    $("mine-status").textContent = "Loading…";
+    return api("GET", "/api/images?limit=" + PAGE_SIZE + "&offset=" + state.offset).then(function (result) {
+      if (result.status === 200 && result.body) {
+        renderMine(result.body);
+      } else if (result.status === 401) {
+        signOut(errorText(401, result.body));
+      } else {
+        $("mine-status").textContent = errorText(result.status, result.body);
+      }
+    }, function () {
+      $("mine-status").textContent = "The server did not answer. Try Refresh.";
+    });
+  }
+
+  function renderMine(body) {
+    var images = (body && Array.isArray(body.images)) ? body.images : [];
+    var total = body && typeof body.total === "number" ? body.total : images.length;
+    state.total = total;
+    if (!images.length && state.offset > 0 && total > 0) {
+      state.offset = Math.max(0, Math.floor((total - 1) / PAGE_SIZE) * PAGE_SIZE);
+      loadMine();
+      return;
+    }
+    var list = $("mine");
+    clear(list);
+    images.forEach(function (info) { list.appendChild(mineCard(info)); });
+    $("mine-status").textContent = total ? "" : "No images yet. Upload one above.";
+    var pager = $("mine-pager");
+    pager.hidden = total <= PAGE_SIZE;
+    $("mine-range").textContent = images.length
+      ? (state.offset + 1) + "–" + (state.offset + images.length) + " of " + total
+      : "";
+    $("mine-prev").disabled = state.offset <= 0;
+    $("mine-next").disabled = state.offset + images.length >= total;
+  }
+
+  function mineCard(info) {
+    var name = info.name || info.md5;
+    var thumb = preview(info.url, name, info.format || "no preview");
+    thumb.img.setAttribute("loading", "lazy");
+    var del = el("button", {
+      type: "button", className: "btn btn-small btn-danger-quiet delete",
+      "aria-label": "Delete " + name, text: "Delete"
+    });
+    del.addEventListener("click", function () { askDelete(info, del); });
+    var body = el("div", { className: "card-body" }, [
+      el("p", { className: "name", text: name, title: name }),
+      el("p", { className: "meta", text: metaLine(info) + (typeof info.access_count === "number" ? " · " + info.access_count + " views" : "") })
+    ].concat(linkBlock(info), [expiryLine(info), el("div", { className: "card-actions" }, [del])]));
+    return el("li", { className: "card", "data-md5": info.md5 || "" }, [thumb.box, body]);
+  }
+
+  function askDelete(info, button) {
+    state.pendingDelete = { info: info, button: button };
+    $("confirm-text").textContent = "“" + (info.name || info.md5) + "” will stop working at " + info.url +
+      " wherever it is linked. This cannot be undone.";
+    var dialog = $("confirm");
+    if (typeof dialog.showModal === "function") {
+      dialog.showModal();
+    } else {
+      dialog.setAttribute("open", "");
+    }
+    $("confirm-cancel").focus();
+  }
+
+  function closeConfirm() {
+    var dialog = $("confirm");
+    if (dialog.open) {
+      if (typeof dialog.close === "function") dialog.close(); else dialog.removeAttribute("open");
+    }
+  }
+
+  function onConfirmCancel() {
+    var pending = state.pendingDelete;
+    state.pendingDelete = null;
+    closeConfirm();
+    if (pending && pending.button.isConnected) pending.button.focus();
+  }
+
+  function onConfirmOk() {
+    var pending = state.pendingDelete;
+    state.pendingDelete = null;
+    closeConfirm();
+    if (!pending) return;
+    var md5 = String(pending.info.md5 || "");
+    if (!/^[0-9a-f]{32}$/.test(md5)) return;
+    pending.button.disabled = true;
+    api("DELETE", "/api/images/" + md5).then(function (result) {
+      if (result.status === 204 || result.status === 200 || result.status === 404) {
+        toast("Deleted " + (pending.info.name || md5));
+        loadMine().then(function () {
+          var next = $("mine").querySelector("button.delete") || $("mine-refresh");
+          next.focus();
+        });
+      } else {
+        pending.button.disabled = false;
+        toast(errorText(result.status, result.body));
+      }
+    }, function () {
+      pending.button.disabled = false;
+      toast("The server did not answer. Try again.");
+    });
+  }
+
+  // ---- start --------------------------------------------------------------
+
+  function start() {
+    $("signin-form").addEventListener("submit", onSignIn);
+    $("sign-out").addEventListener("click", function () { signOut(""); });
+    $("file-input").addEventListener("change", function (event) {
+      addFiles(event.target.files, "picker");
+      event.target.value = "";
+    });
+    $("mine-refresh").addEventListener("click", function () { loadMine(); });
+    $("mine-prev").addEventListener("click", function () {
+      state.offset = Math.max(0, state.offset - PAGE_SIZE);
+      loadMine();
+    });
+    $("mine-next").addEventListener("click", function () {
+      if (state.offset + PAGE_SIZE < state.total) state.offset += PAGE_SIZE;
+      loadMine();
+    });
+    $("confirm-ok").addEventListener("click", onConfirmOk);
+    $("confirm-cancel").addEventListener("click", onConfirmCancel);
+    $("confirm").addEventListener("cancel", function (event) {
+      event.preventDefault();
+      onConfirmCancel();
+    });
+    document.addEventListener("dragenter", onDragEnter);
+    document.addEventListener("dragover", onDragOver);
+    document.addEventListener("dragleave", onDragLeave);
+    document.addEventListener("drop", onDrop);
+    document.addEventListener("paste", onPaste);
+
+    state.auth = sessionStorage.getItem(AUTH_KEY);
+    state.user = sessionStorage.getItem(USER_KEY) || "";
+    if (state.auth) {
+      showSignedIn();
+      loadMine();
+    } else {
+      showSignIn("");
+      $("signin-user").focus();
+    }
+  }
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", start);
+  } else {
+    start();
+  }
+})();
+"""
+# ==== upload page: end ====
+
+
+# ==== create_app ================================================================
+
+async def _store_ctx(app: web.Application):
+    store = await ImageStore(app[CONFIG], app[CLOCK]).open()
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def _background_ctx(app: web.Application):
+    store, config = app[STORE], app[CONFIG]
+
+    async def flusher() -> None:
+        while True:
+            await asyncio.sleep(COUNT_FLUSH_SECONDS)
+            try:
+                await store.notice_other_writers()
+                await store.flush_counts()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not flush access counts; will retry")
+
+    tasks = [asyncio.create_task(flusher(), name="imgproxy-flush")]
+    if config.cleanup.enable:
+        last = await store.get_meta("last_cleanup")
+
+        async def run_pass() -> None:
+            report = await run_cleanup_pass(store)
+            log.info("%s", report.summary())
+
+        tasks.append(asyncio.create_task(
+            cleanup_scheduler(run_pass, float(last) if last else None, config.cleanup.cleanup_time,
+                              clock=store.clock), name="imgproxy-cleanup"))
+    app[TASKS] = tasks
+    yield
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t
+
+
+def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> web.Application:
+    """The aiohttp application for `config`; nothing starts until it runs."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
+    app[CONFIG] = config
+    app[AUTH] = Authenticator(config.users)
+    app[CLOCK] = clock or time.time
+    if config.server.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = config.server.max_pixels
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_background_ctx)
+    app.on_response_prepare.append(on_prepare)
+    r = app.router
+    r.add_get("/i/{name}", handle_image)
+    r.add_route("POST", "/upload", handle_upload, expect_handler=upload_expect)
+    r.add_route("PUT", "/upload", handle_upload, expect_handler=upload_expect)
+    r.add_route("PUT", "/upload/{filename}", handle_upload, expect_handler=upload_expect)
+    r.add_get("/api/images", handle_list)
+    r.add_get("/api/images/{md5}", handle_lookup)
+    r.add_delete("/api/images/{md5}", handle_delete)
+    r.add_post("/api/images/{md5}/renew", handle_renew)
+    r.add_get("/api/db", handle_db)
+    r.add_get("/healthz", handle_health)
+    r.add_get("/", handle_page)
+    r.add_get("/static/{asset}", handle_asset)
+    return app
+
+
+# ==== main ======================================================================
+
+def setup_logging(config: Config) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if config.server.log_file:
+        config.server.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(config.server.log_file, encoding="utf-8"))
+    logging.basicConfig(level=config.server.log_level, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(
+        logging.INFO if config.server.access_log else logging.WARNING)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(config: Config, sock: socket.socket) -> None:
+    """Run until SIGTERM/SIGINT, then stop: in-flight requests get a grace period,
+    access counts are flushed, background tasks are cancelled."""
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if config.server.access_log
+                           else None, shutdown_timeout=10.0, handle_signals=False)
+    await runner.setup()
+    site = web.SockSite(runner, sock)
+    await site.start()
+    host, port = sock.getsockname()[:2]
+    log.info("imgproxy %s listening on http://%s:%d (public URLs: %s)", __version__,
+             f"[{host}]" if ":" in host else host, port, config.base_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+        log.info("stopped")
+
+
+def _hash_password_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="imgproxy.py hash-password",
+                                     description="Print a password_hash for config.json users[].")
+    parser.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    args = parser.parse_args(argv)
+    if args.stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise SystemExit("passwords differ; nothing printed")
+    if not password:
+        raise SystemExit("empty password; nothing printed")
+    print(hash_password(password))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["hash-password"]:
+        return _hash_password_command(argv[1:])
+    parser = argparse.ArgumentParser(prog="imgproxy.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")),
+                        help="path of config.json (default: beside this file)")
+    parser.add_argument("--host", help="listen address (overrides server.host)")
+    parser.add_argument("--port", type=int, help="listen port (overrides server.port; 0 picks a free one)")
+    parser.add_argument("--version", action="version", version=__version__)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        host = args.host or config.server.host
+        check_safe_to_listen(config, host)
+    except ConfigError as exc:
+        print(f"imgproxy: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config)
+    port = config.server.port if args.port is None else args.port
+    try:
+        sock = bind_socket(host, port)
+    except OSError as exc:
+        print(f"imgproxy: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    # URLs carry the port really bound (it differs from the config with --port).
+    config = dataclasses.replace(config, server=dataclasses.replace(
+        config.server, host=host, port=sock.getsockname()[1]))
+    with contextlib.suppress(ImportError):
+        import uvloop  # optional: a faster event loop when installed
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        asyncio.run(serve(config, sock))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

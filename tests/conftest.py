@@ -1,0 +1,291 @@
+"""Shared fixtures: real configs in tmp_path, real servers, the shared image corpus."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import imgproxy  # noqa: E402
+
+CORPUS = Path(os.environ.get("IMGPROXY_CORPUS", ROOT.parent / "shared" / "corpus"))
+DEFAULT_USERS = [
+    {"username": "alice", "password": "alice123", "role": "admin"},
+    {"username": "bob", "password": "bob123", "role": "uploader"},
+    {"username": "carol", "password": "carol123", "role": "uploader"},
+]
+TEST_BASE_URL = "http://img.test"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the long tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running; only with --slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def read_manifest() -> list[dict[str, str]]:
+    path = CORPUS / "MANIFEST.tsv"
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not (CORPUS / "MANIFEST.tsv").is_file():
+        pytest.skip(f"image corpus not found at {CORPUS}")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def manifest(corpus) -> list[dict[str, str]]:
+    return read_manifest()
+
+
+def corpus_file(name: str) -> Path:
+    path = CORPUS / name
+    if not path.is_file():
+        pytest.skip(f"corpus file {name} not available")
+    return path
+
+
+def write_config(path: Path, *, server: Optional[dict] = None, cleanup: Optional[dict] = None,
+                 users: Optional[list] = None, client: Optional[dict] = None,
+                 raw: Optional[dict] = None) -> Path:
+    if raw is None:
+        raw = {
+            "server": {"domain": "127.0.0.1", "port": 8000, "host": "127.0.0.1",
+                       "data_dir": str(path.parent / "data"), **(server or {})},
+            "cleanup": {"enable": False, "expire_days": 30, "cleanup_time": "03:00:00", **(cleanup or {})},
+            "users": DEFAULT_USERS if users is None else users,
+        }
+        if client is not None:
+            raw["client"] = client
+    path.write_text(json.dumps(raw, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path) -> Callable[..., Path]:
+    """make_config(server={...}, cleanup={...}, users=[...], client={...}) -> config path.
+
+    Each call gets its own folder (config.json + data/) under tmp_path. The
+    in-process cleanup schedule is off unless cleanup={"enable": True}.
+    """
+    counter = [0]
+
+    def make(**kwargs: Any) -> Path:
+        counter[0] += 1
+        folder = tmp_path / f"site{counter[0]}"
+        folder.mkdir()
+        return write_config(folder / "config.json", **kwargs)
+
+    return make
+
+
+class FakeClock:
+    """A settable wall clock for expiry tests (Unix seconds)."""
+
+    def __init__(self, start: Optional[float] = None):
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def make_client(aiohttp_client, make_config):
+    """make_client(config_path=None, clock=None, **config_kwargs) -> aiohttp TestClient.
+
+    The app is the real one (real SQLite, real files) on a test server bound to
+    port 0; base_url is http://img.test so URLs are predictable.
+    """
+    async def make(config_path: Optional[Path] = None, clock: Optional[Callable[[], float]] = None,
+                   **kwargs: Any):
+        if config_path is None:
+            server = {"base_url": TEST_BASE_URL, **kwargs.pop("server", {})}
+            config_path = make_config(server=server, **kwargs)
+        config = imgproxy.load_config(config_path)
+        client = await aiohttp_client(imgproxy.create_app(config, clock=clock))
+        client.config = config
+        client.data_dir = config.server.data_dir
+        return client
+
+    return make
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    import base64
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+ALICE = basic("alice", "alice123")
+BOB = basic("bob", "bob123")
+CAROL = basic("carol", "carol123")
+
+
+class LiveServer:
+    """The real app in a background thread on 127.0.0.1:<free port>, for blocking clients."""
+
+    def __init__(self, config_path: Path, clock: Optional[Callable[[], float]] = None):
+        from aiohttp import web
+        config = imgproxy.load_config(config_path)
+        sock = imgproxy.bind_socket("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self.config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, host="127.0.0.1", port=self.port))
+        self.base_url = self.config.base_url
+        self.data_dir = self.config.server.data_dir
+        self.config_path = config_path
+        self.loop = asyncio.new_event_loop()
+        self.app = imgproxy.create_app(self.config, clock=clock)
+        self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        async def start() -> None:
+            await self.runner.setup()
+            await web.SockSite(self.runner, sock).start()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(start())
+            except BaseException as exc:  # surfaced to the test below
+                errors.append(exc)
+                ready.set()
+                return
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="live-server", daemon=True)
+        self.thread.start()
+        ready.wait(30)
+        if errors:
+            raise errors[0]
+
+    @property
+    def store(self) -> "imgproxy.ImageStore":
+        return self.app[imgproxy.STORE]
+
+    def call(self, coro, timeout: float = 60):
+        """Run a coroutine on the server's loop (e.g. store.flush_counts())."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if not self.loop.is_running():
+            return
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+
+
+@pytest.fixture
+def live_server():
+    """live_server(config_path, clock=None) -> LiveServer (stopped at teardown)."""
+    servers: list[LiveServer] = []
+
+    def start(config_path: Path, clock: Optional[Callable[[], float]] = None) -> LiveServer:
+        server = LiveServer(config_path, clock)
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+class ServerProcess:
+    """`python3 imgproxy.py --config X --port 0` as a child process."""
+
+    def __init__(self, config_path: Path, extra_args: tuple[str, ...] = (), env: Optional[dict] = None):
+        self.config_path = config_path
+        self.log_lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "imgproxy.py"), "--config", str(config_path), "--port", "0",
+             *extra_args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.base_url = self._wait_for_listening()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _wait_for_listening(self) -> str:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.log_lines.append(line)
+            if "listening on " in line:
+                return line.split("listening on ", 1)[1].split()[0]
+        self.proc.kill()
+        raise RuntimeError("server did not start:\n" + "".join(self.log_lines))
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.log_lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.log_lines)
+
+    def terminate(self, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self._reader.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def server_process():
+    """server_process(config_path, *extra_args) -> ServerProcess (killed at teardown)."""
+    procs: list[ServerProcess] = []
+
+    def start(config_path: Path, *extra_args: str, env: Optional[dict] = None) -> ServerProcess:
+        p = ServerProcess(config_path, extra_args, env)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
