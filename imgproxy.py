@@ -18,7 +18,7 @@ Run:   python3 imgproxy.py [--config config.json] [--host H] [--port P]
 Hash:  python3 imgproxy.py hash-password
 
 Chapters, top-down: constants · config · errors · storage · database ·
-image inspection · auth · middlewares · handlers · cleanup · upload page ·
+image inspection · auth · middlewares · handlers · cleanup · openapi · upload page ·
 create_app · main.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Optional
 
 import aiosqlite
-from aiohttp import BodyPartReader, hdrs, web
+from aiohttp import BodyPartReader, hdrs, http_exceptions, web
 from PIL import Image
 
 # ==== constants =================================================================
@@ -86,6 +86,8 @@ CHUNK = 256 * 1024              # network read size
 FLUSH_BYTES = 1024 * 1024       # uploads below this stay in memory until published
 MULTIPART_SLACK = 64 * 1024     # boundaries and part headers around the file
 MAX_FRAMES = 10_000             # animated images: frames decoded at most
+JPEG_MAX_SEGMENTS = 4096        # JPEG marker segments before the scan data ...
+JPEG_MAX_METADATA = 16 * 1024 * 1024  # ... and bytes of APPn/COM metadata in them
 TMP_MAX_AGE = 3600.0            # tmp/ leftovers older than this are from dead uploads
 COUNT_FLUSH_SECONDS = 2.0       # access counts reach the database this often
 CLEANUP_BATCH = 500
@@ -93,6 +95,8 @@ BODY_CACHE_MAX_FILE = 512 * 1024
 META_CACHE_ENTRIES = 100_000
 AUTH_FAIL_LIMIT = 10            # failed sign-ins per address ...
 AUTH_FAIL_WINDOW = 60.0         # ... within this many seconds block that address this long
+UPLOAD_IDLE_TIMEOUT = 60.0      # an upload body that sends nothing for this long is dropped (408)
+KEEPALIVE_TIMEOUT = 75.0        # idle connections and unfinished request heads are closed
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 IMAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -488,7 +492,7 @@ class UploadSink:
         self.size += len(chunk)
         if self.size > self.limit:
             raise UploadRejected(413, "too_large",
-                                 f"file is larger than the {self.limit // (1024 * 1024)} MB upload limit")
+                                 f"file is larger than the {self.limit / 1048576:g} MB upload limit")
         self.buf += chunk
         if len(self.buf) >= FLUSH_BYTES:
             await self._flush()
@@ -576,12 +580,18 @@ IMAGE_COLUMNS = "md5, ext, format, mime, name, size, width, height, access_count
 
 async def open_db(path: Path, readonly: bool = False) -> aiosqlite.Connection:
     db = await aiosqlite.connect(str(path), isolation_level=None)
-    db.row_factory = sqlite3.Row
-    await db.execute("PRAGMA busy_timeout = 15000")
-    if not readonly:
-        await db.execute("PRAGMA journal_mode = WAL")
-        await db.execute("PRAGMA synchronous = NORMAL")
-        await db.executescript(SCHEMA)
+    try:
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA busy_timeout = 15000")
+        if not readonly:
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await db.executescript(SCHEMA)
+    except BaseException:
+        # aiosqlite's worker thread is not a daemon: an unclosed connection
+        # would keep the process alive after the error (e.g. a corrupt file).
+        await db.close()
+        raise
     return db
 
 
@@ -624,9 +634,13 @@ class ImageStore:
     # -- life cycle --
     async def open(self) -> "ImageStore":
         await asyncio.to_thread(self.storage.prepare)
-        self.db_write = await open_db(self.storage.db_path)
-        self.db_read = await open_db(self.storage.db_path, readonly=True)
-        self._data_version = await self._read_data_version()
+        try:
+            self.db_write = await open_db(self.storage.db_path)
+            self.db_read = await open_db(self.storage.db_path, readonly=True)
+            self._data_version = await self._read_data_version()
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def close(self) -> None:
@@ -905,6 +919,42 @@ class ImageFacts:
     frames: int = 1
 
 
+def check_jpeg_headers(source: bytes | Path) -> None:
+    """Refuse JPEGs whose header segments would make Pillow slow or greedy.
+
+    Pillow keeps every APPn segment in memory and joins split Exif with
+    repeated concatenation, so millions of tiny segments (about 1.5 GB and 20 s
+    for a 20 MB file) or a 60 MB Exif (45 s) cost far more than their size.
+    Walking the segment lengths first bounds that work.
+    """
+    with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as f:
+        if f.read(2) != b"\xff\xd8":
+            return
+        segments = metadata = 0
+        while True:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0xFF:
+                return  # not ours to judge: Pillow reports the damage
+            marker = head[1]
+            if marker == 0xFF:
+                f.seek(-3, os.SEEK_CUR)  # fill byte before the marker
+                continue
+            if marker in (0xD9, 0xDA):
+                return  # end of image or start of the scan data
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+                f.seek(-2, os.SEEK_CUR)  # markers without a length
+                continue
+            length = int.from_bytes(head[2:4], "big")
+            segments += 1
+            if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+                metadata += length
+            if segments > JPEG_MAX_SEGMENTS or metadata > JPEG_MAX_METADATA:
+                raise UploadRejected(413, "too_large",
+                                     f"JPEG header is too large (more than {JPEG_MAX_SEGMENTS} segments "
+                                     f"or {JPEG_MAX_METADATA // (1024 * 1024)} MB of metadata)")
+            f.seek(length - 2, os.SEEK_CUR)
+
+
 def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max_pixels: int) -> ImageFacts:
     """Decide from the bytes what the image is; raise UploadRejected if we refuse it.
 
@@ -921,6 +971,7 @@ def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max
 
     unsupported = ("not an image in an accepted format ("
                    + ", ".join(formats) + "); SVG and other formats are refused")
+    check_jpeg_headers(source)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -1148,6 +1199,11 @@ async def error_middleware(request: web.Request, handler):
                          {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")})
     except UploadRejected as exc:
         raise json_error(exc.status, exc.message, exc.code)
+    except http_exceptions.HttpProcessingError as exc:
+        # The body broke aiohttp's own parsing mid-read (an overlong multipart
+        # header line, a body shorter than its Content-Length): the client's fault.
+        status = exc.code if 400 <= exc.code < 500 else 400
+        raise json_error(status, f"malformed request: {exc.message}"[:200], _STATUS_CODES.get(status, "bad_request"))
     except (asyncio.CancelledError, ConnectionError):
         raise
     except OSError as exc:
@@ -1228,11 +1284,27 @@ def check_declared_length(request: web.Request) -> None:
                               "upload limit", "too_large")
 
 
+async def _idle_bounded(read: Awaitable[Any]) -> Any:
+    """One read of the request body; a client that stalls is cut off.
+
+    aiohttp has no body read timeout of its own, so without this a client
+    that stops sending mid-upload would hold a worker and a temp file forever.
+    """
+    try:
+        async with asyncio.timeout(UPLOAD_IDLE_TIMEOUT):
+            return await read
+    except TimeoutError:
+        exc = json_error(408, f"the upload stalled: nothing received for {UPLOAD_IDLE_TIMEOUT:g} s; "
+                              "nothing was stored", "timeout")
+        exc.force_close()
+        raise exc from None
+
+
 async def receive_upload(request: web.Request, sink: UploadSink) -> Optional[str]:
     """Stream the upload into sink; returns the client's file name (display only)."""
     if request.method == "PUT":
         while True:
-            chunk = await request.content.readany()
+            chunk = await _idle_bounded(request.content.readany())
             if not chunk:
                 break
             await sink.feed(chunk)
@@ -1248,14 +1320,14 @@ async def receive_upload(request: web.Request, sink: UploadSink) -> Optional[str
     filename, found = None, False
     try:
         while True:
-            part = await reader.next()
+            part = await _idle_bounded(reader.next())
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
                 raise json_error(400, "nested multipart is not supported", "bad_request")
             if part.name != "file":
                 drained = 0
-                while chunk := await part.read_chunk(CHUNK):
+                while chunk := await _idle_bounded(part.read_chunk(CHUNK)):
                     drained += len(chunk)
                     if drained > MULTIPART_SLACK:
                         raise json_error(400, f"form field {part.name!r} is too large; "
@@ -1265,7 +1337,7 @@ async def receive_upload(request: web.Request, sink: UploadSink) -> Optional[str
                 raise json_error(400, "several files sent; upload one file per request", "several_files")
             found = True
             filename = part.filename
-            while chunk := await part.read_chunk(CHUNK):
+            while chunk := await _idle_bounded(part.read_chunk(CHUNK)):
                 await sink.feed(chunk)
     except (ValueError, AssertionError) as exc:
         raise json_error(400, f"malformed multipart body ({exc})"[:200], "bad_request") from None
@@ -1394,6 +1466,12 @@ class _ImageFileResponse(web.FileResponse):
     def etag(self, value) -> None:
         pass
 
+    def set_status(self, status: int, reason: Optional[str] = None) -> None:
+        super().set_status(status, reason)
+        if status >= 400:  # e.g. the file vanished: never let a cache keep the error
+            self.headers["Cache-Control"] = "no-store"
+            self.headers.pop("ETag", None)
+
 
 def _etag_matches(header: str, md5: str) -> bool:
     for tag in header.split(","):
@@ -1440,9 +1518,9 @@ async def handle_image(request: web.Request) -> web.StreamResponse:
             rng = request.http_range
         except ValueError:
             rng = None
-        if rng is None:
-            headers["Content-Range"] = f"bytes */{size}"
-            raise json_error(416, "range not satisfiable", "range_not_satisfiable", headers)
+        if rng is None:  # malformed or several ranges
+            raise json_error(416, "range not satisfiable", "range_not_satisfiable",
+                             {"Content-Range": f"bytes */{size}"})
         start, stop = rng.start, rng.stop
         if start is not None or stop is not None:
             if start is None:
@@ -1509,6 +1587,14 @@ def _scan_uploads(storage: Storage) -> list[tuple[str, str, Path]]:
     return found
 
 
+def _file_size(path: Path) -> int:
+    """What unlinking `path` would free (dry runs); 0 if it is gone."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _old_temp_files(storage: Storage, now: float) -> list[Path]:
     old = []
     with contextlib.suppress(FileNotFoundError):
@@ -1542,8 +1628,7 @@ async def run_cleanup_pass(store: ImageStore, dry_run: bool = False) -> CleanupR
         for path in await asyncio.to_thread(_old_temp_files, storage, time.time()):
             report.temp_files += 1
             report.removed.append(str(path))
-            if not dry_run:
-                report.bytes_freed += await asyncio.to_thread(_unlink_quietly, path)
+            report.bytes_freed += await asyncio.to_thread(_file_size if dry_run else _unlink_quietly, path)
         if not dry_run:
             await store.set_meta("last_cleanup", repr(now))
     finally:
@@ -1565,11 +1650,11 @@ async def _cleanup_expired(store: ImageStore, report: CleanupReport, dry_run: bo
             md5s = [r["md5"] for r in rows]
             report.expired += len(rows)
             report.removed.extend(f"expired {m}" for m in md5s)
-            if dry_run:
-                report.bytes_freed += sum(r["size"] for r in rows)
-            else:
-                paths = [store.storage.image_path(r["md5"], r["ext"]) for r in rows]
-                report.bytes_freed += await asyncio.to_thread(lambda: sum(map(_unlink_quietly, paths)))
+            paths = [store.storage.image_path(r["md5"], r["ext"]) for r in rows]
+            # Bytes on disk, not the rows' sizes: a dry run reports what a real pass frees.
+            report.bytes_freed += await asyncio.to_thread(
+                lambda: sum(map(_file_size if dry_run else _unlink_quietly, paths)))
+            if not dry_run:
                 await store._delete_rows(db, md5s)
         for m in md5s:
             store.forget(m)
@@ -1591,18 +1676,18 @@ async def _cleanup_orphans(store: ImageStore, report: CleanupReport, dry_run: bo
             if orphans:
                 report.orphan_files += len(orphans)
                 report.removed.extend(f"orphan {p}" for p in orphans)
-                if dry_run:
-                    report.bytes_freed += sum(p.stat().st_size for p in orphans if p.exists())
-                else:
-                    report.bytes_freed += await asyncio.to_thread(lambda: sum(map(_unlink_quietly, orphans)))
+                report.bytes_freed += await asyncio.to_thread(
+                    lambda: sum(map(_file_size if dry_run else _unlink_quietly, orphans)))
         await asyncio.sleep(0)
 
 
 async def _cleanup_dangling(store: ImageStore, report: CleanupReport, dry_run: bool) -> None:
+    # Expired rows are the expiry stage's (a dry run leaves them): never count them twice.
+    now = store.clock()
     after = ""
     while True:
-        async with store.db_read.execute("SELECT md5, ext FROM images WHERE md5 > ? ORDER BY md5 LIMIT ?",
-                                         (after, CLEANUP_BATCH * 4)) as cur:
+        async with store.db_read.execute("SELECT md5, ext FROM images WHERE md5 > ? AND expire_at > ? "
+                                         "ORDER BY md5 LIMIT ?", (after, now, CLEANUP_BATCH * 4)) as cur:
             rows = await cur.fetchall()
         if not rows:
             return
@@ -1696,6 +1781,179 @@ async def reset_store(config: Config) -> None:
         await store.close()
 
 
+# ==== openapi ===================================================================
+# The wire format of API.md as an OpenAPI 3 document, served at /openapi.json
+# and shipped as openapi.json (tests keep the two equal and fuzz the server with
+# it). Error answers all share one schema; `_errors` lists which ones a route has.
+
+def _errors(*statuses: int) -> dict:
+    words = {400: "bad input (malformed id, parameter or body)", 401: "no or wrong credentials",
+             403: "the user lacks the needed role", 404: "not found", 408: "the upload stalled",
+             413: "too large: bytes, pixels or header", 415: "not an accepted image",
+             416: "range not satisfiable", 417: "unknown Expect", 429: "too many failed sign-ins",
+             503: "database busy or data folder not writable", 507: "disk full"}
+    out = {}
+    for status in statuses:
+        resp: dict = {"description": words[status],
+                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        if status == 401:
+            resp["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"},
+                                                    "description": "absent for the upload page"}}
+        if status in (429, 503):
+            resp["headers"] = {"Retry-After": {"schema": {"type": "string"}}}
+        out[str(status)] = resp
+    return out
+
+
+def _json(schema_name: str, description: str) -> dict:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}}}
+
+
+_MD5_PARAM = {"name": "md5", "in": "path", "required": True, "description": "hex MD5 of the image bytes",
+              "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+_UPLOADED = {
+    "200": {"description": "already stored: expiry renewed (status: exists)",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImageInfo"}},
+                        "text/plain": {"schema": {"type": "string"}}}},
+    "201": {"description": "stored (status: uploaded)",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImageInfo"}},
+                        "text/plain": {"schema": {"type": "string"}}}},
+    **_errors(400, 401, 408, 413, 415, 417, 429, 503, 507),
+}
+_RAW_BODY = {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary"}}}}
+_BASIC = [{"basic": []}]
+
+OPENAPI: dict = {
+    "openapi": "3.0.3",
+    "info": {"title": "imgproxy", "version": __version__,
+             "description": "Self-hosted image host: upload an image, get a public URL. "
+                            "Errors are JSON {error, code}."},
+    "components": {
+        "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error", "code"],
+                      "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
+            "ImageInfo": {
+                "type": "object",
+                "required": ["md5", "url", "name", "size", "width", "height", "format", "mime",
+                             "access_count", "created_at", "expire_at"],
+                "properties": {
+                    "md5": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                    "url": {"type": "string"},
+                    "name": {"type": "string"},
+                    "size": {"type": "integer", "minimum": 1},
+                    "width": {"type": "integer", "minimum": 1},
+                    "height": {"type": "integer", "minimum": 1},
+                    "format": {"type": "string", "enum": list(FORMATS)},
+                    "mime": {"type": "string"},
+                    "access_count": {"type": "integer", "minimum": 0},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "expire_at": {"type": "string", "format": "date-time"},
+                    "status": {"type": "string", "enum": ["uploaded", "exists"]},
+                },
+            },
+            "ImageList": {"type": "object", "required": ["images", "total"],
+                          "properties": {"images": {"type": "array",
+                                                    "items": {"$ref": "#/components/schemas/ImageInfo"}},
+                                         "total": {"type": "integer", "minimum": 0}}},
+            "Health": {"type": "object", "required": ["status"],
+                       "properties": {"status": {"type": "string", "enum": ["ok", "error"]},
+                                      "error": {"type": "string"}, "code": {"type": "string"}}},
+        },
+    },
+    "paths": {
+        "/upload": {
+            "post": {"summary": "upload an image (multipart field 'file')", "security": _BASIC,
+                     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                         "type": "object", "required": ["file"],
+                         "properties": {"file": {"type": "string", "format": "binary"}}}}}},
+                     "responses": _UPLOADED},
+            "put": {"summary": "upload an image as the raw body", "security": _BASIC,
+                    "requestBody": _RAW_BODY, "responses": _UPLOADED},
+        },
+        "/upload/{filename}": {
+            "put": {"summary": "upload an image as the raw body, with its name", "security": _BASIC,
+                    "parameters": [{"name": "filename", "in": "path", "required": True,
+                                    "schema": {"type": "string", "minLength": 1}}],
+                    "requestBody": _RAW_BODY, "responses": _UPLOADED},
+        },
+        "/api/images": {
+            "get": {"summary": "images the caller holds (admin: all), newest first",
+                    "security": _BASIC,
+                    "parameters": [
+                        {"name": "limit", "in": "query",
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}},
+                        {"name": "offset", "in": "query",
+                         "schema": {"type": "integer", "minimum": 0, "maximum": 2**31, "default": 0}}],
+                    "responses": {"200": _json("ImageList", "a page of images"),
+                                  **_errors(400, 401, 429, 503)}},
+        },
+        "/api/images/{md5}": {
+            "parameters": [_MD5_PARAM],
+            "get": {"summary": "info of one image, no side effects", "security": _BASIC,
+                    "responses": {"200": _json("ImageInfo", "the image"), **_errors(400, 401, 404, 429, 503)}},
+            "delete": {"summary": "drop the caller's hold (admin: remove the image)",
+                       "security": _BASIC,
+                       "responses": {"204": {"description": "deleted"}, **_errors(400, 401, 404, 429, 503, 507)}},
+        },
+        "/api/images/{md5}/renew": {
+            "parameters": [_MD5_PARAM],
+            "post": {"summary": "dedup without bytes: renew expiry if known", "security": _BASIC,
+                     "responses": {"200": _json("ImageInfo", "renewed (status: exists)"),
+                                   **_errors(400, 401, 404, 429, 503, 507)}},
+        },
+        "/api/db": {
+            "get": {"summary": "consistent snapshot of the server database (admin)", "security": _BASIC,
+                    "responses": {"200": {"description": "SQLite database file",
+                                          "content": {"application/vnd.sqlite3": {
+                                              "schema": {"type": "string", "format": "binary"}}}},
+                                  **_errors(401, 403, 429, 503, 507)}},
+        },
+        "/i/{name}": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "description": "{md5}.{ext}",
+                            "schema": {"type": "string", "pattern": "^[0-9a-f]{32}\\.[a-z]{3,4}$"}}],
+            "get": {"summary": "the image bytes (public)", "security": [],
+                    "responses": {
+                        "200": {"description": "the image",
+                                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                        "206": {"description": "a byte range",
+                                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                        "304": {"description": "not modified (If-None-Match)"},
+                        **_errors(400, 404, 416)}},
+        },
+        "/healthz": {
+            "get": {"summary": "database and data folder answer", "security": [],
+                    "responses": {"200": _json("Health", "healthy"), "503": _json("Health", "unhealthy")}},
+        },
+        "/": {
+            "get": {"summary": "the upload page", "security": [],
+                    "responses": {"200": {"description": "HTML", "content": {"text/html": {
+                        "schema": {"type": "string"}}}}}},
+        },
+        "/static/{asset}": {
+            "get": {"summary": "the upload page's script and style", "security": [],
+                    "parameters": [{"name": "asset", "in": "path", "required": True,
+                                    "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "app.js or app.css", "content": {
+                        "text/javascript": {"schema": {"type": "string"}},
+                        "text/css": {"schema": {"type": "string"}}}},
+                        **_errors(404)}},
+        },
+        "/openapi.json": {
+            "get": {"summary": "this document", "security": [],
+                    "responses": {"200": {"description": "OpenAPI 3 document",
+                                          "content": {"application/json": {"schema": {"type": "object"}}}}}},
+        },
+    },
+}
+
+
+async def handle_openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI, headers={"Cache-Control": "no-cache"})
+
+
 # ==== upload page: begin (generated region, edit the assets) ====
 # Made by page/embed.py from page/index.html, page/app.css and page/app.js;
 # edit those files and run `python3 page/embed.py`, never this block.
@@ -1768,7 +2026,7 @@ PAGE_HTML = r"""<!doctype html>
   <h2 id="confirm-title">Delete this image?</h2>
   <p id="confirm-text"></p>
   <div class="actions">
-    <button type="button" class="btn" id="confirm-cancel" autofocus>Cancel</button>
+    <button type="button" class="btn" id="confirm-cancel">Cancel</button>
     <button type="button" class="btn btn-danger" id="confirm-ok">Delete</button>
   </div>
 </dialog>
@@ -1981,8 +2239,8 @@ kbd {
   width: 112px;
   height: 112px;
   border-radius: 8px;
-  background: var(--bg) linear-gradient(45deg, transparent 48%, var(--line) 50%, transparent 52%);
-  background-size: 12px 12px;
+  background: var(--bg);
+  border: 1px solid var(--line);
   display: flex;
   align-items: center;
   justify-content: center;
@@ -1990,7 +2248,6 @@ kbd {
 }
 .thumb img { max-width: 100%; max-height: 100%; object-fit: contain; }
 .thumb-label { color: var(--muted); font-size: 12px; padding: 4px; text-align: center; }
-.thumb.no-preview { background: var(--bg); }
 
 progress {
   width: 100%;
@@ -2019,6 +2276,7 @@ progress::-moz-progress-bar { background: var(--accent); }
 .copy-row { display: flex; flex-wrap: wrap; align-items: center; gap: 6px; }
 .copy-label { color: var(--muted); font-size: 13px; margin-right: 2px; }
 .card-actions { display: flex; justify-content: flex-end; }
+a.btn { color: var(--accent); }
 
 .pager { display: flex; align-items: center; justify-content: center; gap: 12px; margin-top: 16px; color: var(--muted); font-size: 14px; }
 
@@ -2171,6 +2429,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     state.user = "";
     sessionStorage.removeItem(AUTH_KEY);
     sessionStorage.removeItem(USER_KEY);
+    state.queue = [];   // files not yet sent stay unsent
     clear($("uploads"));
     clear($("mine"));
     $("mine-status").textContent = "";
@@ -2242,6 +2501,12 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     return "in " + Math.round(hours / 24) + " days";
   }
 
+  // URLs come from the server (built from base_url), but a link is still only
+  // ever http(s).
+  function safeUrl(url) {
+    return /^https?:\/\//i.test(String(url)) ? String(url) : null;
+  }
+
   function escapeHtml(text) {
     return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;")
       .replace(/>/g, "&gt;").replace(/"/g, "&quot;");
@@ -2264,26 +2529,31 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
   // Words for a failed call, next to the file that caused it. The server's own
   // message comes along when it has one.
   function errorText(status, body) {
-    var detail = body && typeof body.error === "string" ? body.error : "";
+    var detail = body && typeof body.error === "string" ? body.error.trim() : "";
     var code = body && typeof body.code === "string" ? body.code : "";
+    function says(lead, fallback) {
+      return lead + ": " + (detail || fallback) + (/[.!?。]$/.test(detail || fallback) ? "" : ".");
+    }
     switch (status) {
       case 401:
       case 403:
         return detail || AUTH_MESSAGE;
       case 413:
-        if (code === "too_many_pixels") return "Too many pixels: the image is larger than the server allows." + (detail ? " (" + detail + ")" : "");
-        return "Too large: the file is bigger than the server accepts." + (detail ? " (" + detail + ")" : "");
+        if (code === "too_many_pixels") return says("Too many pixels", "the image is larger than the server allows");
+        return says("Too large", "the file is bigger than the server accepts");
       case 415:
-        return "Not a supported image: the server could not read this file as JPEG, PNG, GIF, WebP, BMP, TIFF or ICO." + (detail ? " (" + detail + ")" : "");
+        return says("Not a supported image", "the server accepts JPEG, PNG, GIF, WebP, BMP, TIFF and ICO");
       case 400:
-        return "The server refused the upload: " + (detail || "bad request") + ".";
+        return says("The server refused the upload", "bad request");
+      case 429:
+        return says("Too many failed sign-ins", "wait a minute and try again");
       case 404:
-        return detail || "Not found (it may have expired).";
+        return says("Not found", "it may have expired");
       case 0:
         return "Upload failed: the connection closed. The file may be larger than the server allows, or the server is unreachable.";
       default:
-        if (status >= 500) return "Server error (" + status + "). Try again later." + (detail ? " (" + detail + ")" : "");
-        return (detail || "Request failed") + " (" + status + ")";
+        if (status >= 500) return says("Server error " + status, "try again later");
+        return says("Request failed (" + status + ")", "unexpected answer");
     }
   }
 
@@ -2351,8 +2621,12 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
       "aria-label": "Image URL", spellcheck: "false"
     });
     url.addEventListener("focus", function () { url.select(); });
-    var buttons = el("div", { className: "copy-row", role: "group", "aria-label": "Copy link" },
-      [el("span", { className: "copy-label", text: "Copy" })].concat(parts.map(copyButton)));
+    var open = el("a", {
+      className: "btn btn-small open", href: safeUrl(info.url), target: "_blank",
+      rel: "noopener noreferrer", text: "Open ↗"
+    });
+    var buttons = el("div", { className: "copy-row", role: "group", "aria-label": "Link" },
+      [el("span", { className: "copy-label", text: "Copy" })].concat(parts.map(copyButton), [open]));
     return [url, buttons];
   }
 
@@ -2362,6 +2636,11 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     if (info.width && info.height) bits.push(info.width + "×" + info.height);
     if (typeof info.size === "number") bits.push(formatBytes(info.size));
     return bits.join(" · ");
+  }
+
+  function viewsText(count) {
+    if (typeof count !== "number") return "";
+    return " · " + count + (count === 1 ? " view" : " views");
   }
 
   function expiryLine(info) {
@@ -2398,7 +2677,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
 
   // ---- uploads ------------------------------------------------------------
 
-  function addFiles(files, source) {
+  function addFiles(files) {
     if (!state.auth) {
       showSignIn("Sign in first, then add your images.");
       return;
@@ -2449,7 +2728,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
       if (event.lengthComputable) {
         var pct = Math.round(event.loaded / event.total * 100);
         item.progress.value = pct;
-        item.status.textContent = "Uploading… " + pct + "%";
+        item.status.textContent = pct < 100 ? "Uploading… " + pct + "%" : "Checking the image…";
       }
     });
     xhr.addEventListener("load", function () {
@@ -2537,7 +2816,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     event.preventDefault();
     dragDepth = 0;
     $("drop-overlay").hidden = true;
-    addFiles(event.dataTransfer.files, "drop");
+    addFiles(event.dataTransfer.files);
   }
 
   function pad(n) { return (n < 10 ? "0" : "") + n; }
@@ -2564,7 +2843,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
       var name = "pasted-" + stamp + (files.length > 1 ? "-" + (i + 1) : "") + "." + ext;
       return new File([file], name, { type: file.type });
     });
-    addFiles(files, "paste");
+    addFiles(files);
   }
 
   // ---- my images ----------------------------------------------------------
@@ -2627,15 +2906,15 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     del.addEventListener("click", function () { askDelete(info, del); });
     var body = el("div", { className: "card-body" }, [
       el("p", { className: "name", text: name, title: name }),
-      el("p", { className: "meta", text: metaLine(info) + (typeof info.access_count === "number" ? " · " + info.access_count + " views" : "") })
+      el("p", { className: "meta", text: metaLine(info) + viewsText(info.access_count) })
     ].concat(linkBlock(info), [expiryLine(info), el("div", { className: "card-actions" }, [del])]));
     return el("li", { className: "card", "data-md5": info.md5 || "" }, [thumb.box, body]);
   }
 
   function askDelete(info, button) {
     state.pendingDelete = { info: info, button: button };
-    $("confirm-text").textContent = "“" + (info.name || info.md5) + "” will stop working at " + info.url +
-      " wherever it is linked. This cannot be undone.";
+    $("confirm-text").textContent = "“" + (info.name || info.md5) + "” will be deleted, and its link " +
+      info.url + " stops working unless someone else uploaded the same image. This cannot be undone.";
     var dialog = $("confirm");
     if (typeof dialog.showModal === "function") {
       dialog.showModal();
@@ -2690,7 +2969,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     $("signin-form").addEventListener("submit", onSignIn);
     $("sign-out").addEventListener("click", function () { signOut(""); });
     $("file-input").addEventListener("change", function (event) {
-      addFiles(event.target.files, "picker");
+      addFiles(event.target.files);
       event.target.value = "";
     });
     $("mine-refresh").addEventListener("click", function () { loadMine(); });
@@ -2802,6 +3081,7 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
     r.add_get("/healthz", handle_health)
     r.add_get("/", handle_page)
     r.add_get("/static/{asset}", handle_asset)
+    r.add_get("/openapi.json", handle_openapi)
     return app
 
 
@@ -2833,7 +3113,8 @@ async def serve(config: Config, sock: socket.socket) -> None:
     access counts are flushed, background tasks are cancelled."""
     app = create_app(config)
     runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if config.server.access_log
-                           else None, shutdown_timeout=10.0, handle_signals=False)
+                           else None, shutdown_timeout=10.0, handle_signals=False,
+                           keepalive_timeout=KEEPALIVE_TIMEOUT)
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()
