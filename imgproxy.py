@@ -38,9 +38,11 @@ import hashlib
 import hmac
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import secrets
@@ -95,6 +97,7 @@ BODY_CACHE_MAX_FILE = 512 * 1024
 META_CACHE_ENTRIES = 100_000
 AUTH_FAIL_LIMIT = 10            # failed sign-ins per address ...
 AUTH_FAIL_WINDOW = 60.0         # ... within this many seconds block that address this long
+AUTH_FAIL_TABLE = 10_000        # addresses the limiter remembers at most
 UPLOAD_IDLE_TIMEOUT = 60.0      # an upload body that sends nothing for this long is dropped (408)
 KEEPALIVE_TIMEOUT = 75.0        # idle connections and unfinished request heads are closed
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -133,6 +136,7 @@ class ServerConfig:
     log_level: str = "INFO"
     access_log: bool = False
     trust_forwarded_for: bool = False
+    workers: int = 1
 
     @property
     def max_upload_bytes(self) -> int:
@@ -259,7 +263,11 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
     level = _expect("server.log_level", s.get("log_level", d.log_level), "str").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"server.log_level: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    workers = _expect("server.workers", s.get("workers", d.workers), "int")
+    if not 1 <= workers <= 64:
+        raise ConfigError(f"server.workers: expected 1..64 processes, got {workers}")
     server = ServerConfig(
+        workers=workers,
         domain=_expect("server.domain", s.get("domain", d.domain), "str"),
         port=port,
         host=_expect("server.host", s.get("host", d.host), "str"),
@@ -629,12 +637,17 @@ class ImageStore:
         self.body_bytes = 0
         self.body_budget = int(config.server.cache_mb * 1024 * 1024)
         self._data_version: Optional[int] = None
+        self._generation: Optional[mmap.mmap] = None
+        self._generation_fd = -1
+        self._generation_seen = b""
+        self._changed_in_txn = False
         self.decode_slots = asyncio.Semaphore(max(1, min(4, os.cpu_count() or 1)))
 
     # -- life cycle --
     async def open(self) -> "ImageStore":
         await asyncio.to_thread(self.storage.prepare)
         try:
+            await asyncio.to_thread(self._open_generation)
             self.db_write = await open_db(self.storage.db_path)
             self.db_read = await open_db(self.storage.db_path, readonly=True)
             self._data_version = await self._read_data_version()
@@ -651,6 +664,10 @@ class ImageStore:
                 with contextlib.suppress(Exception):
                     await db.close()
         self.db_read = self.db_write = None
+        if self._generation is not None:
+            self._generation.close()
+            os.close(self._generation_fd)
+            self._generation, self._generation_fd = None, -1
 
     @contextlib.asynccontextmanager
     async def transaction(self):
@@ -666,6 +683,53 @@ class ImageStore:
                 raise
             else:
                 await db.execute("COMMIT")
+            finally:
+                changed, self._changed_in_txn = self._changed_in_txn, False
+            if changed:
+                # Again after COMMIT: a process that reloaded the old row
+                # between the first announcement and the commit drops it now.
+                self._announce_change()
+
+    # -- cache coherence between processes --
+    # Workers and cleanup.py share `cache.gen`, 8 bytes in a shared mapping.
+    # Whoever changes or removes rows writes a fresh random value there; a
+    # server that finds a value it has not seen drops its serving cache. One
+    # memory read per request keeps every process's cache from serving an
+    # image that another process deleted or renewed.
+    def _open_generation(self) -> None:
+        fd = os.open(self.storage.root / "cache.gen", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 8)
+            self._generation = mmap.mmap(fd, 8)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._generation_fd = fd
+        self._generation_seen = self._generation[:8]
+
+    def check_generation(self) -> None:
+        if self._generation is not None and self._generation[:8] != self._generation_seen:
+            self._generation_seen = self._generation[:8]
+            self.forget_all()
+
+    def changed(self) -> None:
+        """Rows were changed or removed in the current write transaction."""
+        self._changed_in_txn = True
+        self._announce_change()
+
+    def _announce_change(self) -> None:
+        if self._generation is None:
+            return
+        fcntl.flock(self._generation_fd, fcntl.LOCK_EX)  # held for microseconds
+        try:
+            if self._generation[:8] != self._generation_seen:
+                self.forget_all()  # another process changed things too
+            fresh = secrets.token_bytes(8)
+            self._generation[:8] = fresh
+            self._generation_seen = fresh
+        finally:
+            fcntl.flock(self._generation_fd, fcntl.LOCK_UN)
 
     # -- reading --
     def info(self, row: sqlite3.Row, status: Optional[str] = None) -> dict:
@@ -728,6 +792,7 @@ class ImageStore:
             path = self.storage.image_path(md5, ext)
             if row is not None and row["ext"] == ext and await asyncio.to_thread(path.is_file):
                 await db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?", (expire_at, md5))
+                self.changed()
                 created = False
             else:
                 # New bytes, or a row whose file went missing: (re)place the file
@@ -745,6 +810,7 @@ class ImageStore:
                         "UPDATE images SET ext=?, format=?, mime=?, size=?, width=?, height=?, expire_at=? "
                         "WHERE md5=?", (ext, facts.format, mime, facts.size, facts.width, facts.height,
                                         expire_at, md5))
+                    self.changed()
                     created = False
             await self._hold(db, md5, user, now)
             row = await self.get_row(md5, db)
@@ -774,6 +840,7 @@ class ImageStore:
             now = self.clock()
             await db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?",
                              (now + self.config.expire_seconds, md5))
+            self.changed()
             await self._hold(db, md5, user, now)
             row = await self.get_row(md5, db)
         self.forget(md5)
@@ -798,6 +865,7 @@ class ImageStore:
         return True
 
     async def _delete_rows(self, db: aiosqlite.Connection, md5s: list[str]) -> None:
+        self.changed()
         marks = ",".join("?" * len(md5s))
         await db.execute(f"DELETE FROM holds WHERE md5 IN ({marks})", md5s)
         await db.execute(f"DELETE FROM images WHERE md5 IN ({marks})", md5s)
@@ -1081,7 +1149,21 @@ class Authenticator:
         self._failures: dict[str, list[float]] = {}
         self.clock = clock
 
+    @staticmethod
+    def _limiter_key(address: str) -> str:
+        """One IPv6 client owns a whole /64: count its failures together."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if ip.version == 4:
+            return address
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
     def blocked_for(self, address: str) -> float:
+        address = self._limiter_key(address)
         entry = self._failures.get(address)
         if entry is None:
             return 0.0
@@ -1095,6 +1177,7 @@ class Authenticator:
         return AUTH_FAIL_WINDOW - elapsed if count >= AUTH_FAIL_LIMIT else 0.0
 
     def record_failure(self, address: str) -> None:
+        address = self._limiter_key(address)
         now = self.clock()
         entry = self._failures.get(address)
         if entry is None or now - entry[1] > AUTH_FAIL_WINDOW and entry[0] < AUTH_FAIL_LIMIT:
@@ -1103,8 +1186,13 @@ class Authenticator:
             entry[0] += 1
             if entry[0] == AUTH_FAIL_LIMIT:
                 entry[1] = now  # the block runs from the failure that tripped it
-        if len(self._failures) > 10_000:
+        if len(self._failures) > AUTH_FAIL_TABLE:
+            # Many addresses at once (a botnet): drop stale entries, then the
+            # oldest, down to 90% so that one scan pays for many failures and
+            # the table never outgrows its cap.
             for addr in [a for a, (_, t) in self._failures.items() if now - t > 2 * AUTH_FAIL_WINDOW]:
+                del self._failures[addr]
+            for addr in list(itertools.islice(self._failures, len(self._failures) - AUTH_FAIL_TABLE * 9 // 10)):
                 del self._failures[addr]
 
     async def check(self, header: Optional[str]) -> Optional[UserConfig]:
@@ -1431,21 +1519,31 @@ async def handle_db(request: web.Request) -> web.StreamResponse:
     await require_user(request, "admin")
     store = request.app[STORE]
     snapshot = await store.snapshot()
+
+    def open_and_unlink():
+        # Once open, the name can go: the download reads the open file, and
+        # nothing is left behind in tmp/ whatever happens to the connection.
+        f = open(snapshot, "rb")
+        _unlink_quietly(snapshot)
+        return f, os.fstat(f.fileno()).st_size
+
     try:
+        f, size = await asyncio.to_thread(open_and_unlink)
+    except BaseException:
+        await asyncio.to_thread(_unlink_quietly, snapshot)
+        raise
+    with f:
         resp = web.StreamResponse(headers={
             "Content-Type": "application/vnd.sqlite3",
             "Content-Disposition": 'attachment; filename="images_server.db"',
             "Cache-Control": "no-store",
         })
-        resp.content_length = (await asyncio.to_thread(snapshot.stat)).st_size
+        resp.content_length = size
         await resp.prepare(request)
-        with open(snapshot, "rb") as f:
-            while chunk := await asyncio.to_thread(f.read, FLUSH_BYTES):
-                await resp.write(chunk)
+        while chunk := await asyncio.to_thread(f.read, FLUSH_BYTES):
+            await resp.write(chunk)
         await resp.write_eof()
         return resp
-    finally:
-        await asyncio.to_thread(_unlink_quietly, snapshot)
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -1487,6 +1585,7 @@ async def handle_image(request: web.Request) -> web.StreamResponse:
     if not dot or not MD5_RE.fullmatch(md5):
         raise json_error(400, "not an image id: expected /i/<md5>.<ext>", "bad_md5")
     store = request.app[STORE]
+    store.check_generation()
     entry = await store.served_image(md5)
     now = store.clock()
     if entry is None or entry.ext != ext or entry.expire_at <= now:
@@ -1769,6 +1868,7 @@ async def reset_store(config: Config) -> None:
         async with store.transaction() as db:
             await db.execute("DELETE FROM holds")
             await db.execute("DELETE FROM images")
+            store.changed()
             await db.execute("DELETE FROM meta")
             # Moving uploads/ aside inside the transaction is instant; the slow
             # delete happens after, with no lock held.
@@ -3087,6 +3187,21 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
 
 # ==== main ======================================================================
 
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs each request its parser refuses at ERROR with a traceback
+    whose message quotes the offending bytes (an overlong Authorization header
+    included). That is the client's fault: one INFO line, no bytes quoted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, http_exceptions.HttpProcessingError):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg, record.args = "refused a malformed request from %s (%s)", (peer, type(exc).__name__)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def setup_logging(config: Config) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if config.server.log_file:
@@ -3096,6 +3211,9 @@ def setup_logging(config: Config) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(
         logging.INFO if config.server.access_log else logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(_MalformedRequestFilter())
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -3108,7 +3226,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(config: Config, sock: socket.socket) -> None:
+async def serve(config: Config, sock: socket.socket, worker: Optional[int] = None) -> None:
     """Run until SIGTERM/SIGINT, then stop: in-flight requests get a grace period,
     access counts are flushed, background tasks are cancelled."""
     app = create_app(config)
@@ -3119,7 +3237,8 @@ async def serve(config: Config, sock: socket.socket) -> None:
     site = web.SockSite(runner, sock)
     await site.start()
     host, port = sock.getsockname()[:2]
-    log.info("imgproxy %s listening on http://%s:%d (public URLs: %s)", __version__,
+    log.info("imgproxy %s%s listening on http://%s:%d (public URLs: %s)", __version__,
+             "" if worker is None else f" worker {worker}",
              f"[{host}]" if ":" in host else host, port, config.base_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -3131,6 +3250,59 @@ async def serve(config: Config, sock: socket.socket) -> None:
     finally:
         await runner.cleanup()
         log.info("stopped")
+
+
+def run_workers(config: Config, sock: socket.socket, count: int) -> int:
+    """Pre-fork: `count` processes accept on one listening socket.
+
+    Only worker 0 runs the scheduled cleanup; access counts are flushed by
+    each; serving caches stay coherent through the shared cache.gen marker.
+    If a worker dies, the others are stopped and the exit status is 1, so
+    systemd restarts the whole group.
+    """
+    children: dict[int, int] = {}
+    for index in range(count):
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 0
+            try:
+                cfg = config if index == 0 else dataclasses.replace(
+                    config, cleanup=dataclasses.replace(config.cleanup, enable=False))
+                asyncio.run(serve(cfg, sock, worker=index))
+            except BaseException:  # noqa: BLE001 - reported, then this process exits
+                log.exception("worker %d failed", index)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = index
+    sock.close()
+    stopping = False
+
+    def stop_all(signum=None, frame=None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    status = 0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if not stopping:
+            log.error("worker %s exited with status %s; stopping the others", index, code)
+            status = 1
+            stop_all()
+    return status
 
 
 def _hash_password_command(argv: list[str]) -> int:
@@ -3181,6 +3353,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with contextlib.suppress(ImportError):
         import uvloop  # optional: a faster event loop when installed
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if config.server.workers > 1:
+        return run_workers(config, sock, config.server.workers)
     try:
         asyncio.run(serve(config, sock))
     except KeyboardInterrupt:

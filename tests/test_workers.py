@@ -1,0 +1,83 @@
+"""Several processes (server.workers) and cache coherence between processes."""
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from PIL import Image
+
+from conftest import ALICE, ROOT
+
+
+def png(color=(10, 200, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def request(url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None):
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_two_workers_serve_and_a_delete_is_seen_by_both(make_config, server_process):
+    proc = server_process(make_config(server={"workers": 2}, cleanup={"enable": True}))
+    status, body = request(proc.base_url + "/upload/a.png", "PUT", png(), ALICE)
+    assert status == 201
+    url = json.loads(body)["url"]
+    for _ in range(40):  # new connection each time: both workers get some and cache it
+        assert request(url)[0] == 200
+    assert request(url.replace("/i/", "/api/images/").rsplit(".", 1)[0], "DELETE", headers=ALICE)[0] == 204
+    assert {request(url)[0] for _ in range(40)} == {404}
+    assert proc.terminate() == 0
+    log = proc.log
+    assert log.count("listening on") == 2
+    assert log.count("cleanup removed") == 1  # only worker 0 runs the schedule
+    assert "Traceback" not in log
+
+
+def test_access_counts_from_all_workers_reach_the_database(make_config, server_process):
+    config = make_config(server={"workers": 2})
+    proc = server_process(config)
+    status, body = request(proc.base_url + "/upload/a.png", "PUT", png((1, 2, 3)), ALICE)
+    url = json.loads(body)["url"]
+    for _ in range(30):
+        assert request(url)[0] == 200
+    assert proc.terminate() == 0
+    con = sqlite3.connect(config.parent / "data" / "images.db")
+    assert con.execute("SELECT access_count FROM images").fetchone() == (30,)
+    con.close()
+
+
+def test_reset_by_another_process_is_seen_at_once(make_config, live_server):
+    """cleanup.py --reset changes the database from outside: the server's cache drops
+    the image on the next request, not after a polling delay."""
+    config = make_config()
+    server = live_server(config)
+    status, body = request(server.base_url + "/upload/a.png", "PUT", png((9, 9, 9)), ALICE)
+    url = json.loads(body)["url"]
+    assert request(url)[0] == 200  # cached in memory now
+    out = subprocess.run([sys.executable, str(ROOT / "cleanup.py"), "--config", str(config), "--reset", "--yes"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    started = time.monotonic()
+    assert request(url)[0] == 404
+    assert time.monotonic() - started < 1.0
+
+
+def test_workers_config_is_validated(tmp_path, capsys):
+    import imgproxy
+    path = tmp_path / "config.json"
+    path.write_text('{"server": {"workers": 0}}')
+    assert imgproxy.main(["--config", str(path)]) == 2
+    assert "server.workers" in capsys.readouterr().err
