@@ -28,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -437,6 +438,7 @@ class Storage:
         self.tmp = self.root / "tmp"
         self.db_path = self.root / "images.db"
         self.cleanup_lock = self.root / "cleanup.lock"
+        self._made_dirs: set[Path] = set()
 
     def prepare(self) -> None:
         for d in (self.root, self.uploads, self.tmp):
@@ -455,14 +457,28 @@ class Storage:
         file system, so a reader or a crash never sees a half-written image.
         """
         final = self.image_path(md5, ext)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.parent not in self._made_dirs:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if len(self._made_dirs) < 70_000:  # at most 65,536 leaf folders exist
+                self._made_dirs.add(final.parent)
         if tmp_path is None:
-            tmp_path = self.new_tmp_path()
-            with open(tmp_path, "wb") as f:
-                f.write(data or b"")
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, final)
+            tmp_path = self.write_tmp(data or b"")
+        try:
+            os.replace(tmp_path, final)
+        except FileNotFoundError:
+            # The leaf folder went away (a reset moved uploads/ aside): remake it.
+            self._made_dirs.discard(final.parent)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp_path, final)
         return final
+
+    def write_tmp(self, data: bytes) -> Path:
+        """Bytes to a new file under tmp/ (blocking), world-readable like the rest of uploads/."""
+        path = self.new_tmp_path()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with open(fd, "wb") as f:
+            f.write(data)
+        return path
 
 
 def _unlink_quietly(path: Optional[Path]) -> int:
@@ -586,15 +602,31 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 IMAGE_COLUMNS = "md5, ext, format, mime, name, size, width, height, access_count, created_at, expire_at"
 
 
-async def open_db(path: Path, readonly: bool = False) -> aiosqlite.Connection:
+def open_write_db(path: Path) -> sqlite3.Connection:
+    """The writer's connection (blocking: opened in the writer thread); creates the schema."""
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=15)
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout = 15000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.executescript(SCHEMA)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _data_version(db: sqlite3.Connection) -> int:
+    return db.execute("PRAGMA data_version").fetchone()[0]
+
+
+async def open_db(path: Path) -> aiosqlite.Connection:
+    """A reading connection (the schema exists: the writer made it)."""
     db = await aiosqlite.connect(str(path), isolation_level=None)
     try:
         db.row_factory = sqlite3.Row
         await db.execute("PRAGMA busy_timeout = 15000")
-        if not readonly:
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute("PRAGMA synchronous = NORMAL")
-            await db.executescript(SCHEMA)
     except BaseException:
         # aiosqlite's worker thread is not a daemon: an unclosed connection
         # would keep the process alive after the error (e.g. a corrupt file).
@@ -615,23 +647,50 @@ class ServedImage:
     body: Optional[bytes] = None
 
 
+class Txn:
+    """What a write function gets: the writer connection, and a flag to raise
+    when it changed or removed rows that other processes may have cached."""
+
+    __slots__ = ("db", "changed")
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.changed = False
+
+    def row(self, md5: str) -> Optional[sqlite3.Row]:
+        return self.db.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE md5 = ?", (md5,)).fetchone()
+
+    def hold(self, md5: str, user: str, now: float) -> None:
+        self.db.execute("INSERT INTO holds (md5, username, held_at) VALUES (?, ?, ?) "
+                        "ON CONFLICT (md5, username) DO UPDATE SET held_at = excluded.held_at",
+                        (md5, user, now))
+
+    def delete_rows(self, md5s: list[str]) -> None:
+        self.changed = True
+        marks = ",".join("?" * len(md5s))
+        self.db.execute(f"DELETE FROM holds WHERE md5 IN ({marks})", md5s)
+        self.db.execute(f"DELETE FROM images WHERE md5 IN ({marks})", md5s)
+
+
 class ImageStore:
     """The images: database rows, files, expiry, holds and the serving cache.
 
     The handlers, the cleanup schedule and cleanup.py all go through this one
-    object. Writers are serialised by `write_lock` and run inside
-    `BEGIN IMMEDIATE`, which also excludes writers in other processes
-    (cleanup.py): a file is renamed into uploads/ or unlinked only while that
-    write lock is held, so no other writer can observe a row without its file.
+    object. Reads use an aiosqlite connection. Every write is one function run
+    whole in a single writer thread, inside `BEGIN IMMEDIATE` on its own
+    connection: one hop per transaction however many statements it has, writes
+    serialised in this process by the thread and across processes (cleanup.py,
+    workers) by SQLite's lock. Files are renamed into uploads/ or unlinked only
+    inside such a transaction, so no writer ever sees a row without its file.
     """
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time):
         self.config = config
         self.clock = clock
         self.storage = Storage(config.server.data_dir)
-        self.db_write: Optional[aiosqlite.Connection] = None
         self.db_read: Optional[aiosqlite.Connection] = None
-        self.write_lock = asyncio.Lock()
+        self._writer: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._wdb: Optional[sqlite3.Connection] = None
         self.pending_counts: collections.Counter[str] = collections.Counter()
         self.served: collections.OrderedDict[str, ServedImage] = collections.OrderedDict()
         self.body_bytes = 0
@@ -640,62 +699,75 @@ class ImageStore:
         self._generation: Optional[mmap.mmap] = None
         self._generation_fd = -1
         self._generation_seen = b""
-        self._changed_in_txn = False
         self.decode_slots = asyncio.Semaphore(max(1, min(4, os.cpu_count() or 1)))
 
     # -- life cycle --
     async def open(self) -> "ImageStore":
         await asyncio.to_thread(self.storage.prepare)
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imgproxy-writer")
         try:
             await asyncio.to_thread(self._open_generation)
-            self.db_write = await open_db(self.storage.db_path)
-            self.db_read = await open_db(self.storage.db_path, readonly=True)
-            self._data_version = await self._read_data_version()
+            self._wdb = await asyncio.get_running_loop().run_in_executor(
+                self._writer, open_write_db, self.storage.db_path)
+            self.db_read = await open_db(self.storage.db_path)
+            self._data_version = await self._in_writer(_data_version)
         except BaseException:
             await self.close()
             raise
         return self
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.flush_counts()
-        for db in (self.db_read, self.db_write):
-            if db is not None:
+        if self._wdb is not None:
+            with contextlib.suppress(Exception):
+                await self.flush_counts()
+        if self.db_read is not None:
+            with contextlib.suppress(Exception):
+                await self.db_read.close()
+            self.db_read = None
+        if self._writer is not None:
+            if self._wdb is not None:
                 with contextlib.suppress(Exception):
-                    await db.close()
-        self.db_read = self.db_write = None
+                    await self._in_writer(lambda db: db.close())
+            self._writer.shutdown(wait=False)
+            self._writer, self._wdb = None, None
         if self._generation is not None:
             self._generation.close()
             os.close(self._generation_fd)
             self._generation, self._generation_fd = None, -1
 
-    @contextlib.asynccontextmanager
-    async def transaction(self):
-        """One write transaction, exclusive in this process and across processes."""
-        async with self.write_lock:
-            db = self.db_write
-            await db.execute("BEGIN IMMEDIATE")
+    async def _in_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(writer connection, *args) in the writer thread, no transaction."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, lambda: fn(self._wdb, *args))
+
+    async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(Txn, *args) as one write transaction in the writer thread."""
+        def run() -> tuple[Any, bool]:
+            db = self._wdb
+            txn = Txn(db)
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield db
+                result = fn(txn, *args)
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await db.execute("ROLLBACK")
+                    db.execute("ROLLBACK")
                 raise
-            else:
-                await db.execute("COMMIT")
-            finally:
-                changed, self._changed_in_txn = self._changed_in_txn, False
-            if changed:
-                # Again after COMMIT: a process that reloaded the old row
-                # between the first announcement and the commit drops it now.
-                self._announce_change()
+            db.execute("COMMIT")
+            return result, txn.changed
+
+        if self._writer is None:
+            raise RuntimeError("the image store is closed")
+        result, changed = await asyncio.get_running_loop().run_in_executor(self._writer, run)
+        if changed:
+            self._announce_change()
+        return result
 
     # -- cache coherence between processes --
     # Workers and cleanup.py share `cache.gen`, 8 bytes in a shared mapping.
-    # Whoever changes or removes rows writes a fresh random value there; a
-    # server that finds a value it has not seen drops its serving cache. One
-    # memory read per request keeps every process's cache from serving an
-    # image that another process deleted or renewed.
+    # After committing a change to or removal of rows, a writer puts a fresh
+    # random value there; a server that finds a value it has not seen drops
+    # its serving cache. A process that cached a row before the commit saw the
+    # old value, so it always notices; the check is one memory read a request.
     def _open_generation(self) -> None:
         fd = os.open(self.storage.root / "cache.gen", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -712,11 +784,6 @@ class ImageStore:
         if self._generation is not None and self._generation[:8] != self._generation_seen:
             self._generation_seen = self._generation[:8]
             self.forget_all()
-
-    def changed(self) -> None:
-        """Rows were changed or removed in the current write transaction."""
-        self._changed_in_txn = True
-        self._announce_change()
 
     def _announce_change(self) -> None:
         if self._generation is None:
@@ -751,8 +818,8 @@ class ImageStore:
             out["status"] = status
         return out
 
-    async def get_row(self, md5: str, db: Optional[aiosqlite.Connection] = None) -> Optional[sqlite3.Row]:
-        async with (db or self.db_read).execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE md5 = ?", (md5,)) as cur:
+    async def get_row(self, md5: str) -> Optional[sqlite3.Row]:
+        async with self.db_read.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE md5 = ?", (md5,)) as cur:
             return await cur.fetchone()
 
     async def lookup(self, md5: str) -> Optional[dict]:
@@ -785,103 +852,108 @@ class ImageStore:
                       data: Optional[bytes], tmp_path: Optional[Path]) -> tuple[dict, bool]:
         """Store an inspected upload or renew the copy we have; returns (info, created)."""
         ext, mime = FORMATS[facts.format]
-        async with self.transaction() as db:
-            now = self.clock()
-            expire_at = now + self.config.expire_seconds
-            row = await self.get_row(md5, db)
-            path = self.storage.image_path(md5, ext)
-            if row is not None and row["ext"] == ext and await asyncio.to_thread(path.is_file):
-                await db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?", (expire_at, md5))
-                self.changed()
+        storage = self.storage
+        if data is not None and await self.get_row(md5) is None:
+            # Most likely new: write the bytes now, outside the write
+            # transaction, which then only renames them into place.
+            tmp_path = await asyncio.to_thread(storage.write_tmp, data)
+        now = self.clock()
+        expire_at = now + self.config.expire_seconds
+
+        def txn_publish(txn: Txn) -> tuple[sqlite3.Row, bool, bool]:
+            row = txn.row(md5)
+            placed = False
+            if row is not None and row["ext"] == ext and storage.image_path(md5, ext).is_file():
+                txn.db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?", (expire_at, md5))
+                txn.changed = True
                 created = False
             else:
                 # New bytes, or a row whose file went missing: (re)place the file
                 # before the row commits, so the row never points at nothing.
-                await asyncio.to_thread(self.storage.place, md5, ext, data, tmp_path)
-                tmp_path = None
+                storage.place(md5, ext, data, tmp_path)
+                placed = True
                 if row is None:
-                    await db.execute(
+                    txn.db.execute(
                         f"INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,0,?,?)",
                         (md5, ext, facts.format, mime, name, facts.size, facts.width, facts.height,
                          now, expire_at))
                     created = True
                 else:
-                    await db.execute(
+                    txn.db.execute(
                         "UPDATE images SET ext=?, format=?, mime=?, size=?, width=?, height=?, expire_at=? "
                         "WHERE md5=?", (ext, facts.format, mime, facts.size, facts.width, facts.height,
                                         expire_at, md5))
-                    self.changed()
+                    txn.changed = True
                     created = False
-            await self._hold(db, md5, user, now)
-            row = await self.get_row(md5, db)
-        if tmp_path is not None:
-            await asyncio.to_thread(_unlink_quietly, tmp_path)
+            txn.hold(md5, user, now)
+            return txn.row(md5), created, placed
+
+        placed = False
+        try:
+            row, created, placed = await self.write(txn_publish)
+        finally:
+            if tmp_path is not None and not placed:
+                await asyncio.to_thread(_unlink_quietly, tmp_path)
         self.forget(md5)
         return self.info(row, "uploaded" if created else "exists"), created
 
-    async def _hold(self, db: aiosqlite.Connection, md5: str, user: str, now: float) -> None:
-        await db.execute(
-            "INSERT INTO holds (md5, username, held_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (md5, username) DO UPDATE SET held_at = excluded.held_at",
-            (md5, user, now))
-
     async def renew(self, user: str, md5: str) -> Optional[dict]:
         """Dedup without bytes: renew expiry and record the caller as a holder."""
-        async with self.transaction() as db:
-            row = await self.get_row(md5, db)
+        now = self.clock()
+        expire_at = now + self.config.expire_seconds
+        storage = self.storage
+
+        def txn_renew(txn: Txn) -> Optional[sqlite3.Row]:
+            row = txn.row(md5)
             if row is None:
                 return None
-            if not await asyncio.to_thread(self.storage.image_path(md5, row["ext"]).is_file):
+            if not storage.image_path(md5, row["ext"]).is_file():
                 # A row without its file cannot be served; drop it so the
                 # client uploads the bytes again instead of trusting a dead URL.
-                await self._delete_rows(db, [md5])
-                self.forget(md5)
+                txn.delete_rows([md5])
                 return None
-            now = self.clock()
-            await db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?",
-                             (now + self.config.expire_seconds, md5))
-            self.changed()
-            await self._hold(db, md5, user, now)
-            row = await self.get_row(md5, db)
+            txn.db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?", (expire_at, md5))
+            txn.changed = True
+            txn.hold(md5, user, now)
+            return txn.row(md5)
+
+        row = await self.write(txn_renew)
         self.forget(md5)
-        return self.info(row, "exists")
+        return None if row is None else self.info(row, "exists")
 
     async def delete(self, user: str, md5: str, admin: bool) -> bool:
         """Admin: remove outright. Uploader: drop own hold; the image goes with the last hold."""
-        async with self.transaction() as db:
-            row = await self.get_row(md5, db)
+        storage = self.storage
+
+        def txn_delete(txn: Txn) -> bool:
+            row = txn.row(md5)
             if row is None:
                 return False
             if not admin:
-                cur = await db.execute("DELETE FROM holds WHERE md5 = ? AND username = ?", (md5, user))
-                if cur.rowcount == 0:
+                if txn.db.execute("DELETE FROM holds WHERE md5 = ? AND username = ?", (md5, user)).rowcount == 0:
                     return False
-                async with db.execute("SELECT COUNT(*) FROM holds WHERE md5 = ?", (md5,)) as c:
-                    if (await c.fetchone())[0] > 0:
-                        return True
-            await asyncio.to_thread(_unlink_quietly, self.storage.image_path(md5, row["ext"]))
-            await self._delete_rows(db, [md5])
-        self.forget(md5)
-        return True
+                if txn.db.execute("SELECT COUNT(*) FROM holds WHERE md5 = ?", (md5,)).fetchone()[0] > 0:
+                    return True
+            _unlink_quietly(storage.image_path(md5, row["ext"]))
+            txn.delete_rows([md5])
+            return True
 
-    async def _delete_rows(self, db: aiosqlite.Connection, md5s: list[str]) -> None:
-        self.changed()
-        marks = ",".join("?" * len(md5s))
-        await db.execute(f"DELETE FROM holds WHERE md5 IN ({marks})", md5s)
-        await db.execute(f"DELETE FROM images WHERE md5 IN ({marks})", md5s)
+        found = await self.write(txn_delete)
+        self.forget(md5)
+        return found
 
     # -- access counts --
     def count_access(self, md5: str) -> None:
         self.pending_counts[md5] += 1
 
     async def flush_counts(self) -> None:
-        if not self.pending_counts or self.db_write is None:
+        if not self.pending_counts or self._wdb is None:
             return
         counts, self.pending_counts = self.pending_counts, collections.Counter()
         try:
-            async with self.transaction() as db:
-                await db.executemany("UPDATE images SET access_count = access_count + ? WHERE md5 = ?",
-                                     [(n, md5) for md5, n in counts.items()])
+            await self.write(lambda txn: txn.db.executemany(
+                "UPDATE images SET access_count = access_count + ? WHERE md5 = ?",
+                [(n, md5) for md5, n in counts.items()]))
         except BaseException:
             self.pending_counts.update(counts)  # keep them for the next attempt
             raise
@@ -919,13 +991,10 @@ class ImageStore:
         self.served.clear()
         self.body_bytes = 0
 
-    async def _read_data_version(self) -> int:
-        async with self.db_write.execute("PRAGMA data_version") as cur:
-            return (await cur.fetchone())[0]
-
     async def notice_other_writers(self) -> None:
-        """Another process (cleanup.py, a reset) changed the database: drop cached entries."""
-        version = await self._read_data_version()
+        """Backstop for changes made outside imgproxy (e.g. the sqlite3 shell):
+        PRAGMA data_version moves when another connection commits."""
+        version = await self._in_writer(_data_version)
         if version != self._data_version:
             self._data_version = version
             self.forget_all()
@@ -947,9 +1016,9 @@ class ImageStore:
         return None if row is None else row[0]
 
     async def set_meta(self, key: str, value: str) -> None:
-        async with self.transaction() as db:
-            await db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
-                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+        await self.write(lambda txn: txn.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value)))
 
     # -- database snapshot --
     async def snapshot(self) -> Path:
@@ -991,19 +1060,23 @@ def check_jpeg_headers(source: bytes | Path) -> None:
     """Refuse JPEGs whose header segments would make Pillow slow or greedy.
 
     Pillow keeps every APPn segment in memory and joins split Exif with
-    repeated concatenation, so millions of tiny segments (about 1.5 GB and 20 s
-    for a 20 MB file) or a 60 MB Exif (45 s) cost far more than their size.
+    repeated concatenation, and it steps through fill bytes one at a time, so
+    millions of tiny segments (about 1.5 GB and 20 s for a 20 MB file), a 60 MB
+    Exif (45 s) or 20 MB of fill bytes (15 s) cost far more than their size.
     Walking the segment lengths first bounds that work.
     """
     with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as f:
         if f.read(2) != b"\xff\xd8":
             return
-        segments = metadata = 0
+        segments = metadata = steps = 0
         while True:
             head = f.read(4)
             if len(head) < 4 or head[0] != 0xFF:
                 return  # not ours to judge: Pillow reports the damage
             marker = head[1]
+            steps += 1
+            if steps > JPEG_MAX_SEGMENTS * 4:  # fill bytes and bare markers advance 1-2 bytes a step
+                raise UploadRejected(413, "too_large", "JPEG header is too large (too many markers)")
             if marker == 0xFF:
                 f.seek(-3, os.SEEK_CUR)  # fill byte before the marker
                 continue
@@ -1013,6 +1086,8 @@ def check_jpeg_headers(source: bytes | Path) -> None:
                 f.seek(-2, os.SEEK_CUR)  # markers without a length
                 continue
             length = int.from_bytes(head[2:4], "big")
+            if length < 2:
+                return  # broken: Pillow reports it
             segments += 1
             if 0xE0 <= marker <= 0xEF or marker == 0xFE:
                 metadata += length
@@ -1121,6 +1196,13 @@ def _parse_scrypt_hash(text: str) -> tuple[int, int, int, bytes, bytes]:
     return n, r, p, salt, digest
 
 
+def _unmatchable_hash_like(stored: str) -> str:
+    """A hash no password matches, costing as much to check as `stored`."""
+    n, r, p, salt, digest = _parse_scrypt_hash(stored)
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"scrypt${n}${r}${p}${b64(secrets.token_bytes(len(salt)))}${b64(secrets.token_bytes(len(digest)))}"
+
+
 def verify_password_hash(password: str, stored: str) -> bool:
     n, r, p, salt, digest = _parse_scrypt_hash(stored)
     candidate = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p,
@@ -1142,8 +1224,10 @@ class Authenticator:
         self._plain = {u.username: hashlib.sha256(u.password.encode()).digest()
                        for u in self.users.values() if u.password is not None}
         self._key = secrets.token_bytes(32)
-        self._dummy_hash = hash_password(secrets.token_hex(8)) \
-            if any(u.password_hash for u in self.users.values()) else None
+        hashes = [u.password_hash for u in self.users.values() if u.password_hash]
+        # A missing user costs one scrypt with the same parameters as a real
+        # one (a hash made with other settings would time differently).
+        self._dummy_hash = _unmatchable_hash_like(hashes[0]) if hashes else None
         self._dummy_plain = hashlib.sha256(secrets.token_bytes(16)).digest()
         self._accepted: collections.OrderedDict[bytes, str] = collections.OrderedDict()
         self._failures: dict[str, list[float]] = {}
@@ -1298,7 +1382,7 @@ async def error_middleware(request: web.Request, handler):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             log.error("disk full while handling %s %s", request.method, request.path)
             raise json_error(507, "the server's disk is full; nothing was stored", "insufficient_storage")
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.EXDEV):
             log.error("data folder not writable: %s", exc)
             raise json_error(503, "the server cannot write its data folder right now; nothing was stored",
                              "storage_unavailable")
@@ -1737,72 +1821,75 @@ async def run_cleanup_pass(store: ImageStore, dry_run: bool = False) -> CleanupR
 
 async def _cleanup_expired(store: ImageStore, report: CleanupReport, dry_run: bool) -> None:
     now = store.clock()
+    storage = store.storage
+
+    def batch(txn: Txn, after: str) -> list[str]:
+        rows = txn.db.execute("SELECT md5, ext FROM images WHERE expire_at <= ? AND md5 > ? "
+                              "ORDER BY md5 LIMIT ?", (now, after, CLEANUP_BATCH)).fetchall()
+        md5s = [r["md5"] for r in rows]
+        report.expired += len(rows)
+        report.removed.extend(f"expired {m}" for m in md5s)
+        # Bytes on disk, not the rows' sizes: a dry run reports what a real pass frees.
+        paths = [storage.image_path(r["md5"], r["ext"]) for r in rows]
+        report.bytes_freed += sum(map(_file_size if dry_run else _unlink_quietly, paths))
+        if md5s and not dry_run:
+            txn.delete_rows(md5s)
+        return md5s
+
     after = ""
-    while True:
-        async with store.transaction() as db:
-            async with db.execute("SELECT md5, ext, size FROM images WHERE expire_at <= ? AND md5 > ? "
-                                  "ORDER BY md5 LIMIT ?", (now, after, CLEANUP_BATCH)) as cur:
-                rows = await cur.fetchall()
-            if not rows:
-                return
-            after = rows[-1]["md5"]
-            md5s = [r["md5"] for r in rows]
-            report.expired += len(rows)
-            report.removed.extend(f"expired {m}" for m in md5s)
-            paths = [store.storage.image_path(r["md5"], r["ext"]) for r in rows]
-            # Bytes on disk, not the rows' sizes: a dry run reports what a real pass frees.
-            report.bytes_freed += await asyncio.to_thread(
-                lambda: sum(map(_file_size if dry_run else _unlink_quietly, paths)))
-            if not dry_run:
-                await store._delete_rows(db, md5s)
+    while md5s := await store.write(batch, after):
+        after = md5s[-1]
         for m in md5s:
             store.forget(m)
         await asyncio.sleep(0)
 
 
 async def _cleanup_orphans(store: ImageStore, report: CleanupReport, dry_run: bool) -> None:
+    def batch(txn: Txn, files: list[tuple[str, str, Path]]) -> None:
+        md5s = [m for m, _, _ in files if m]
+        known: dict[str, str] = {}
+        if md5s:
+            marks = ",".join("?" * len(md5s))
+            known = {r["md5"]: r["ext"] for r in
+                     txn.db.execute(f"SELECT md5, ext FROM images WHERE md5 IN ({marks})", md5s)}
+        # exists(): a delete may have removed the file since the scan; not an orphan then.
+        orphans = [p for m, ext, p in files if known.get(m) != ext and p.exists()]
+        report.orphan_files += len(orphans)
+        report.removed.extend(f"orphan {p}" for p in orphans)
+        report.bytes_freed += sum(map(_file_size if dry_run else _unlink_quietly, orphans))
+
     files = await asyncio.to_thread(_scan_uploads, store.storage)
     for i in range(0, len(files), CLEANUP_BATCH):
-        batch = files[i:i + CLEANUP_BATCH]
-        async with store.transaction() as db:
-            md5s = [m for m, _, _ in batch if m]
-            known: dict[str, str] = {}
-            if md5s:
-                marks = ",".join("?" * len(md5s))
-                async with db.execute(f"SELECT md5, ext FROM images WHERE md5 IN ({marks})", md5s) as cur:
-                    known = {r["md5"]: r["ext"] for r in await cur.fetchall()}
-            orphans = [p for m, ext, p in batch if known.get(m) != ext]
-            if orphans:
-                report.orphan_files += len(orphans)
-                report.removed.extend(f"orphan {p}" for p in orphans)
-                report.bytes_freed += await asyncio.to_thread(
-                    lambda: sum(map(_file_size if dry_run else _unlink_quietly, orphans)))
+        await store.write(batch, files[i:i + CLEANUP_BATCH])
         await asyncio.sleep(0)
 
 
 async def _cleanup_dangling(store: ImageStore, report: CleanupReport, dry_run: bool) -> None:
     # Expired rows are the expiry stage's (a dry run leaves them): never count them twice.
     now = store.clock()
+    storage = store.storage
+
+    def remove(txn: Txn, missing: list[tuple[str, str]]) -> None:
+        # Re-check inside the transaction: an upload may have healed it meanwhile.
+        still = [m for m, ext in missing if not storage.image_path(m, ext).is_file()]
+        report.dangling_rows += len(still)
+        report.removed.extend(f"dangling {m}" for m in still)
+        if still and not dry_run:
+            txn.delete_rows(still)
+
     after = ""
     while True:
         async with store.db_read.execute("SELECT md5, ext FROM images WHERE md5 > ? AND expire_at > ? "
                                          "ORDER BY md5 LIMIT ?", (after, now, CLEANUP_BATCH * 4)) as cur:
-            rows = await cur.fetchall()
+            rows = [(r["md5"], r["ext"]) for r in await cur.fetchall()]
         if not rows:
             return
-        after = rows[-1]["md5"]
-        paths = {r["md5"]: store.storage.image_path(r["md5"], r["ext"]) for r in rows}
-        missing = await asyncio.to_thread(lambda: [m for m, p in paths.items() if not p.is_file()])
+        after = rows[-1][0]
+        missing = await asyncio.to_thread(
+            lambda: [(m, ext) for m, ext in rows if not storage.image_path(m, ext).is_file()])
         if missing:
-            async with store.transaction() as db:
-                # Re-check under the write lock: an upload may have healed it meanwhile.
-                still = await asyncio.to_thread(lambda: [m for m in missing if not paths[m].is_file()])
-                if still:
-                    report.dangling_rows += len(still)
-                    report.removed.extend(f"dangling {m}" for m in still)
-                    if not dry_run:
-                        await store._delete_rows(db, still)
-            for m in missing:
+            await store.write(remove, missing)
+            for m, _ in missing:
                 store.forget(m)
         await asyncio.sleep(0)
 
@@ -1865,18 +1952,21 @@ async def reset_store(config: Config) -> None:
     try:
         storage = store.storage
         trash = storage.tmp / f"reset-{secrets.token_hex(6)}"
-        async with store.transaction() as db:
-            await db.execute("DELETE FROM holds")
-            await db.execute("DELETE FROM images")
-            store.changed()
-            await db.execute("DELETE FROM meta")
+
+        def wipe(txn: Txn) -> None:
+            txn.db.execute("DELETE FROM holds")
+            txn.db.execute("DELETE FROM images")
+            txn.db.execute("DELETE FROM meta")
+            txn.changed = True
             # Moving uploads/ aside inside the transaction is instant; the slow
             # delete happens after, with no lock held.
             if storage.uploads.exists():
-                await asyncio.to_thread(os.replace, storage.uploads, trash)
-            await asyncio.to_thread(storage.uploads.mkdir, parents=True, exist_ok=True)
+                os.replace(storage.uploads, trash)
+            storage.uploads.mkdir(parents=True, exist_ok=True)
+
+        await store.write(wipe)
         await asyncio.to_thread(shutil.rmtree, trash, True)
-        await store.db_write.execute("VACUUM")
+        await store._in_writer(lambda db: db.execute("VACUUM"))
     finally:
         await store.close()
 
