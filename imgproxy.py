@@ -665,8 +665,10 @@ class Txn:
                         "ON CONFLICT (md5, username) DO UPDATE SET held_at = excluded.held_at",
                         (md5, user, now))
 
-    def delete_rows(self, md5s: list[str]) -> None:
-        self.changed = True
+    def delete_rows(self, md5s: list[str], expired: bool = False) -> None:
+        # Rows removed because they expired need no announcement: every cache
+        # already refuses an entry past its expire_at, and expire_at only grows.
+        self.changed = self.changed or not expired
         marks = ",".join("?" * len(md5s))
         self.db.execute(f"DELETE FROM holds WHERE md5 IN ({marks})", md5s)
         self.db.execute(f"DELETE FROM images WHERE md5 IN ({marks})", md5s)
@@ -1833,7 +1835,7 @@ async def _cleanup_expired(store: ImageStore, report: CleanupReport, dry_run: bo
         paths = [storage.image_path(r["md5"], r["ext"]) for r in rows]
         report.bytes_freed += sum(map(_file_size if dry_run else _unlink_quietly, paths))
         if md5s and not dry_run:
-            txn.delete_rows(md5s)
+            txn.delete_rows(md5s, expired=True)
         return md5s
 
     after = ""
@@ -3207,6 +3209,8 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
 # ==== create_app ================================================================
 
 async def _store_ctx(app: web.Application):
+    # Pillow imports its format plugins on first use; do it now, not in the first upload.
+    await asyncio.to_thread(Image.init)
     store = await ImageStore(app[CONFIG], app[CLOCK]).open()
     app[STORE] = store
     yield
