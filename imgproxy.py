@@ -697,6 +697,7 @@ class ImageStore:
         self.served: collections.OrderedDict[str, ServedImage] = collections.OrderedDict()
         self.body_bytes = 0
         self.body_budget = int(config.server.cache_mb * 1024 * 1024)
+        self._forget_epoch = 0
         self._data_version: Optional[int] = None
         self._generation: Optional[mmap.mmap] = None
         self._generation_fd = -1
@@ -867,7 +868,6 @@ class ImageStore:
             placed = False
             if row is not None and row["ext"] == ext and storage.image_path(md5, ext).is_file():
                 txn.db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?", (expire_at, md5))
-                txn.changed = True
                 created = False
             else:
                 # New bytes, or a row whose file went missing: (re)place the file
@@ -914,8 +914,9 @@ class ImageStore:
                 # client uploads the bytes again instead of trusting a dead URL.
                 txn.delete_rows([md5])
                 return None
+            # No announcement to other processes: expire_at only grows, and a
+            # server whose cached copy looks expired reads the row again first.
             txn.db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?", (expire_at, md5))
-            txn.changed = True
             txn.hold(md5, user, now)
             return txn.row(md5)
 
@@ -966,30 +967,44 @@ class ImageStore:
         if entry is not None:
             self.served.move_to_end(md5)
             return entry
-        row = await self.get_row(md5)
-        if row is None:
-            return None
-        entry = ServedImage(md5, row["ext"], row["mime"], row["size"], row["expire_at"],
-                            self.storage.image_path(md5, row["ext"]))
-        if row["size"] <= BODY_CACHE_MAX_FILE and row["size"] <= self.body_budget:
-            try:
-                entry.body = await asyncio.to_thread(entry.path.read_bytes)
-            except OSError:
+        for _ in range(3):
+            # A delete, renew or reset while this load awaits makes what it
+            # read possibly stale: then it is not cached, and read again.
+            epoch = self._forget_epoch
+            row = await self.get_row(md5)
+            if row is None:
                 return None
-            self.body_bytes += len(entry.body)
-        self.served[md5] = entry
-        while self.served and (self.body_bytes > self.body_budget or len(self.served) > META_CACHE_ENTRIES):
-            _, old = self.served.popitem(last=False)
-            if old.body is not None:
-                self.body_bytes -= len(old.body)
-        return entry
+            entry = ServedImage(md5, row["ext"], row["mime"], row["size"], row["expire_at"],
+                                self.storage.image_path(md5, row["ext"]))
+            if row["size"] <= BODY_CACHE_MAX_FILE and row["size"] <= self.body_budget:
+                try:
+                    entry.body = await asyncio.to_thread(entry.path.read_bytes)
+                except OSError:
+                    return None
+            if epoch != self._forget_epoch:
+                continue
+            cached = self.served.get(md5)
+            if cached is not None:  # a concurrent miss of the same image stored it first
+                return cached
+            self.served[md5] = entry
+            if entry.body is not None:
+                self.body_bytes += len(entry.body)
+            while self.served and (self.body_bytes > self.body_budget
+                                   or len(self.served) > META_CACHE_ENTRIES):
+                _, old = self.served.popitem(last=False)
+                if old.body is not None:
+                    self.body_bytes -= len(old.body)
+            return entry
+        return entry  # changing under us all along: serve this fresh read uncached
 
     def forget(self, md5: str) -> None:
+        self._forget_epoch += 1
         old = self.served.pop(md5, None)
         if old is not None and old.body is not None:
             self.body_bytes -= len(old.body)
 
     def forget_all(self) -> None:
+        self._forget_epoch += 1
         self.served.clear()
         self.body_bytes = 0
 
@@ -1458,29 +1473,65 @@ def check_declared_length(request: web.Request) -> None:
                               "upload limit", "too_large")
 
 
-async def _idle_bounded(read: Awaitable[Any]) -> Any:
-    """One read of the request body; a client that stalls is cut off.
+class IdleWatch:
+    """Cancels the current task when `touch()` has not been called for
+    UPLOAD_IDLE_TIMEOUT seconds.
 
     aiohttp has no body read timeout of its own, so without this a client
-    that stops sending mid-upload would hold a worker and a temp file forever.
+    that stops sending mid-upload would hold a handler and a temp file
+    forever. One timer, moved lazily, costs far less per chunk than a
+    timeout context around every read.
     """
-    try:
-        async with asyncio.timeout(UPLOAD_IDLE_TIMEOUT):
-            return await read
-    except TimeoutError:
-        exc = json_error(408, f"the upload stalled: nothing received for {UPLOAD_IDLE_TIMEOUT:g} s; "
-                              "nothing was stored", "timeout")
-        exc.force_close()
-        raise exc from None
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.timeout = UPLOAD_IDLE_TIMEOUT
+        self.deadline = self.loop.time() + self.timeout
+        self.fired = False
+        self.handle = self.loop.call_later(self.timeout, self._check)
+
+    def touch(self) -> None:
+        self.deadline = self.loop.time() + self.timeout
+
+    def _check(self) -> None:
+        remaining = self.deadline - self.loop.time()
+        if remaining > 0:
+            self.handle = self.loop.call_later(remaining, self._check)
+        else:
+            self.fired = True
+            self.task.cancel()
+
+    def close(self) -> None:
+        self.handle.cancel()
 
 
 async def receive_upload(request: web.Request, sink: UploadSink) -> Optional[str]:
     """Stream the upload into sink; returns the client's file name (display only)."""
+    watch = IdleWatch()
+    try:
+        return await _receive_body(request, sink, watch)
+    except asyncio.CancelledError:
+        if not watch.fired:
+            raise
+        uncancel = getattr(watch.task, "uncancel", None)  # Python 3.11+
+        if uncancel is not None:
+            uncancel()
+        exc = json_error(408, f"the upload stalled: nothing received for {watch.timeout:g} s; "
+                              "nothing was stored", "timeout")
+        exc.force_close()
+        raise exc from None
+    finally:
+        watch.close()
+
+
+async def _receive_body(request: web.Request, sink: UploadSink, watch: IdleWatch) -> Optional[str]:
     if request.method == "PUT":
         while True:
-            chunk = await _idle_bounded(request.content.readany())
+            chunk = await request.content.readany()
             if not chunk:
                 break
+            watch.touch()
             await sink.feed(chunk)
         return request.match_info.get("filename")
 
@@ -1494,14 +1545,16 @@ async def receive_upload(request: web.Request, sink: UploadSink) -> Optional[str
     filename, found = None, False
     try:
         while True:
-            part = await _idle_bounded(reader.next())
+            part = await reader.next()
+            watch.touch()
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
                 raise json_error(400, "nested multipart is not supported", "bad_request")
             if part.name != "file":
                 drained = 0
-                while chunk := await _idle_bounded(part.read_chunk(CHUNK)):
+                while chunk := await part.read_chunk(CHUNK):
+                    watch.touch()
                     drained += len(chunk)
                     if drained > MULTIPART_SLACK:
                         raise json_error(400, f"form field {part.name!r} is too large; "
@@ -1511,7 +1564,8 @@ async def receive_upload(request: web.Request, sink: UploadSink) -> Optional[str
                 raise json_error(400, "several files sent; upload one file per request", "several_files")
             found = True
             filename = part.filename
-            while chunk := await _idle_bounded(part.read_chunk(CHUNK)):
+            while chunk := await part.read_chunk(CHUNK):
+                watch.touch()
                 await sink.feed(chunk)
     except (ValueError, AssertionError) as exc:
         raise json_error(400, f"malformed multipart body ({exc})"[:200], "bad_request") from None
@@ -1540,7 +1594,7 @@ async def handle_upload(request: web.Request) -> web.Response:
     finally:
         if sink.tmp_path is not None:
             await sink.discard()
-    log.info("%s %s.%s (%d bytes) for %s", "stored" if created else "renewed", md5,
+    log.debug("%s %s.%s (%d bytes) for %s", "stored" if created else "renewed", md5,
              FORMATS[facts.format][0], facts.size, user.username)
     status = 201 if created else 200
     if wants_text(request):
@@ -1674,6 +1728,9 @@ async def handle_image(request: web.Request) -> web.StreamResponse:
     store.check_generation()
     entry = await store.served_image(md5)
     now = store.clock()
+    if entry is not None and entry.expire_at <= now:
+        store.forget(md5)  # maybe renewed by another process since it was cached
+        entry = await store.served_image(md5)
     if entry is None or entry.ext != ext or entry.expire_at <= now:
         raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found")
     headers = {

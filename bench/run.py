@@ -42,6 +42,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,61 +73,36 @@ class Procs:
 
     def start(self, argv: list[str], ready: str | None = None, timeout: float = 30.0,
               log_path: Path | None = None, **kw) -> tuple[subprocess.Popen, str]:
-        """Start argv; if `ready` is a regex, wait for it on stderr and return the match."""
-        err = subprocess.PIPE if ready else (open(log_path, "ab") if log_path else subprocess.DEVNULL)
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                             start_new_session=True, **kw)
+        """Start argv with stderr going to log_path (a plain file: no pipe for a busy server
+        to block on, no pump in this process); if `ready` is a regex, wait until a line of
+        the log matches it and return its first group."""
+        if ready and log_path is None:
+            log_path = Path(tempfile.mkstemp(prefix="bench-", suffix=".log")[1])
+        err = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        offset = log_path.stat().st_size if log_path else 0
+        try:
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                 start_new_session=True, **kw)
+        finally:
+            if log_path:
+                err.close()
         self.live.append(p)
         if not ready:
             return p, ""
         deadline = time.monotonic() + timeout
-        seen = []
-        os.set_blocking(p.stderr.fileno(), True)
-        import selectors
-        sel = selectors.DefaultSelector()
-        sel.register(p.stderr, selectors.EVENT_READ)
-        buf = b""
+        text = ""
         while time.monotonic() < deadline:
-            if not sel.select(timeout=0.2):
-                if p.poll() is not None:
-                    break
-                continue
-            chunk = os.read(p.stderr.fileno(), 65536)
-            if not chunk:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+            m = re.search(ready, text)
+            if m:
+                return p, m.group(1)
+            if p.poll() is not None:
                 break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                text = line.decode(errors="replace")
-                seen.append(text)
-                m = re.search(ready, text)
-                if m:
-                    sel.close()
-                    self._drain(p, log_path)
-                    return p, m.group(1)
-        sel.close()
+            time.sleep(0.02)
         self.stop(p)
-        raise RuntimeError(f"{argv[0]} {' '.join(argv[1:3])}... did not become ready:\n" + "\n".join(seen[-20:]))
-
-    @staticmethod
-    def _drain(p: subprocess.Popen, log_path: Path | None) -> None:
-        """Keep reading the child's stderr so it never blocks on a full pipe."""
-        import threading
-
-        def pump() -> None:
-            out = open(log_path, "ab") if log_path else None
-            try:
-                while chunk := p.stderr.read1(65536) if hasattr(p.stderr, "read1") else p.stderr.read(65536):
-                    if out:
-                        out.write(chunk)
-                        out.flush()
-            except (OSError, ValueError):
-                pass
-            finally:
-                if out:
-                    out.close()
-
-        threading.Thread(target=pump, daemon=True).start()
+        raise RuntimeError(f"{argv[0]} {' '.join(argv[1:3])}... did not become ready:\n" + text[-2000:])
 
     def stop(self, p: subprocess.Popen, timeout: float = 10.0) -> None:
         if p.poll() is None:
@@ -845,7 +821,7 @@ def report(bench: Bench, m: dict, argv: list[str], started: float) -> str:
         f"Run {when}, {time.time() - started:.0f} s, `{' '.join(['bench/run.sh', *argv])}`"
         + (" (quick mode: 2 s per measurement, smaller sets; not for comparison)" if bench.quick else ""),
         "",
-        f"Machine: {m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}; Python {m['python']}, "
+        f"Machine: {m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}; Python {m['python']} ({sys.executable}), "
         f"aiohttp {m['aiohttp']}, {m['loop']}; {m['nginx']}; {m['wrk']}; "
         f"load average before the run {m['load'][0]:.2f}, after {os.getloadavg()[0]:.2f} "
         "(wrk and the server under test add about 2).",
@@ -898,6 +874,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true",
                         help="write bench/RESULTS.md even in quick mode or with --only (not by default)")
     parser.add_argument("--json", help="also write the raw numbers to this file")
+    parser.add_argument("--no-readme", action="store_true",
+                        help="leave README.md alone (by default its bench markers get the new table)")
     args = parser.parse_args(argv)
     which = {t.strip() for t in args.only.split(",") if t.strip()}
     if which - set(TESTS):
@@ -945,6 +923,9 @@ def main(argv: list[str] | None = None) -> int:
                "the latest run is between the markers.\n")
         splice(REPO / "docs" / "readme-bench.md", text,
                "## Benchmark\n\nRun `bench/run.sh` (details in bench/README.md).\n")
+        readme = REPO / "README.md"
+        if not args.no_readme and readme.exists() and RESULTS_BEGIN in readme.read_text():
+            splice(readme, text, "")  # the README quotes the latest table between the same markers
     return 0
 
 

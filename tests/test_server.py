@@ -638,3 +638,19 @@ def test_process_serves_and_stops_on_sigterm(make_config, server_process):
         assert resp.status == 200
     assert proc.terminate() == 0
     assert "Traceback" not in proc.log
+
+
+async def test_concurrent_misses_of_one_image_count_its_bytes_once(make_client):
+    """Many requests missing the same image at once share one cache entry; the
+    cache's byte count must not drift (it would end in every request missing)."""
+    client = await make_client()
+    data = png_bytes()
+    info = await (await upload(client, data)).json()
+    store = client.app[imgproxy.STORE]
+    store.forget_all()
+    resps = await asyncio.gather(*(client.get(f"/i/{info['md5']}.png") for _ in range(16)))
+    assert {r.status for r in resps} == {200}
+    assert len(store.served) == 1
+    assert store.body_bytes == len(data)
+    await client.delete(f"/api/images/{info['md5']}", headers=ALICE)
+    assert store.body_bytes == 0 and not store.served
