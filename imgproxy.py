@@ -530,32 +530,27 @@ class UploadSink:
     def _write(self, data: bytes | bytearray) -> None:
         if self._file is None:
             self.tmp_path = self.storage.new_tmp_path()
-            self._file = open(self.tmp_path, "wb")
+            self._file = open(os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb")
         self.md5.update(data)
         self._file.write(data)
 
-    async def finish(self) -> tuple[str, Optional[bytes]]:
-        """Returns (md5 hex, the bytes if they stayed in memory)."""
+    async def drain(self) -> None:
+        """Wait for the write in flight, if any."""
         if self._pending is not None:
             await self._pending
             self._pending = None
-        if self._file is None:
-            data = bytes(self.buf)
-            self.buf = bytearray()
-            if len(data) > 64 * 1024:
-                digest = await asyncio.to_thread(lambda: hashlib.md5(data).hexdigest())
-            else:
-                digest = hashlib.md5(data).hexdigest()
-            return digest, data
+
+    def complete(self) -> tuple[str, Optional[bytes]]:
+        """Blocking (worker thread, after drain()): everything on disk under tmp/.
+
+        Returns (md5 hex, the bytes when the upload was small enough to have
+        stayed in memory, so inspection need not read them back).
+        """
+        small = bytes(self.buf) if self._file is None else None
         rest, self.buf = self.buf, bytearray()
-
-        def close() -> str:
-            if rest:
-                self._write(rest)
-            self._file.close()
-            return self.md5.hexdigest()
-
-        return await asyncio.to_thread(close), None
+        self._write(rest)
+        self._file.close()
+        return self.md5.hexdigest(), small
 
     async def discard(self) -> None:
         if self._pending is not None:
@@ -1583,13 +1578,19 @@ async def handle_upload(request: web.Request) -> web.Response:
         raw_name = await receive_upload(request, sink)
         if sink.size == 0:
             raise json_error(400, "the upload is empty", "empty_upload")
-        md5, data = await sink.finish()
-        source = data if data is not None else sink.tmp_path
+        await sink.drain()
+
+        def hash_and_inspect() -> tuple[str, ImageFacts]:
+            # One trip to a worker thread: the rest of the bytes to tmp/, the
+            # digest, and the decode check (from memory when they fit there).
+            md5, small = sink.complete()
+            return md5, inspect_image(small if small is not None else sink.tmp_path, sink.size,
+                                      config.server.formats, config.server.max_pixels)
+
         async with store.decode_slots:
-            facts = await asyncio.to_thread(inspect_image, source, sink.size, config.server.formats,
-                                            config.server.max_pixels)
+            md5, facts = await asyncio.to_thread(hash_and_inspect)
         name = sanitize_name(raw_name, FORMATS[facts.format][0])
-        info, created = await store.publish(user.username, md5, facts, name, data, sink.tmp_path)
+        info, created = await store.publish(user.username, md5, facts, name, None, sink.tmp_path)
         sink.tmp_path = None
     finally:
         if sink.tmp_path is not None:
