@@ -42,7 +42,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return reset(config, args.yes)
 
     try:
-        report = asyncio.run(imgproxy.cleanup_once(config, dry_run=args.dry_run))
+        report = asyncio.run(imgproxy.cleanup_once(config, dry_run=args.dry_run,
+                                                   itemize=args.verbose or args.dry_run))
     except Exception as exc:  # noqa: BLE001 - reported as one line, exit 1
         print(f"cleanup.py: cleanup failed: {exc}", file=sys.stderr)
         return 1

@@ -94,6 +94,7 @@ JPEG_MAX_METADATA = 16 * 1024 * 1024  # ... and bytes of APPn/COM metadata in th
 TMP_MAX_AGE = 3600.0            # tmp/ leftovers older than this are from dead uploads
 COUNT_FLUSH_SECONDS = 2.0       # access counts reach the database this often
 CLEANUP_BATCH = 500
+CLEANUP_PAUSE = 0.005           # seconds between expiry batches (100,000 images: +1 s)
 BODY_CACHE_MAX_FILE = 512 * 1024
 META_CACHE_ENTRIES = 100_000
 AUTH_FAIL_LIMIT = 10            # failed sign-ins per address ...
@@ -603,7 +604,16 @@ def open_write_db(path: Path) -> sqlite3.Connection:
     try:
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA busy_timeout = 15000")
-        db.execute("PRAGMA journal_mode = WAL")
+        # Switching to WAL takes an exclusive lock without waiting on the busy
+        # timeout: two processes creating the database at once retry here.
+        for attempt in range(50):
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(SCHEMA)
     except BaseException:
@@ -1810,6 +1820,11 @@ class CleanupReport:
     skipped: bool = False
     dry_run: bool = False
     removed: list[str] = dataclasses.field(default_factory=list)
+    itemize: bool = False  # fill `removed` (dry runs, cleanup.py -v); counts only otherwise
+
+    def note(self, items: Iterable[str]) -> None:
+        if self.itemize:
+            self.removed.extend(items)
 
     def summary(self) -> str:
         if self.skipped:
@@ -1848,14 +1863,15 @@ def _old_temp_files(storage: Storage, now: float) -> list[Path]:
     return old
 
 
-async def run_cleanup_pass(store: ImageStore, dry_run: bool = False) -> CleanupReport:
+async def run_cleanup_pass(store: ImageStore, dry_run: bool = False,
+                           itemize: Optional[bool] = None) -> CleanupReport:
     """One pass: expired images, orphan files, dangling rows, old temp files.
 
     Work is cut into batches, each its own short write transaction, with a
     yield to the event loop between them so serving never waits on a pass.
     A pass already running (here or in cleanup.py) makes this one skip.
     """
-    report = CleanupReport(dry_run=dry_run)
+    report = CleanupReport(dry_run=dry_run, itemize=dry_run if itemize is None else itemize)
     storage = store.storage
     lock_fd = os.open(storage.cleanup_lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -1870,7 +1886,7 @@ async def run_cleanup_pass(store: ImageStore, dry_run: bool = False) -> CleanupR
         now = store.clock()
         for path in await asyncio.to_thread(_old_temp_files, storage, time.time()):
             report.temp_files += 1
-            report.removed.append(str(path))
+            report.note([str(path)])
             report.bytes_freed += await asyncio.to_thread(_file_size if dry_run else _unlink_quietly, path)
         if not dry_run:
             await store.set_meta("last_cleanup", repr(now))
@@ -1888,7 +1904,7 @@ async def _cleanup_expired(store: ImageStore, report: CleanupReport, dry_run: bo
                               "ORDER BY md5 LIMIT ?", (now, after, CLEANUP_BATCH)).fetchall()
         md5s = [r["md5"] for r in rows]
         report.expired += len(rows)
-        report.removed.extend(f"expired {m}" for m in md5s)
+        report.note(f"expired {m}" for m in md5s)
         # Bytes on disk, not the rows' sizes: a dry run reports what a real pass frees.
         paths = [storage.image_path(r["md5"], r["ext"]) for r in rows]
         report.bytes_freed += sum(map(_file_size if dry_run else _unlink_quietly, paths))
@@ -1901,7 +1917,9 @@ async def _cleanup_expired(store: ImageStore, report: CleanupReport, dry_run: bo
         after = md5s[-1]
         for m in md5s:
             store.forget(m)
-        await asyncio.sleep(0)
+        # A short breath between batches: the writer thread's work holds the
+        # GIL too, and serving should not queue behind a long pass.
+        await asyncio.sleep(CLEANUP_PAUSE)
 
 
 async def _cleanup_orphans(store: ImageStore, report: CleanupReport, dry_run: bool) -> None:
@@ -1915,7 +1933,7 @@ async def _cleanup_orphans(store: ImageStore, report: CleanupReport, dry_run: bo
         # exists(): a delete may have removed the file since the scan; not an orphan then.
         orphans = [p for m, ext, p in files if known.get(m) != ext and p.exists()]
         report.orphan_files += len(orphans)
-        report.removed.extend(f"orphan {p}" for p in orphans)
+        report.note(f"orphan {p}" for p in orphans)
         report.bytes_freed += sum(map(_file_size if dry_run else _unlink_quietly, orphans))
 
     files = await asyncio.to_thread(_scan_uploads, store.storage)
@@ -1933,7 +1951,7 @@ async def _cleanup_dangling(store: ImageStore, report: CleanupReport, dry_run: b
         # Re-check inside the transaction: an upload may have healed it meanwhile.
         still = [m for m, ext in missing if not storage.image_path(m, ext).is_file()]
         report.dangling_rows += len(still)
-        report.removed.extend(f"dangling {m}" for m in still)
+        report.note(f"dangling {m}" for m in still)
         if still and not dry_run:
             txn.delete_rows(still)
 
@@ -1997,11 +2015,11 @@ async def cleanup_scheduler(run_pass: Callable[[], Awaitable[Any]], last_run: Op
         await attempt()
 
 
-async def cleanup_once(config: Config, dry_run: bool = False) -> CleanupReport:
+async def cleanup_once(config: Config, dry_run: bool = False, itemize: Optional[bool] = None) -> CleanupReport:
     """Open the store of `config`, run one pass, close it (used by cleanup.py)."""
     store = await ImageStore(config).open()
     try:
-        return await run_cleanup_pass(store, dry_run=dry_run)
+        return await run_cleanup_pass(store, dry_run=dry_run, itemize=itemize)
     finally:
         await store.close()
 
@@ -3412,6 +3430,10 @@ def run_workers(config: Config, sock: socket.socket, count: int) -> int:
     If a worker dies, the others are stopped and the exit status is 1, so
     systemd restarts the whole group.
     """
+    # Create the database (schema, WAL) once, before the workers race to.
+    storage = Storage(config.server.data_dir)
+    storage.prepare()
+    open_write_db(storage.db_path).close()
     children: dict[int, int] = {}
     for index in range(count):
         pid = os.fork()

@@ -573,7 +573,7 @@ async def test_one_pass_repairs_exactly_the_damage(make_client):
     assert damage["old_tmp"].exists() and damage["young_tmp"].exists()
     assert await store.get_meta("last_cleanup") is None   # a dry run is not a pass
 
-    report = await imgproxy.run_cleanup_pass(store)
+    report = await imgproxy.run_cleanup_pass(store, itemize=True)
     for r in (dry, report):
         assert (r.expired, r.orphan_files, r.dangling_rows, r.temp_files) == (0, 3, 1, 1)
         assert r.bytes_freed == damage["bytes"]
