@@ -1899,15 +1899,27 @@ async def _cleanup_expired(store: ImageStore, report: CleanupReport, dry_run: bo
     now = store.clock()
     storage = store.storage
 
+    uploads = str(storage.uploads)
+
     def batch(txn: Txn, after: str) -> list[str]:
+        # Plain strings and os calls, not Path objects: this thread holds the
+        # GIL while it runs Python, and serving waits for the GIL meanwhile.
         rows = txn.db.execute("SELECT md5, ext FROM images WHERE expire_at <= ? AND md5 > ? "
                               "ORDER BY md5 LIMIT ?", (now, after, CLEANUP_BATCH)).fetchall()
-        md5s = [r["md5"] for r in rows]
+        md5s = [r[0] for r in rows]
         report.expired += len(rows)
         report.note(f"expired {m}" for m in md5s)
-        # Bytes on disk, not the rows' sizes: a dry run reports what a real pass frees.
-        paths = [storage.image_path(r["md5"], r["ext"]) for r in rows]
-        report.bytes_freed += sum(map(_file_size if dry_run else _unlink_quietly, paths))
+        freed = 0
+        for m, ext in rows:
+            path = f"{uploads}/{m[0:2]}/{m[2:4]}/{m}.{ext}"
+            try:
+                # Bytes on disk, not the rows' sizes: a dry run reports what a real pass frees.
+                freed += os.stat(path).st_size
+                if not dry_run:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+        report.bytes_freed += freed
         if md5s and not dry_run:
             txn.delete_rows(md5s, expired=True)
         return md5s
