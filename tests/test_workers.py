@@ -81,3 +81,26 @@ def test_workers_config_is_validated(tmp_path, capsys):
     path.write_text('{"server": {"workers": 0}}')
     assert imgproxy.main(["--config", str(path)]) == 2
     assert "server.workers" in capsys.readouterr().err
+
+
+async def test_renew_by_another_process_is_honoured_by_a_cached_copy(make_client, clock):
+    """A renew in another process does not flush this server's cache; a cached
+    copy that looks expired must be checked against the database before a 404."""
+    import imgproxy
+    client = await make_client(clock=clock, cleanup={"expire_days": 1})
+    status_body = await client.put("/upload/a.png", data=png((4, 5, 6)), headers=ALICE)
+    info = await status_body.json()
+    path = f"/i/{info['md5']}.png"
+    assert (await client.get(path)).status == 200  # cached with the first expiry
+    other = await imgproxy.ImageStore(client.config, clock).open()  # "another process"
+    try:
+        clock.advance(3600)
+        assert await other.renew("bob", info["md5"]) is not None
+    finally:
+        await other.close()
+    clock.advance(86400 - 1800)  # past the first expiry, before the renewed one
+    resp = await client.get(path)
+    assert resp.status == 200
+    assert int(resp.headers["Cache-Control"].split("max-age=")[1].split(",")[0]) > 0
+    clock.advance(86400)
+    assert (await client.get(path)).status == 404
