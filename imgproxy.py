@@ -861,10 +861,6 @@ class ImageStore:
         """Store an inspected upload or renew the copy we have; returns (info, created)."""
         ext, mime = FORMATS[facts.format]
         storage = self.storage
-        if data is not None and await self.get_row(md5) is None:
-            # Most likely new: write the bytes now, outside the write
-            # transaction, which then only renames them into place.
-            tmp_path = await asyncio.to_thread(storage.write_tmp, data)
         now = self.clock()
         expire_at = now + self.config.expire_seconds
 
