@@ -1749,15 +1749,12 @@ async def handle_image(request: web.Request) -> web.StreamResponse:
         "Access-Control-Allow-Origin": "*",
         "Accept-Ranges": "bytes",
     }
-    is_get = request.method == "GET"
+    if request.method == "GET":  # 304s count too (the image was shown); HEAD does not
+        store.count_access(md5)
     inm = request.headers.get(hdrs.IF_NONE_MATCH)
     if inm is not None and _etag_matches(inm, md5):
-        if is_get:
-            store.count_access(md5)
         del headers["Content-Type"]
         return web.Response(status=304, headers=headers)
-    if is_get:
-        store.count_access(md5)
     if entry.body is None:
         return _ImageFileResponse(entry.path, headers=headers)
     body = entry.body
@@ -1779,7 +1776,6 @@ async def handle_image(request: web.Request) -> web.StreamResponse:
                 stop = size
             stop = size if stop is None else min(stop, size)
             if start >= size or start >= stop:
-                headers["Content-Range"] = f"bytes */{size}"
                 raise json_error(416, "range not satisfiable", "range_not_satisfiable",
                                  {"Content-Range": f"bytes */{size}"})
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
