@@ -17,9 +17,9 @@ headers, and removed after ``cleanup.expire_days`` by a daily in-process pass.
 Run:   python3 imgproxy.py [--config config.json] [--host H] [--port P]
 Hash:  python3 imgproxy.py hash-password
 
-Chapters, top-down: constants · config · errors · storage · database ·
-image inspection · auth · middlewares · handlers · cleanup · openapi · upload page ·
-create_app · main.
+Chapters, top-down: constants · passwords · config · errors · storage · database ·
+image inspection · auth · middlewares · handlers · cleanup · create_app · main ·
+appendix (the OpenAPI document and the upload page).
 """
 from __future__ import annotations
 
@@ -107,6 +107,60 @@ IMAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
             "img-src 'self' blob: data:; connect-src 'self'; form-action 'self'; "
             "base-uri 'none'; frame-ancestors 'none'")
+
+
+# Shared state of the running application (typed keys: aiohttp 3.9+).
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+STORE: web.AppKey[ImageStore] = web.AppKey("store")
+AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
+TASKS = web.AppKey("tasks", list)
+CLOCK = web.AppKey("clock", object)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFacts:
+    format: str
+    width: int
+    height: int
+    size: int
+    frames: int = 1
+
+
+# ==== passwords ================================================================
+# Above the config, which checks that each password_hash parses.
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt)}${b64(digest)}"
+
+
+def _parse_scrypt_hash(text: str) -> tuple[int, int, int, bytes, bytes]:
+    parts = text.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        raise ValueError("not an scrypt hash")
+    n, r, p = (int(x) for x in parts[1:4])
+    if n < 2 or n & (n - 1) or n > 2**20 or not 1 <= r <= 32 or not 1 <= p <= 16:
+        raise ValueError("scrypt parameters out of range")
+    salt, digest = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True)
+    if not salt or len(digest) < 16:
+        raise ValueError("scrypt salt or digest missing")
+    return n, r, p, salt, digest
+
+
+def _unmatchable_hash_like(stored: str) -> str:
+    """A hash no password matches, costing as much to check as `stored`."""
+    n, r, p, salt, digest = _parse_scrypt_hash(stored)
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"scrypt${n}${r}${p}${b64(secrets.token_bytes(len(salt)))}${b64(secrets.token_bytes(len(digest)))}"
+
+
+def verify_password_hash(password: str, stored: str) -> bool:
+    n, r, p, salt, digest = _parse_scrypt_hash(stored)
+    candidate = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p,
+                               dklen=len(digest), maxmem=256 * 1024 * 1024)
+    return hmac.compare_digest(candidate, digest)
 
 
 # ==== config ====================================================================
@@ -1065,14 +1119,6 @@ class ImageStore:
 
 # ==== image inspection ==========================================================
 
-@dataclasses.dataclass(frozen=True)
-class ImageFacts:
-    format: str
-    width: int
-    height: int
-    size: int
-    frames: int = 1
-
 
 def check_jpeg_headers(source: bytes | Path) -> None:
     """Refuse JPEGs whose header segments would make Pillow slow or greedy.
@@ -1193,40 +1239,6 @@ def sanitize_name(raw: Optional[str], ext: str) -> str:
 
 
 # ==== auth ======================================================================
-
-def hash_password(password: str) -> str:
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt)}${b64(digest)}"
-
-
-def _parse_scrypt_hash(text: str) -> tuple[int, int, int, bytes, bytes]:
-    parts = text.split("$")
-    if len(parts) != 6 or parts[0] != "scrypt":
-        raise ValueError("not an scrypt hash")
-    n, r, p = (int(x) for x in parts[1:4])
-    if n < 2 or n & (n - 1) or n > 2**20 or not 1 <= r <= 32 or not 1 <= p <= 16:
-        raise ValueError("scrypt parameters out of range")
-    salt, digest = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True)
-    if not salt or len(digest) < 16:
-        raise ValueError("scrypt salt or digest missing")
-    return n, r, p, salt, digest
-
-
-def _unmatchable_hash_like(stored: str) -> str:
-    """A hash no password matches, costing as much to check as `stored`."""
-    n, r, p, salt, digest = _parse_scrypt_hash(stored)
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    return f"scrypt${n}${r}${p}${b64(secrets.token_bytes(len(salt)))}${b64(secrets.token_bytes(len(digest)))}"
-
-
-def verify_password_hash(password: str, stored: str) -> bool:
-    n, r, p, salt, digest = _parse_scrypt_hash(stored)
-    candidate = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p,
-                               dklen=len(digest), maxmem=256 * 1024 * 1024)
-    return hmac.compare_digest(candidate, digest)
-
 
 class Authenticator:
     """HTTP Basic against the config's users, with a limiter for guessing.
@@ -1424,12 +1436,6 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
 
 
 # ==== handlers ==================================================================
-
-CONFIG = web.AppKey("config", Config)
-STORE = web.AppKey("store", ImageStore)
-AUTH = web.AppKey("auth", Authenticator)
-TASKS = web.AppKey("tasks", list)
-CLOCK = web.AppKey("clock", object)
 
 
 def md5_param(request: web.Request) -> str:
@@ -1800,6 +1806,10 @@ async def handle_asset(request: web.Request) -> web.Response:
     raise json_error(404, "not found", "not_found")
 
 
+async def handle_openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI, headers={"Cache-Control": "no-cache"})
+
+
 # ==== cleanup ===================================================================
 
 @dataclasses.dataclass
@@ -2053,7 +2063,265 @@ async def reset_store(config: Config) -> None:
         await store.close()
 
 
-# ==== openapi ===================================================================
+# ==== create_app ================================================================
+
+async def _store_ctx(app: web.Application):
+    # Pillow imports its format plugins on first use; do it now, not in the first upload.
+    await asyncio.to_thread(Image.init)
+    store = await ImageStore(app[CONFIG], app[CLOCK]).open()
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def _background_ctx(app: web.Application):
+    store, config = app[STORE], app[CONFIG]
+
+    async def flusher() -> None:
+        while True:
+            await asyncio.sleep(COUNT_FLUSH_SECONDS)
+            try:
+                await store.notice_other_writers()
+                await store.flush_counts()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not flush access counts; will retry")
+
+    tasks = [asyncio.create_task(flusher(), name="imgproxy-flush")]
+    if config.cleanup.enable:
+        last = await store.get_meta("last_cleanup")
+
+        async def run_pass() -> None:
+            report = await run_cleanup_pass(store)
+            log.info("%s", report.summary())
+
+        tasks.append(asyncio.create_task(
+            cleanup_scheduler(run_pass, float(last) if last else None, config.cleanup.cleanup_time,
+                              clock=store.clock), name="imgproxy-cleanup"))
+    app[TASKS] = tasks
+    yield
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t
+
+
+def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> web.Application:
+    """The aiohttp application for `config`; nothing starts until it runs."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
+    app[CONFIG] = config
+    app[AUTH] = Authenticator(config.users)
+    app[CLOCK] = clock or time.time
+    if config.server.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = config.server.max_pixels
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_background_ctx)
+    app.on_response_prepare.append(on_prepare)
+    r = app.router
+    r.add_get("/i/{name}", handle_image)
+    r.add_route("POST", "/upload", handle_upload, expect_handler=upload_expect)
+    r.add_route("PUT", "/upload", handle_upload, expect_handler=upload_expect)
+    r.add_route("PUT", "/upload/{filename}", handle_upload, expect_handler=upload_expect)
+    r.add_get("/api/images", handle_list)
+    r.add_get("/api/images/{md5}", handle_lookup)
+    r.add_delete("/api/images/{md5}", handle_delete)
+    r.add_post("/api/images/{md5}/renew", handle_renew)
+    r.add_get("/api/db", handle_db)
+    r.add_get("/healthz", handle_health)
+    r.add_get("/", handle_page)
+    r.add_get("/static/{asset}", handle_asset)
+    r.add_get("/openapi.json", handle_openapi)
+    return app
+
+
+# ==== main ======================================================================
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs each request its parser refuses at ERROR with a traceback
+    whose message quotes the offending bytes (an overlong Authorization header
+    included). That is the client's fault: one INFO line, no bytes quoted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, http_exceptions.HttpProcessingError):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg, record.args = "refused a malformed request from %s (%s)", (peer, type(exc).__name__)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def setup_logging(config: Config) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if config.server.log_file:
+        config.server.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(config.server.log_file, encoding="utf-8"))
+    logging.basicConfig(level=config.server.log_level, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(
+        logging.INFO if config.server.access_log else logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(_MalformedRequestFilter())
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(config: Config, sock: socket.socket, worker: Optional[int] = None) -> None:
+    """Run until SIGTERM/SIGINT, then stop: in-flight requests get a grace period,
+    access counts are flushed, background tasks are cancelled."""
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if config.server.access_log
+                           else None, shutdown_timeout=10.0, handle_signals=False,
+                           keepalive_timeout=KEEPALIVE_TIMEOUT)
+    await runner.setup()
+    site = web.SockSite(runner, sock)
+    await site.start()
+    host, port = sock.getsockname()[:2]
+    log.info("imgproxy %s%s listening on http://%s:%d (public URLs: %s)", __version__,
+             "" if worker is None else f" worker {worker}",
+             f"[{host}]" if ":" in host else host, port, config.base_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+        log.info("stopped")
+
+
+def run_workers(config: Config, sock: socket.socket, count: int) -> int:
+    """Pre-fork: `count` processes accept on one listening socket.
+
+    Only worker 0 runs the scheduled cleanup; access counts are flushed by
+    each; serving caches stay coherent through the shared cache.gen marker.
+    If a worker dies, the others are stopped and the exit status is 1, so
+    systemd restarts the whole group.
+    """
+    # Create the database (schema, WAL) once, before the workers race to.
+    storage = Storage(config.server.data_dir)
+    storage.prepare()
+    open_write_db(storage.db_path).close()
+    children: dict[int, int] = {}
+    for index in range(count):
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 0
+            try:
+                cfg = config if index == 0 else dataclasses.replace(
+                    config, cleanup=dataclasses.replace(config.cleanup, enable=False))
+                asyncio.run(serve(cfg, sock, worker=index))
+            except BaseException:  # noqa: BLE001 - reported, then this process exits
+                log.exception("worker %d failed", index)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = index
+    sock.close()
+    stopping = False
+
+    def stop_all(signum=None, frame=None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    status = 0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if not stopping:
+            log.error("worker %s exited with status %s; stopping the others", index, code)
+            status = 1
+            stop_all()
+    return status
+
+
+def _hash_password_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="imgproxy.py hash-password",
+                                     description="Print a password_hash for config.json users[].")
+    parser.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    args = parser.parse_args(argv)
+    if args.stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise SystemExit("passwords differ; nothing printed")
+    if not password:
+        raise SystemExit("empty password; nothing printed")
+    print(hash_password(password))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["hash-password"]:
+        return _hash_password_command(argv[1:])
+    parser = argparse.ArgumentParser(prog="imgproxy.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")),
+                        help="path of config.json (default: beside this file)")
+    parser.add_argument("--host", help="listen address (overrides server.host)")
+    parser.add_argument("--port", type=int, help="listen port (overrides server.port; 0 picks a free one)")
+    parser.add_argument("--version", action="version", version=__version__)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        host = args.host or config.server.host
+        check_safe_to_listen(config, host)
+    except ConfigError as exc:
+        print(f"imgproxy: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config)
+    port = config.server.port if args.port is None else args.port
+    try:
+        sock = bind_socket(host, port)
+    except OSError as exc:
+        print(f"imgproxy: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    # URLs carry the port really bound (it differs from the config with --port).
+    config = dataclasses.replace(config, server=dataclasses.replace(
+        config.server, host=host, port=sock.getsockname()[1]))
+    with contextlib.suppress(ImportError):
+        import uvloop  # optional: a faster event loop when installed
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if config.server.workers > 1:
+        return run_workers(config, sock, config.server.workers)
+    try:
+        asyncio.run(serve(config, sock))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# ==== appendix: data =========================================================
+# Long constant text kept out of the way of the code above: the OpenAPI
+# document and the upload page. Module-level, so defined before main() runs.
+
+# ---- openapi ------------------------------------------------------------------
 # The wire format of API.md as an OpenAPI 3 document, served at /openapi.json
 # and shipped as openapi.json (tests keep the two equal and fuzz the server with
 # it). Error answers all share one schema; `_errors` lists which ones a route has.
@@ -2220,10 +2488,6 @@ OPENAPI: dict = {
         },
     },
 }
-
-
-async def handle_openapi(request: web.Request) -> web.Response:
-    return web.json_response(OPENAPI, headers={"Cache-Control": "no-cache"})
 
 
 # ==== upload page: begin (generated region, edit the assets) ====
@@ -3284,260 +3548,6 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
 })();
 """
 # ==== upload page: end ====
-
-
-# ==== create_app ================================================================
-
-async def _store_ctx(app: web.Application):
-    # Pillow imports its format plugins on first use; do it now, not in the first upload.
-    await asyncio.to_thread(Image.init)
-    store = await ImageStore(app[CONFIG], app[CLOCK]).open()
-    app[STORE] = store
-    yield
-    await store.close()
-
-
-async def _background_ctx(app: web.Application):
-    store, config = app[STORE], app[CONFIG]
-
-    async def flusher() -> None:
-        while True:
-            await asyncio.sleep(COUNT_FLUSH_SECONDS)
-            try:
-                await store.notice_other_writers()
-                await store.flush_counts()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("could not flush access counts; will retry")
-
-    tasks = [asyncio.create_task(flusher(), name="imgproxy-flush")]
-    if config.cleanup.enable:
-        last = await store.get_meta("last_cleanup")
-
-        async def run_pass() -> None:
-            report = await run_cleanup_pass(store)
-            log.info("%s", report.summary())
-
-        tasks.append(asyncio.create_task(
-            cleanup_scheduler(run_pass, float(last) if last else None, config.cleanup.cleanup_time,
-                              clock=store.clock), name="imgproxy-cleanup"))
-    app[TASKS] = tasks
-    yield
-    for t in tasks:
-        t.cancel()
-    for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await t
-
-
-def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> web.Application:
-    """The aiohttp application for `config`; nothing starts until it runs."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
-    app[CONFIG] = config
-    app[AUTH] = Authenticator(config.users)
-    app[CLOCK] = clock or time.time
-    if config.server.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
-        Image.MAX_IMAGE_PIXELS = config.server.max_pixels
-    app.cleanup_ctx.append(_store_ctx)
-    app.cleanup_ctx.append(_background_ctx)
-    app.on_response_prepare.append(on_prepare)
-    r = app.router
-    r.add_get("/i/{name}", handle_image)
-    r.add_route("POST", "/upload", handle_upload, expect_handler=upload_expect)
-    r.add_route("PUT", "/upload", handle_upload, expect_handler=upload_expect)
-    r.add_route("PUT", "/upload/{filename}", handle_upload, expect_handler=upload_expect)
-    r.add_get("/api/images", handle_list)
-    r.add_get("/api/images/{md5}", handle_lookup)
-    r.add_delete("/api/images/{md5}", handle_delete)
-    r.add_post("/api/images/{md5}/renew", handle_renew)
-    r.add_get("/api/db", handle_db)
-    r.add_get("/healthz", handle_health)
-    r.add_get("/", handle_page)
-    r.add_get("/static/{asset}", handle_asset)
-    r.add_get("/openapi.json", handle_openapi)
-    return app
-
-
-# ==== main ======================================================================
-
-class _MalformedRequestFilter(logging.Filter):
-    """aiohttp logs each request its parser refuses at ERROR with a traceback
-    whose message quotes the offending bytes (an overlong Authorization header
-    included). That is the client's fault: one INFO line, no bytes quoted."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, http_exceptions.HttpProcessingError):
-            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-            record.msg, record.args = "refused a malformed request from %s (%s)", (peer, type(exc).__name__)
-            record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-def setup_logging(config: Config) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if config.server.log_file:
-        config.server.log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(config.server.log_file, encoding="utf-8"))
-    logging.basicConfig(level=config.server.log_level, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(
-        logging.INFO if config.server.access_log else logging.WARNING)
-    server_log = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, _MalformedRequestFilter) for f in server_log.filters):
-        server_log.addFilter(_MalformedRequestFilter())
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host.strip("[]"), port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
-async def serve(config: Config, sock: socket.socket, worker: Optional[int] = None) -> None:
-    """Run until SIGTERM/SIGINT, then stop: in-flight requests get a grace period,
-    access counts are flushed, background tasks are cancelled."""
-    app = create_app(config)
-    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if config.server.access_log
-                           else None, shutdown_timeout=10.0, handle_signals=False,
-                           keepalive_timeout=KEEPALIVE_TIMEOUT)
-    await runner.setup()
-    site = web.SockSite(runner, sock)
-    await site.start()
-    host, port = sock.getsockname()[:2]
-    log.info("imgproxy %s%s listening on http://%s:%d (public URLs: %s)", __version__,
-             "" if worker is None else f" worker {worker}",
-             f"[{host}]" if ":" in host else host, port, config.base_url)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-        log.info("stopping")
-    finally:
-        await runner.cleanup()
-        log.info("stopped")
-
-
-def run_workers(config: Config, sock: socket.socket, count: int) -> int:
-    """Pre-fork: `count` processes accept on one listening socket.
-
-    Only worker 0 runs the scheduled cleanup; access counts are flushed by
-    each; serving caches stay coherent through the shared cache.gen marker.
-    If a worker dies, the others are stopped and the exit status is 1, so
-    systemd restarts the whole group.
-    """
-    # Create the database (schema, WAL) once, before the workers race to.
-    storage = Storage(config.server.data_dir)
-    storage.prepare()
-    open_write_db(storage.db_path).close()
-    children: dict[int, int] = {}
-    for index in range(count):
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = 0
-            try:
-                cfg = config if index == 0 else dataclasses.replace(
-                    config, cleanup=dataclasses.replace(config.cleanup, enable=False))
-                asyncio.run(serve(cfg, sock, worker=index))
-            except BaseException:  # noqa: BLE001 - reported, then this process exits
-                log.exception("worker %d failed", index)
-                code = 1
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        children[pid] = index
-    sock.close()
-    stopping = False
-
-    def stop_all(signum=None, frame=None) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop_all)
-    signal.signal(signal.SIGINT, stop_all)
-    status = 0
-    while children:
-        try:
-            pid, wait_status = os.wait()
-        except ChildProcessError:
-            break
-        index = children.pop(pid, None)
-        code = os.waitstatus_to_exitcode(wait_status)
-        if not stopping:
-            log.error("worker %s exited with status %s; stopping the others", index, code)
-            status = 1
-            stop_all()
-    return status
-
-
-def _hash_password_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="imgproxy.py hash-password",
-                                     description="Print a password_hash for config.json users[].")
-    parser.add_argument("--stdin", action="store_true", help="read the password from standard input")
-    args = parser.parse_args(argv)
-    if args.stdin or not sys.stdin.isatty():
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            raise SystemExit("passwords differ; nothing printed")
-    if not password:
-        raise SystemExit("empty password; nothing printed")
-    print(hash_password(password))
-    return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["hash-password"]:
-        return _hash_password_command(argv[1:])
-    parser = argparse.ArgumentParser(prog="imgproxy.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")),
-                        help="path of config.json (default: beside this file)")
-    parser.add_argument("--host", help="listen address (overrides server.host)")
-    parser.add_argument("--port", type=int, help="listen port (overrides server.port; 0 picks a free one)")
-    parser.add_argument("--version", action="version", version=__version__)
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-        host = args.host or config.server.host
-        check_safe_to_listen(config, host)
-    except ConfigError as exc:
-        print(f"imgproxy: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config)
-    port = config.server.port if args.port is None else args.port
-    try:
-        sock = bind_socket(host, port)
-    except OSError as exc:
-        print(f"imgproxy: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    # URLs carry the port really bound (it differs from the config with --port).
-    config = dataclasses.replace(config, server=dataclasses.replace(
-        config.server, host=host, port=sock.getsockname()[1]))
-    with contextlib.suppress(ImportError):
-        import uvloop  # optional: a faster event loop when installed
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    if config.server.workers > 1:
-        return run_workers(config, sock, config.server.workers)
-    try:
-        asyncio.run(serve(config, sock))
-    except KeyboardInterrupt:
-        pass
-    return 0
 
 
 if __name__ == "__main__":

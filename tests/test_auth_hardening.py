@@ -175,7 +175,7 @@ def test_no_password_or_authorization_value_in_logs(make_config, server_process)
         except (urllib.error.URLError, ConnectionError):
             return None
 
-    from hostile_util import png_bytes
+    from helpers import png_bytes
     assert call("GET", "/api/images", basic("alice", "alice-Plain-Secret")) == 200
     assert call("PUT", "/upload/a.png", basic("dora", hashed_secret), png_bytes()) == 201
     assert call("GET", "/api/db", basic("dora", hashed_secret)) == 403

@@ -24,7 +24,7 @@ import pytest
 
 import imgproxy
 from conftest import ALICE, BOB, CAROL, ROOT
-from hostile_util import PatchedServer, noise_png, png_bytes, store_problems
+from helpers import PatchedServer, noise_png, png_bytes, store_problems
 
 
 def stored(data_dir) -> list:

@@ -2,7 +2,7 @@
 broken multipart, stalled clients, and the memory bound of a refused upload.
 
 Each case ends in a clear 4xx or a clean store: never a 5xx, never a stuck
-request, never a partial file (checked with hostile_util.store_problems)."""
+request, never a partial file (checked with helpers.store_problems)."""
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +16,7 @@ import pytest
 
 import imgproxy
 from conftest import ALICE
-from hostile_util import (PatchedServer, gif_with_frames, jpeg_bytes, jpeg_with_app_segments, multipart,
+from helpers import (PatchedServer, gif_with_frames, jpeg_bytes, jpeg_with_app_segments, multipart,
                           noise_png, png_bytes, png_claiming, polyglot_jpeg_zip, proc_status_kb,
                           store_problems)
 

@@ -12,7 +12,7 @@ import pytest
 
 import imgproxy
 from conftest import ROOT
-from hostile_util import PatchedServer
+from helpers import PatchedServer
 
 
 def test_shipped_openapi_json_is_the_constant():

@@ -11,7 +11,7 @@ import pytest
 
 import imgproxy
 from conftest import ALICE, BOB
-from hostile_util import (noise_png, parse_responses, png_bytes, raw_exchange, raw_request, request_bytes,
+from helpers import (noise_png, parse_responses, png_bytes, raw_exchange, raw_request, request_bytes,
                           store_problems)
 
 MD5 = "0" * 32
