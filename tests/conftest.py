@@ -1,4 +1,4 @@
-"""Shared fixtures: real configs in tmp_path, real servers, the shared image corpus."""
+"""Shared fixtures: real configs in tmp_path, real servers, the image corpus in tests/corpus."""
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 import imgproxy  # noqa: E402
 
-CORPUS = Path(os.environ.get("IMGPROXY_CORPUS", ROOT.parent / "shared" / "corpus"))
+# The corpus ships with the tests; IMGPROXY_CORPUS points them at another copy.
+CORPUS = Path(os.environ.get("IMGPROXY_CORPUS", ROOT / "tests" / "corpus"))
 DEFAULT_USERS = [
     {"username": "alice", "password": "alice123", "role": "admin"},
     {"username": "bob", "password": "bob123", "role": "uploader"},
@@ -48,17 +49,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def read_manifest() -> list[dict[str, str]]:
+    """The corpus rows; a missing corpus is an error, never a silent skip."""
     path = CORPUS / "MANIFEST.tsv"
-    if not path.is_file():
-        return []
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
 @pytest.fixture(scope="session")
 def corpus() -> Path:
-    if not (CORPUS / "MANIFEST.tsv").is_file():
-        pytest.skip(f"image corpus not found at {CORPUS}")
     return CORPUS
 
 
@@ -70,7 +68,7 @@ def manifest(corpus) -> list[dict[str, str]]:
 def corpus_file(name: str) -> Path:
     path = CORPUS / name
     if not path.is_file():
-        pytest.skip(f"corpus file {name} not available")
+        raise FileNotFoundError(f"corpus file {name} is missing from {CORPUS}")
     return path
 
 
