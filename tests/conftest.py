@@ -6,13 +6,12 @@ import csv
 import dataclasses
 import json
 import os
-import signal
-import subprocess
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import pytest
 
@@ -20,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import imgproxy  # noqa: E402
+from helpers import ServerProcess  # noqa: E402
 
 # The corpus ships with the tests; IMGPROXY_CORPUS points them at another copy.
 CORPUS = Path(os.environ.get("IMGPROXY_CORPUS", ROOT / "tests" / "corpus"))
@@ -156,12 +156,18 @@ CAROL = basic("carol", "carol123")
 
 
 class LiveServer:
-    """The real app in a background thread on 127.0.0.1:<free port>, for blocking clients."""
+    """The real app in a background thread on 127.0.0.1:<free port>, for blocking clients.
 
-    def __init__(self, config_path: Path, clock: Optional[Callable[[], float]] = None):
+    `middlewares` run outside the app's own (the first sees every request,
+    even those auth turns away); `sock` is a listening socket bound already,
+    for a config that must name its port before the server starts.
+    """
+
+    def __init__(self, config_path: Path, clock: Optional[Callable[[], float]] = None, *,
+                 middlewares: Sequence[Callable] = (), sock: Optional[socket.socket] = None):
         from aiohttp import web
         config = imgproxy.load_config(config_path)
-        sock = imgproxy.bind_socket("127.0.0.1", 0)
+        sock = sock or imgproxy.bind_socket("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         self.config = dataclasses.replace(
             config, server=dataclasses.replace(config.server, host="127.0.0.1", port=self.port))
@@ -170,6 +176,7 @@ class LiveServer:
         self.config_path = config_path
         self.loop = asyncio.new_event_loop()
         self.app = imgproxy.create_app(self.config, clock=clock)
+        self.app.middlewares[:0] = middlewares
         self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         ready = threading.Event()
         errors: list[BaseException] = []
@@ -214,64 +221,17 @@ class LiveServer:
 
 @pytest.fixture
 def live_server():
-    """live_server(config_path, clock=None) -> LiveServer (stopped at teardown)."""
+    """live_server(config_path, clock=None, middlewares=(), sock=None) -> LiveServer (stopped at teardown)."""
     servers: list[LiveServer] = []
 
-    def start(config_path: Path, clock: Optional[Callable[[], float]] = None) -> LiveServer:
-        server = LiveServer(config_path, clock)
+    def start(config_path: Path, clock: Optional[Callable[[], float]] = None, **options: Any) -> LiveServer:
+        server = LiveServer(config_path, clock, **options)
         servers.append(server)
         return server
 
     yield start
     for s in servers:
         s.stop()
-
-
-class ServerProcess:
-    """`python3 imgproxy.py --config X --port 0` as a child process."""
-
-    def __init__(self, config_path: Path, extra_args: tuple[str, ...] = (), env: Optional[dict] = None):
-        self.config_path = config_path
-        self.log_lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "imgproxy.py"), "--config", str(config_path), "--port", "0",
-             *extra_args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.base_url = self._wait_for_listening()
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-
-    def _wait_for_listening(self) -> str:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.log_lines.append(line)
-            if "listening on " in line:
-                return line.split("listening on ", 1)[1].split()[0]
-        self.proc.kill()
-        raise RuntimeError("server did not start:\n" + "".join(self.log_lines))
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.log_lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.log_lines)
-
-    def terminate(self, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
-        self._reader.join(5)
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
 
 
 @pytest.fixture

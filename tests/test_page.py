@@ -13,11 +13,13 @@ import base64
 import json
 import os
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+import imgproxy
+from conftest import basic
+from helpers import http_exchange
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE_DIR = REPO / "page"
@@ -26,7 +28,7 @@ CHROMIUM = os.environ.get("IMGPROXY_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-dev-shm-usage"]
-DENIED = "该用户权限不足，请联系管理员"
+DENIED = imgproxy.DENIED_MESSAGE
 TIMEOUT_MS = 15_000
 
 try:
@@ -47,17 +49,7 @@ def row(manifest, name: str) -> dict:
 def api(server, method: str, path: str, user=("bob", "bob123"), body: bytes | None = None,
         headers: dict | None = None):
     """A plain HTTP call beside the browser: seeding and checking server state."""
-    request = urllib.request.Request(server.base_url + path, data=body, method=method,
-                                     headers=dict(headers or {}))
-    if user:
-        token = base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()
-        request.add_header("Authorization", "Basic " + token)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            data = response.read()
-            return response.status, response.headers, data
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers, err.read()
+    return http_exchange(method, server.base_url + path, body, {**(basic(*user) if user else {}), **(headers or {})})
 
 
 def put_image(server, path: Path, user=("bob", "bob123")) -> dict:

@@ -7,7 +7,6 @@ import io
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,36 +14,10 @@ from PIL import Image
 
 import imgproxy
 from conftest import ALICE, BOB, CAROL, ROOT, TEST_BASE_URL, basic, corpus_file
-
-DENIED = "该用户权限不足，请联系管理员"
-
-
-def png_bytes(size=(40, 30), color=(200, 10, 10)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def form(data: bytes, name: str = "x.png", field: str = "file") -> aiohttp.FormData:
-    fd = aiohttp.FormData()
-    fd.add_field(field, data, filename=name, content_type="application/octet-stream")
-    return fd
-
-
-def stored_files(data_dir: Path) -> list[Path]:
-    return sorted(p for p in (data_dir / "uploads").rglob("*") if p.is_file())
-
-
-def db_rows(data_dir: Path, sql: str = "SELECT md5 FROM images") -> list[tuple]:
-    con = sqlite3.connect(data_dir / "images.db")
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
+from helpers import db_rows, file_form, png_bytes, stored_files
 
 async def upload(client, data: bytes, headers=ALICE, name="x.png"):
-    return await client.post("/upload", data=form(data, name), headers=headers)
+    return await client.post("/upload", data=file_form(data, name), headers=headers)
 
 
 # ---- upload and dedup -------------------------------------------------------
@@ -105,7 +78,7 @@ async def test_extension_comes_from_detected_format_not_name(make_client):
 async def test_accept_text_plain_returns_bare_url(make_client):
     client = await make_client()
     data = png_bytes()
-    resp = await client.post("/upload", data=form(data), headers={**ALICE, "Accept": "text/plain"})
+    resp = await client.post("/upload", data=file_form(data), headers={**ALICE, "Accept": "text/plain"})
     assert resp.status == 201
     assert resp.content_type == "text/plain"
     assert await resp.text() == f"{TEST_BASE_URL}/i/{hashlib.md5(data).hexdigest()}.png\n"
@@ -142,9 +115,9 @@ async def test_reupload_renews_expiry(make_client, clock):
 async def test_bad_upload_requests_are_400(make_client, case):
     client = await make_client()
     if case == "empty":
-        resp = await client.post("/upload", data=form(b""), headers=ALICE)
+        resp = await client.post("/upload", data=file_form(b""), headers=ALICE)
     elif case == "no_file_field":
-        resp = await client.post("/upload", data=form(png_bytes(), field="image"), headers=ALICE)
+        resp = await client.post("/upload", data=file_form(png_bytes(), field="image"), headers=ALICE)
     elif case == "two_files":
         fd = aiohttp.FormData()
         fd.add_field("file", png_bytes(), filename="a.png")
@@ -230,7 +203,7 @@ async def test_upload_over_limit_is_413_and_nothing_kept(make_client):
     resp = await client.put("/upload/big.png", data=big, headers=ALICE)
     assert resp.status == 413
     assert (await resp.json())["code"] == "too_large"
-    resp = await client.post("/upload", data=form(big), headers=ALICE)
+    resp = await client.post("/upload", data=file_form(big), headers=ALICE)
     assert resp.status == 413
     assert stored_files(client.data_dir) == [] and list((client.data_dir / "tmp").iterdir()) == []
 
@@ -504,14 +477,14 @@ WHO = {"none": {}, "wrong": basic("alice", "nope"), "unknown": basic("mallory", 
 @pytest.mark.parametrize("who", list(WHO))
 async def test_auth_matrix(make_client, method, path, need, who):
     client = await make_client()
-    data = form(png_bytes()) if path == "/upload" else (png_bytes() if method == "PUT" else None)
+    data = file_form(png_bytes()) if path == "/upload" else (png_bytes() if method == "PUT" else None)
     resp = await client.request(method, path, headers=WHO[who], data=data)
     if need is None or (who == "admin") or (who == "uploader" and need == "uploader"):
         assert resp.status not in (401, 403)
         assert resp.status < 500
         return
     body = await resp.json()
-    assert body["error"] == DENIED
+    assert body["error"] == imgproxy.DENIED_MESSAGE
     if who in ("none", "wrong", "unknown"):
         assert resp.status == 401
         assert body["code"] == "unauthorized"
