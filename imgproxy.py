@@ -16,6 +16,7 @@ headers, and removed after ``cleanup.expire_days`` by a daily in-process pass.
 
 Run:   python3 imgproxy.py [--config config.json] [--host H] [--port P]
 Hash:  python3 imgproxy.py hash-password
+Check: python3 imgproxy.py check-config [--config PATH] [--print KEY ...]
 
 Chapters, top-down: constants · passwords · config · errors · storage · database ·
 image inspection · auth · middlewares · handlers · cleanup · create_app · main ·
@@ -86,7 +87,7 @@ DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO")
 
 MD5_RE = re.compile(r"[0-9a-f]{32}")
 CHUNK = 256 * 1024              # network read size
-FLUSH_BYTES = 1024 * 1024       # uploads below this stay in memory until published
+FLUSH_BYTES = 1024 * 1024       # uploads reach tmp/ in writes of this size (and /api/db is sent in such reads)
 MULTIPART_SLACK = 64 * 1024     # boundaries and part headers around the file
 MAX_FRAMES = 10_000             # animated images: frames decoded at most
 JPEG_MAX_SEGMENTS = 4096        # JPEG marker segments before the scan data ...
@@ -107,6 +108,18 @@ IMAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
             "img-src 'self' blob: data:; connect-src 'self'; form-action 'self'; "
             "base-uri 'none'; frame-ancestors 'none'")
+
+# HTTP cache policies, named once. Errors, API answers and the database copy are
+# never kept (they change or are private); the page, its assets and the API
+# description are revalidated (an upgrade changes them under the same URL).
+CACHE_NO_STORE = "no-store"
+CACHE_NO_CACHE = "no-cache"
+
+
+def image_cache_control(seconds_left: float) -> str:
+    """An image's bytes never change under its URL, but a cache must not outlive
+    the image: max-age is what is left of its life."""
+    return f"public, max-age={int(seconds_left)}, immutable"
 
 
 # Shared state of the running application (typed keys: aiohttp 3.9+).
@@ -219,7 +232,6 @@ class Config:
     cleanup: CleanupConfig = CleanupConfig()
     users: tuple[UserConfig, ...] = ()
     client: ClientConfig = ClientConfig()
-    path: Optional[Path] = None
 
     @property
     def base_url(self) -> str:
@@ -278,7 +290,7 @@ def _optional_path(key: str, value: Any, base: Path) -> Optional[Path]:
     return p if p.is_absolute() else base / p
 
 
-def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Config:
+def parse_config(raw: Any, base_dir: Path) -> Config:
     """Validate a decoded config.json into a Config; raises ConfigError naming the key."""
     _expect("config", raw, "object")
     _only_keys("", raw, ("server", "cleanup", "users", "client"))
@@ -328,7 +340,7 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
         port=port,
         host=_expect("server.host", s.get("host", d.host), "str"),
         base_url=base_url,
-        data_dir=_optional_path("server.data_dir", s.get("data_dir", "data"), base_dir),
+        data_dir=_optional_path("server.data_dir", s.get("data_dir", str(d.data_dir)), base_dir),
         max_upload_mb=max_mb,
         max_pixels=max_pixels,
         formats=tuple(dict.fromkeys(wanted_formats)),
@@ -344,14 +356,15 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
 
     c = _expect("cleanup", raw.get("cleanup", {}), "object")
     _only_keys("cleanup", c, ("enable", "expire_days", "cleanup_time"))
-    days = _expect("cleanup.expire_days", c.get("expire_days", 30), "number")
+    dc = CleanupConfig()
+    days = _expect("cleanup.expire_days", c.get("expire_days", dc.expire_days), "number")
     if days < 0:
         raise ConfigError(f"cleanup.expire_days: must be 0 or more, got {days}")
     cleanup = CleanupConfig(
-        enable=_expect("cleanup.enable", c.get("enable", True), "bool"),
+        enable=_expect("cleanup.enable", c.get("enable", dc.enable), "bool"),
         expire_days=days,
-        cleanup_time=parse_cleanup_time(_expect("cleanup.cleanup_time",
-                                                c.get("cleanup_time", "03:00:00"), "str")),
+        cleanup_time=dc.cleanup_time if "cleanup_time" not in c else
+        parse_cleanup_time(_expect("cleanup.cleanup_time", c["cleanup_time"], "str")),
     )
 
     users = []
@@ -368,7 +381,7 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
         if name in seen:
             raise ConfigError(f"{key}.username: {name!r} appears twice")
         seen.add(name)
-        role = _expect(f"{key}.role", u.get("role", "uploader"), "str")
+        role = _expect(f"{key}.role", u.get("role", UserConfig.role), "str")
         if role not in ROLES:
             raise ConfigError(f"{key}.role: expected 'uploader' or 'admin', got {role!r}")
         pw = u.get("password")
@@ -398,7 +411,7 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
         password=None if cl.get("password") is None else _expect("client.password", cl["password"], "str"),
         cache_path=None if cl.get("cache_path") is None else _expect("client.cache_path", cl["cache_path"], "str"),
     )
-    return Config(server=server, cleanup=cleanup, users=tuple(users), client=client, path=path)
+    return Config(server=server, cleanup=cleanup, users=tuple(users), client=client)
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -416,7 +429,7 @@ def load_config(path: str | os.PathLike) -> Config:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     try:
-        return parse_config(raw, path.parent, path)
+        return parse_config(raw, path.parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -450,7 +463,7 @@ def check_safe_to_listen(config: Config, host: str) -> None:
 # ==== errors ====================================================================
 
 class ApiError(web.HTTPException):
-    """An HTTP error carrying API.md's JSON error object."""
+    """An HTTP error carrying the JSON error object {"error", "code"} (README, openapi.json)."""
 
     def __init__(self, status: int, body: str, headers: Optional[dict] = None):
         self.status_code = status  # HTTPException reads the status from here
@@ -458,7 +471,7 @@ class ApiError(web.HTTPException):
 
 
 def json_error(status: int, message: str, code: str, headers: Optional[dict] = None) -> web.HTTPException:
-    """An exception that renders as API.md's error object; raise it from handlers."""
+    """An exception that renders as the JSON error object; raise it from handlers."""
     return ApiError(status, json.dumps({"error": message, "code": code}, ensure_ascii=False), headers)
 
 
@@ -505,19 +518,17 @@ class Storage:
     def new_tmp_path(self, kind: str = "upload") -> Path:
         return self.tmp / f"{kind}-{secrets.token_hex(8)}.part"
 
-    def place(self, md5: str, ext: str, data: Optional[bytes], tmp_path: Optional[Path]) -> Path:
-        """Put the validated bytes at their final path (blocking; run in a thread).
+    def place(self, md5: str, ext: str, tmp_path: Path) -> Path:
+        """Move a validated upload from tmp/ to its final path (blocking; run in a thread).
 
-        Bytes are written under tmp/ and renamed: the rename is atomic on one
-        file system, so a reader or a crash never sees a half-written image.
+        The rename is atomic on one file system, so a reader or a crash never
+        sees a half-written image.
         """
         final = self.image_path(md5, ext)
         if final.parent not in self._made_dirs:
             final.parent.mkdir(parents=True, exist_ok=True)
             if len(self._made_dirs) < 70_000:  # at most 65,536 leaf folders exist
                 self._made_dirs.add(final.parent)
-        if tmp_path is None:
-            tmp_path = self.write_tmp(data or b"")
         try:
             os.replace(tmp_path, final)
         except FileNotFoundError:
@@ -526,14 +537,6 @@ class Storage:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp_path, final)
         return final
-
-    def write_tmp(self, data: bytes) -> Path:
-        """Bytes to a new file under tmp/ (blocking), world-readable like the rest of uploads/."""
-        path = self.new_tmp_path()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with open(fd, "wb") as f:
-            f.write(data)
-        return path
 
 
 def _unlink_quietly(path: Optional[Path]) -> int:
@@ -549,12 +552,12 @@ def _unlink_quietly(path: Optional[Path]) -> int:
 
 
 class UploadSink:
-    """Receives an upload's bytes: hashes them and keeps them in memory or in tmp/.
+    """Receives an upload's bytes: hashes them and writes them to a tmp/ file.
 
-    Small uploads stay in memory and are written only when published (a
-    duplicate then costs no disk write at all). Past FLUSH_BYTES the data goes
-    to a tmp/ file through a worker thread, one write in flight at a time, so
-    hashing and disk work overlap with reading the network.
+    Every FLUSH_BYTES the data goes to the file through a worker thread, one
+    write in flight at a time, so hashing and disk work overlap with reading
+    the network. An upload smaller than that is written once, by complete(),
+    and its bytes are also handed to inspection so it need not read them back.
     """
 
     def __init__(self, storage: Storage, limit: int):
@@ -911,7 +914,7 @@ class ImageStore:
 
     # -- writing --
     async def publish(self, user: str, md5: str, facts: "ImageFacts", name: str,
-                      data: Optional[bytes], tmp_path: Optional[Path]) -> tuple[dict, bool]:
+                      tmp_path: Path) -> tuple[dict, bool]:
         """Store an inspected upload or renew the copy we have; returns (info, created)."""
         ext, mime = FORMATS[facts.format]
         storage = self.storage
@@ -927,7 +930,7 @@ class ImageStore:
             else:
                 # New bytes, or a row whose file went missing: (re)place the file
                 # before the row commits, so the row never points at nothing.
-                storage.place(md5, ext, data, tmp_path)
+                storage.place(md5, ext, tmp_path)
                 placed = True
                 if row is None:
                     txn.db.execute(
@@ -949,7 +952,7 @@ class ImageStore:
         try:
             row, created, placed = await self.write(txn_publish)
         finally:
-            if tmp_path is not None and not placed:
+            if not placed:
                 await asyncio.to_thread(_unlink_quietly, tmp_path)
         self.forget(md5)
         return self.info(row, "uploaded" if created else "exists"), created
@@ -1384,7 +1387,7 @@ async def require_user(request: web.Request, role: str = "uploader") -> UserConf
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    """Every error leaves as API.md's JSON object; surprises are logged, never shown."""
+    """Every error leaves as the JSON error object; surprises are logged, never shown."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -1431,7 +1434,7 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     headers = response.headers
     headers.setdefault("X-Content-Type-Options", "nosniff")
     if "Cache-Control" not in headers:
-        headers["Cache-Control"] = "no-store"
+        headers["Cache-Control"] = CACHE_NO_STORE
     headers.setdefault("Referrer-Policy", "no-referrer")
 
 
@@ -1602,7 +1605,7 @@ async def handle_upload(request: web.Request) -> web.Response:
         async with store.decode_slots:
             md5, facts = await asyncio.to_thread(hash_and_inspect)
         name = sanitize_name(raw_name, FORMATS[facts.format][0])
-        info, created = await store.publish(user.username, md5, facts, name, None, sink.tmp_path)
+        info, created = await store.publish(user.username, md5, facts, name, sink.tmp_path)
         sink.tmp_path = None
     finally:
         if sink.tmp_path is not None:
@@ -1689,7 +1692,7 @@ async def handle_db(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={
             "Content-Type": "application/vnd.sqlite3",
             "Content-Disposition": 'attachment; filename="images_server.db"',
-            "Cache-Control": "no-store",
+            "Cache-Control": CACHE_NO_STORE,
         })
         resp.content_length = size
         await resp.prepare(request)
@@ -1720,7 +1723,7 @@ class _ImageFileResponse(web.FileResponse):
     def set_status(self, status: int, reason: Optional[str] = None) -> None:
         super().set_status(status, reason)
         if status >= 400:  # e.g. the file vanished: never let a cache keep the error
-            self.headers["Cache-Control"] = "no-store"
+            self.headers["Cache-Control"] = CACHE_NO_STORE
             self.headers.pop("ETag", None)
 
 
@@ -1749,7 +1752,7 @@ async def handle_image(request: web.Request) -> web.StreamResponse:
     headers = {
         "Content-Type": entry.mime,
         "ETag": f'"{md5}"',
-        "Cache-Control": f"public, max-age={int(entry.expire_at - now)}, immutable",
+        "Cache-Control": image_cache_control(entry.expire_at - now),
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": IMAGE_CSP,
         "Access-Control-Allow-Origin": "*",
@@ -1791,7 +1794,7 @@ async def handle_image(request: web.Request) -> web.StreamResponse:
 
 async def handle_page(request: web.Request) -> web.Response:
     return web.Response(text=PAGE_HTML, content_type="text/html", charset="utf-8",
-                        headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache",
+                        headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": CACHE_NO_CACHE,
                                  "X-Frame-Options": "DENY"})
 
 
@@ -1799,15 +1802,15 @@ async def handle_asset(request: web.Request) -> web.Response:
     name = request.match_info["asset"]
     if name == "app.js":
         return web.Response(text=PAGE_JS, content_type="text/javascript", charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
+                            headers={"Cache-Control": CACHE_NO_CACHE})
     if name == "app.css":
         return web.Response(text=PAGE_CSS, content_type="text/css", charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
+                            headers={"Cache-Control": CACHE_NO_CACHE})
     raise json_error(404, "not found", "not_found")
 
 
 async def handle_openapi(request: web.Request) -> web.Response:
-    return web.json_response(OPENAPI, headers={"Cache-Control": "no-cache"})
+    return web.json_response(OPENAPI, headers={"Cache-Control": CACHE_NO_CACHE})
 
 
 # ==== cleanup ===================================================================
@@ -2226,7 +2229,7 @@ def run_workers(config: Config, sock: socket.socket, count: int) -> int:
                 cfg = config if index == 0 else dataclasses.replace(
                     config, cleanup=dataclasses.replace(config.cleanup, enable=False))
                 asyncio.run(serve(cfg, sock, worker=index))
-            except BaseException:  # noqa: BLE001 - reported, then this process exits
+            except BaseException:  # reported, then this process exits
                 log.exception("worker %d failed", index)
                 code = 1
             finally:
@@ -2277,10 +2280,71 @@ def _hash_password_command(argv: list[str]) -> int:
     return 0
 
 
+def _config_value(config: Config, key: str) -> str:
+    """One value of `check-config --print`, as the server sees it (defaults applied).
+
+    A dotted config key, or a derived one: `base_url` (public URL prefix),
+    `local_url` (where this machine reaches the listener), `example_password`
+    (`yes` when the server would refuse a non-loopback host for it) and
+    `listen_problem` (why it refuses its own host, else empty).
+    """
+    if key == "base_url":
+        return config.base_url
+    if key == "local_url":
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(config.server.host, config.server.host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}"
+    if key in ("example_password", "listen_problem"):
+        try:
+            check_safe_to_listen(config, config.server.host if key == "listen_problem" else "0.0.0.0")
+        except ConfigError as exc:
+            return "yes" if key == "example_password" else str(exc)
+        return "no" if key == "example_password" else ""
+    section, _, name = key.partition(".")
+    part = getattr(config, section, None) if section in ("server", "cleanup", "client") else None
+    field = next((f for f in dataclasses.fields(part) if f.name == name), None) if part else None
+    if field is None:
+        raise ConfigError(f"{key}: not a config key (like server.host or cleanup.cleanup_time)")
+    if not field.repr:
+        raise ConfigError(f"{key}: a secret; check-config does not print it")
+    value = getattr(part, name)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    if isinstance(value, dt.time):
+        return value.isoformat()
+    return "" if value is None else str(value)
+
+
+def _check_config_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="imgproxy.py check-config",
+        description="Validate config.json as the server would; print values for scripts (units/install.sh).")
+    parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")),
+                        help="path of config.json (default: beside this file)")
+    parser.add_argument("--print", nargs="+", default=[], metavar="KEY", dest="keys",
+                        help="print these values, one a line: config keys (server.port) or base_url, "
+                             "local_url, example_password, listen_problem")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        values = [_config_value(config, key) for key in args.keys]
+    except ConfigError as exc:
+        print(f"imgproxy: {exc}", file=sys.stderr)
+        return 2
+    if not values:
+        print(f"{Path(args.config).absolute()}: ok")
+    for value in values:
+        print(value)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["hash-password"]:
         return _hash_password_command(argv[1:])
+    if argv[:1] == ["check-config"]:
+        return _check_config_command(argv[1:])
     parser = argparse.ArgumentParser(prog="imgproxy.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")),
                         help="path of config.json (default: beside this file)")
@@ -2322,7 +2386,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 # document and the upload page. Module-level, so defined before main() runs.
 
 # ---- openapi ------------------------------------------------------------------
-# The wire format of API.md as an OpenAPI 3 document, served at /openapi.json
+# The wire format (the README's "API" section) as an OpenAPI 3 document, served at /openapi.json
 # and shipped as openapi.json (tests keep the two equal and fuzz the server with
 # it). Error answers all share one schema; `_errors` lists which ones a route has.
 
