@@ -11,7 +11,8 @@ One file, standard library only, so it can be copied into any project:
 
 The client hashes the file first and asks the server to renew an image it
 already has, so bytes the server holds are never sent twice; answers are kept
-in a small SQLite cache until the image expires.  The wire format is API.md.
+in a small SQLite cache until the image expires.  The wire format is in the
+README ("API") and the server's /openapi.json.
 
 Configuration: config.json (named by IMGPROXY_CONFIG, else found beside this
 file, else in the working directory), overridden by the environment variables
@@ -242,13 +243,6 @@ def _parse_time(value: Any) -> Optional[float]:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
-
-
-def _new_md5() -> "hashlib._Hash":
-    try:
-        return hashlib.md5(usedforsecurity=False)
-    except TypeError:   # pragma: no cover - Python < 3.9
-        return hashlib.md5()
 
 
 def _human(size: float) -> str:
@@ -658,7 +652,7 @@ class Client:
                 known = self.cache.get_md5(absolute, before.st_size, before.st_mtime_ns)
                 if known:
                     return known
-            digest = _new_md5()
+            digest = hashlib.md5(usedforsecurity=False)
             progress = _Progress(f"hashing {os.path.basename(name)}", before.st_size,
                                  self.progress and before.st_size >= PROGRESS_MIN_BYTES)
             done = 0

@@ -189,7 +189,7 @@ class LiveServer:
             asyncio.set_event_loop(self.loop)
             try:
                 self.loop.run_until_complete(start())
-            except BaseException as exc:  # surfaced to the test below
+            except BaseException as exc:  # noqa: BLE001 - surfaced to the test below
                 errors.append(exc)
                 ready.set()
                 return

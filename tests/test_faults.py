@@ -45,7 +45,7 @@ async def test_disk_full_is_507_and_nothing_half_stored(make_client, monkeypatch
     client = await make_client()
     kept = await seed(client)
     if where == "publish":
-        data = png_bytes(color=(1, 1, 1))  # small: stays in memory until Storage.place
+        data = png_bytes(color=(1, 1, 1))  # small: one write to tmp/, then the move into uploads/ fails
         monkeypatch.setattr(imgproxy.Storage, "place", enospc)
     else:
         data = noise_png(3 * 1024 * 1024)  # big: streamed into tmp/ by UploadSink._write

@@ -1,4 +1,4 @@
-"""The server core against API.md: upload, dedup, serving, metadata, auth, limits."""
+"""The server core against the README's API section: upload, dedup, serving, metadata, auth, limits."""
 from __future__ import annotations
 
 import asyncio
