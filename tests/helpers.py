@@ -20,12 +20,39 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import aiohttp
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- waiting without fixed sleeps -------------------------------------------------
+
+def _until(timeout: float, what: str) -> Iterator[None]:
+    """Yields until `timeout` seconds have passed, then fails naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        yield
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def poll(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.02):
+    """The first true value of `predicate()`, asked every `step` seconds."""
+    for _ in _until(timeout, what):
+        if value := predicate():
+            return value
+        time.sleep(step)
+
+
+async def apoll(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.02):
+    """poll() for a test on the event loop: the server keeps running while it waits."""
+    for _ in _until(timeout, what):
+        if value := predicate():
+            return value
+        await asyncio.sleep(step)
 
 
 # ---- generated files ----------------------------------------------------------

@@ -32,7 +32,7 @@ import pytest
 
 import imgproxy
 from conftest import ALICE, BOB, CAROL, ROOT, FakeClock
-from helpers import db_rows, http_call, seeded_png
+from helpers import apoll, db_rows, http_call, poll, seeded_png
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -138,28 +138,6 @@ def no_old_tmp(data_dir: Path) -> None:
 def age(path: Path, seconds: float) -> None:
     t = time.time() - seconds
     os.utime(path, (t, t))
-
-
-def poll(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(step)
-
-
-async def apoll(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(step)
 
 
 def run_cleanup_py(config_path: Path, *args: str, stdin=subprocess.DEVNULL,
@@ -1001,15 +979,20 @@ async def test_access_count_in_info_includes_unflushed_hits(make_client):
     assert info["access_count"] == 4                                     # not counted twice
 
 
+def upload_and_view(base_url: str, data: bytes, views: int) -> str:
+    """Upload `data` over HTTP and fetch it `views` times; returns its md5."""
+    assert http_call("PUT", f"{base_url}/upload/c.png", data, ALICE)[0] == 201
+    md5 = md5_of(data)
+    for _ in range(views):
+        assert http_call("GET", f"{base_url}/i/{md5}.png")[0] == 200
+    return md5
+
+
 def test_access_counts_reach_the_database_within_the_flush_delay(make_config, server_process):
     config_path = make_config()
     data_dir = data_dir_of(config_path)
     server = server_process(config_path)
-    data = seeded_png(101)
-    assert http_call("PUT", f"{server.base_url}/upload/c.png", data, ALICE)[0] == 201
-    md5 = md5_of(data)
-    for _ in range(5):
-        assert http_call("GET", f"{server.base_url}/i/{md5}.png")[0] == 200
+    md5 = upload_and_view(server.base_url, seeded_png(101), 5)
     poll(lambda: access_count(data_dir, md5) == 5, imgproxy.COUNT_FLUSH_SECONDS + 3, "the flushed count",
          step=0.1)
     info = http_call("GET", f"{server.base_url}/api/images/{md5}", headers=ALICE)
@@ -1020,11 +1003,7 @@ def test_access_counts_are_flushed_at_shutdown(make_config, server_process):
     config_path = make_config()
     data_dir = data_dir_of(config_path)
     server = server_process(config_path)
-    data = seeded_png(102)
-    assert http_call("PUT", f"{server.base_url}/upload/c.png", data, ALICE)[0] == 201
-    md5 = md5_of(data)
-    for _ in range(7):
-        assert http_call("GET", f"{server.base_url}/i/{md5}.png")[0] == 200
+    md5 = upload_and_view(server.base_url, seeded_png(102), 7)
     assert server.terminate() == 0
     assert access_count(data_dir, md5) == 7
 
@@ -1033,12 +1012,9 @@ def test_counts_of_images_removed_meanwhile_do_not_break_the_flush(make_config, 
     config_path = make_config()
     data_dir = data_dir_of(config_path)
     server = server_process(config_path)
-    keep, gone = seeded_png(103), seeded_png(104)
-    for data in (keep, gone):
-        assert http_call("PUT", f"{server.base_url}/upload/c.png", data, ALICE)[0] == 201
-        assert http_call("GET", f"{server.base_url}/i/{md5_of(data)}.png")[0] == 200
-    assert http_call("DELETE", f"{server.base_url}/api/images/{md5_of(gone)}", headers=ALICE)[0] == 204
-    assert http_call("GET", f"{server.base_url}/i/{md5_of(keep)}.png")[0] == 200
+    keep, gone = (upload_and_view(server.base_url, seeded_png(seed), 1) for seed in (103, 104))
+    assert http_call("DELETE", f"{server.base_url}/api/images/{gone}", headers=ALICE)[0] == 204
+    assert http_call("GET", f"{server.base_url}/i/{keep}.png")[0] == 200
     assert server.terminate() == 0
-    assert access_count(data_dir, md5_of(keep)) == 2
+    assert access_count(data_dir, keep) == 2
     assert "Traceback" not in server.log

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import imgproxy
-from conftest import ALICE, BOB, CAROL, ROOT, TEST_BASE_URL, basic, corpus_file
+from conftest import ALICE, BOB, CAROL, ROOT, TEST_BASE_URL, basic, corpus_file, read_manifest
 from helpers import db_rows, file_form, png_bytes, stored_files
 
 async def upload(client, data: bytes, headers=ALICE, name="x.png"):
@@ -111,20 +111,27 @@ async def test_reupload_renews_expiry(make_client, clock):
 
 # ---- rejection ----------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["empty", "no_file_field", "two_files", "not_multipart"])
+def two_files_form() -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("file", png_bytes(), filename="a.png")
+    form.add_field("file", png_bytes(color=(1, 2, 3)), filename="b.png")
+    return form
+
+
+# case -> the POST /upload it sends: (body, extra headers)
+BAD_UPLOADS = {
+    "empty": lambda: (file_form(b""), {}),
+    "no_file_field": lambda: (file_form(png_bytes(), field="image"), {}),
+    "two_files": lambda: (two_files_form(), {}),
+    "not_multipart": lambda: (png_bytes(), {"Content-Type": "image/png"}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
 async def test_bad_upload_requests_are_400(make_client, case):
     client = await make_client()
-    if case == "empty":
-        resp = await client.post("/upload", data=file_form(b""), headers=ALICE)
-    elif case == "no_file_field":
-        resp = await client.post("/upload", data=file_form(png_bytes(), field="image"), headers=ALICE)
-    elif case == "two_files":
-        fd = aiohttp.FormData()
-        fd.add_field("file", png_bytes(), filename="a.png")
-        fd.add_field("file", png_bytes(color=(1, 2, 3)), filename="b.png")
-        resp = await client.post("/upload", data=fd, headers=ALICE)
-    else:
-        resp = await client.post("/upload", data=png_bytes(), headers={**ALICE, "Content-Type": "image/png"})
+    body, headers = BAD_UPLOADS[case]()
+    resp = await client.post("/upload", data=body, headers={**ALICE, **headers})
     assert resp.status == 400
     body = await resp.json()
     assert body["error"] and body["code"]
@@ -138,13 +145,7 @@ async def test_empty_put_is_400(make_client):
     assert resp.status == 400
 
 
-def corpus_cases():
-    from conftest import read_manifest
-    return [pytest.param(row, id=row["file"]) for row in read_manifest()] or \
-        [pytest.param(None, marks=pytest.mark.skip(reason="corpus absent"))]
-
-
-@pytest.mark.parametrize("row", corpus_cases())
+@pytest.mark.parametrize("row", read_manifest(), ids=lambda row: row["file"])
 async def test_corpus_file_by_manifest(make_client, corpus, row):
     client = await make_client()
     data = (corpus / row["file"]).read_bytes()
