@@ -133,3 +133,12 @@ def test_check_config_errors_are_one_line_naming_the_key_with_exit_2(tmp_path, t
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and named in result.stderr
     assert '"x"' not in result.stderr
+
+
+def test_install_sh_has_no_config_reader_of_its_own():
+    """Its values come from check-config; a `.get(key, default)` or the example
+    password written into the script would be a second set of rules."""
+    script = (ROOT / "units" / "install.sh").read_text(encoding="utf-8")
+    assert "check-config" in script
+    assert re.findall(r"\.get\(\s*['\"]\w+['\"]\s*,", script) == []
+    assert [p for p in imgproxy.SHIPPED_PASSWORDS if p in script] == []

@@ -235,7 +235,7 @@ server = config.setdefault("server", {})
 server["data_dir"] = data_dir
 server["host"] = "127.0.0.1"
 new_passwords = {}
-for user in config.get("users", []):
+for user in config.get("users") or []:
     if "password" in user:
         user["password"] = new_passwords[user.get("username")] = secrets.token_urlsafe(12)
 client = config.get("client")
