@@ -113,9 +113,10 @@ class PageSession:
         page.click("#signin-submit")
 
     def enter(self, user="bob", password="bob123"):
-        """Sign in and wait for the app to show."""
+        """Sign in and wait for the app to show; returns the page."""
         self.sign_in(user, password)
         expect(self.page.locator("#app")).to_be_visible()
+        return self.page
 
     def upload(self, *files):
         self.page.set_input_files("#file-input", [str(f) if isinstance(f, Path) else f for f in files])
@@ -238,8 +239,7 @@ def test_sign_in_with_the_keyboard_lasts_for_the_tab(open_page):
 
 def test_upload_copy_and_dedup(open_page, server, corpus, manifest):
     tab = open_page(width=1000, height=760)
-    page = tab.page
-    tab.enter()
+    page = tab.enter()
 
     image, card = uploaded_card(tab, corpus, manifest, "testorig.jpg")
     expect(card.locator(".badge")).to_have_text("Uploaded")
@@ -298,8 +298,7 @@ def test_upload_copy_and_dedup(open_page, server, corpus, manifest):
 
 def test_several_files_at_once_each_with_progress(open_page, corpus, manifest):
     tab = open_page()
-    page = tab.page
-    tab.enter()
+    page = tab.enter()
     names = ["hopper.gif", "basn6a16.png", "lossless1.webp", "hopper_lzw.tif"]
     tab.upload(*(corpus / n for n in names))
     expect(page.locator("#uploads li.card")).to_have_count(len(names))
@@ -317,8 +316,7 @@ def test_several_files_at_once_each_with_progress(open_page, corpus, manifest):
 
 def test_drop_and_paste_upload(open_page, corpus, manifest):
     tab = open_page()
-    page = tab.page
-    tab.enter()
+    page = tab.enter()
     dropped = corpus / "hopper.gif"
     pasted = corpus / "basn3p04.png"
     page.evaluate("""([name, b64]) => {
@@ -350,8 +348,7 @@ def test_drop_and_paste_upload(open_page, corpus, manifest):
 
 def test_hostile_file_name_stays_text(open_page, server, corpus):
     tab = open_page()
-    page = tab.page
-    tab.enter()
+    page = tab.enter()
     name = 'x]"><img src=nowhere id=injected>[b.gif'
     tab.upload({"name": name, "mimeType": "image/gif", "buffer": (corpus / "hopper.gif").read_bytes()})
     card = page.locator("#uploads li.card").first
@@ -378,8 +375,7 @@ def test_server_errors_are_reported_next_to_the_file(browser, make_config, live_
     server = live_server(make_config(server={"max_upload_mb": 1}))
     tab = PageSession(browser, server)
     try:
-        page = tab.page
-        tab.enter()
+        page = tab.enter()
         tab.upload({"name": "huge.png", "mimeType": "image/png",
                     "buffer": b"\x89PNG\r\n\x1a\n" + b"\0" * (3 * 1024 * 1024)})
         card = tab.card("huge.png")
@@ -462,8 +458,7 @@ def test_my_images_pages_and_delete_with_confirmation(open_page, server, corpus,
 
 def test_phone_width(open_page, server, corpus, manifest):
     tab = open_page(width=375, height=740)
-    page = tab.page
-    tab.enter()
+    page = tab.enter()
     image, card = uploaded_card(tab, corpus, manifest, "hopper.gif")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     for selector in ("label[for=file-input]", "button[data-copy=markdown]", "button[data-copy=bbcode]",
