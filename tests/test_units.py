@@ -430,13 +430,17 @@ def test_install_reads_the_config_with_the_servers_own_rules(box: Box) -> None:
     assert "http://127.0.0.1:8000" in result.stdout
 
 
-def test_install_warns_when_the_server_would_refuse_its_host(box: Box) -> None:
+@pytest.mark.parametrize("server,warning", [
+    ({"host": "0.0.0.0", "data_dir": DATA_DIR}, "server.host is 0.0.0.0 and the server refuses to start"),
+    ({"data_dir": "data"}, f"server.data_dir is {CONF_DIR}/data: the unit only allows writes under {DATA_DIR}"),
+], ids=["example-password-on-a-public-host", "data-outside-the-state-directory"])
+def test_install_warns_about_a_config_the_unit_cannot_run(box: Box, server: dict, warning: str) -> None:
     config = json.loads((box.src / "config.json").read_text())
-    config["server"].update(host="0.0.0.0", data_dir=DATA_DIR)
+    config["server"].update(server)
     box.path(CONF_DIR).mkdir(parents=True)
     box.path(CONFIG).write_text(json.dumps(config))
     result = box.install()
-    assert "warning: server.host is 0.0.0.0 and the server refuses to start" in result.stdout
+    assert f"warning: {warning}" in result.stdout
 
 
 def test_upgrade_with_new_program_restarts_and_keeps_config(installed: Box) -> None:

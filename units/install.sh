@@ -313,8 +313,10 @@ mapfile -t values <<<"$config_values"
 LOCAL_URL=${values[0]} CLEANUP_TIME=${values[1]} PUBLIC_URL=${values[2]} EXAMPLE_PASSWORD=${values[3]}
 CLEANUP_ENABLED=${values[4]} CONFIG_DATA_DIR=${values[5]} CONFIG_HOST=${values[6]} LISTEN_PROBLEM=${values[7]:-}
 CONFIG_WARNING=
-if [[ $CONFIG_DATA_DIR != "$DESTDIR$DATA_DIR" && $CONFIG_DATA_DIR != "$DESTDIR$DATA_DIR"/* ]]; then
-    CONFIG_WARNING="server.data_dir is ${CONFIG_DATA_DIR#"$DESTDIR"}: the unit only allows writes under $DATA_DIR"
+# A relative data_dir is resolved beside the staged config, hence the DESTDIR strip.
+CONFIG_DATA_DIR=${CONFIG_DATA_DIR#"$DESTDIR"}
+if [[ $CONFIG_DATA_DIR != "$DATA_DIR" && $CONFIG_DATA_DIR != "$DATA_DIR"/* ]]; then
+    CONFIG_WARNING="server.data_dir is $CONFIG_DATA_DIR: the unit only allows writes under $DATA_DIR"
 elif [[ -n $LISTEN_PROBLEM ]]; then
     CONFIG_WARNING="server.host is $CONFIG_HOST and the server refuses to start: $LISTEN_PROBLEM"
 fi
