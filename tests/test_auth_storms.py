@@ -61,12 +61,12 @@ async def test_healthz_answers_during_a_storm_of_made_up_users(make_client):
     client = await make_client(users=hashed_users(2**12), server={"trust_forwarded_for": True})
     guesses = [asyncio.ensure_future(client.get(
         "/api/images", headers={**basic(f"made-up-{i}", "x"), "X-Forwarded-For": f"10.0.{i // 250}.{i % 250}"}))
-        for i in range(100)]
+        for i in range(80)]  # fewer than the test client's 100 connections: /healthz gets one
     await asyncio.sleep(0.3)  # the storm is queued now
     health = await client.get("/healthz")
     assert health.status == 200
     unanswered = sum(not g.done() for g in guesses)
-    assert unanswered >= 50, f"/healthz waited for {100 - unanswered} of 100 password checks"
+    assert unanswered >= 40, f"/healthz waited for {80 - unanswered} of 80 password checks"
     assert {(await g).status for g in guesses} == {401}
 
 
