@@ -18,7 +18,6 @@ import asyncio
 import base64
 import collections
 import importlib.util
-import json
 import statistics
 import sys
 import tempfile

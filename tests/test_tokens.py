@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 import imgproxy
-from conftest import ALICE, BOB, basic
+from conftest import ALICE, BOB
 from helpers import call_url, png_bytes
 
 TOKEN_RE = re.compile(r"imgp_[0-9A-Za-z]{43}")
