@@ -2689,7 +2689,9 @@ OPENAPI: dict = {
              "description": "Self-hosted image host: upload an image, get a public URL. "
                             "Errors are JSON {error, code}."},
     "components": {
-        "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
+        "securitySchemes": {"basic": {"type": "http", "scheme": "basic"},
+                            "metrics_token": {"type": "http", "scheme": "bearer",
+                                              "description": "metrics.token from config.json; /metrics only"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error", "code"],
                       "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
@@ -2798,6 +2800,14 @@ OPENAPI: dict = {
                         "text/javascript": {"schema": {"type": "string"}},
                         "text/css": {"schema": {"type": "string"}}}},
                         **_errors(404)}},
+        },
+        "/metrics": {
+            "get": {"summary": "Prometheus metrics (admin, or the metrics token); 404 while metrics.enable "
+                               "is false",
+                    "security": [{"basic": []}, {"metrics_token": []}],
+                    "responses": {"200": {"description": "Prometheus text format 0.0.4", "content": {
+                        "text/plain": {"schema": {"type": "string"}}}},
+                        **_errors(401, 403, 404, 429)}},
         },
         "/openapi.json": {
             "get": {"summary": "this document", "security": [],
