@@ -414,9 +414,10 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
 
 def _parse_metrics(raw: Any) -> MetricsConfig:
     m = _expect("metrics", raw, "object")
-    _only_keys("metrics", m, ("enable", "token"))
-    enable = _expect("metrics.enable", m.get("enable", False), "bool")
-    token = m.get("token")
+    d = MetricsConfig()
+    _only_keys("metrics", m, [f.name for f in dataclasses.fields(MetricsConfig)])
+    enable = _expect("metrics.enable", m.get("enable", d.enable), "bool")
+    token = m.get("token", d.token)
     if token is not None:
         token = _expect("metrics.token", token, "str")
         if len(token) < METRICS_TOKEN_MIN or not token.isprintable() or token != token.strip():

@@ -8,10 +8,9 @@ import json
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 import imgproxy
@@ -241,37 +240,31 @@ async def test_scheduled_cleanup_results_and_duration_are_counted(make_config, m
 
 # ---- several workers -------------------------------------------------------------------
 
-def http(url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None):
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def test_two_workers_report_their_sum(make_config, server_process, parse):
+async def test_two_workers_report_their_sum(make_config, server_process, parse):
     config = with_metrics(make_config(server={"workers": 2}), METRICS_ON)
     data_dir = config.parent / "data"
     (data_dir / "metrics").mkdir(parents=True)
     (data_dir / "metrics" / "1.json").write_text(json.dumps({"uploads": {"uploaded": 1000}}))  # a past run
     proc = server_process(config)
-    status, body = http(proc.base_url + "/upload/a.png", "PUT", png_bytes((3, 4)), BOB)
-    assert status == 201
-    url = json.loads(body)["url"]
     gets = 60
-    for _ in range(gets):  # a new connection each time: both workers answer some
-        assert http(url)[0] == 200
-    deadline = time.monotonic() + 15
-    while True:
-        # Each scrape may land on either worker; both must report the sum.
-        status, text = http(proc.base_url + "/metrics", headers=BEARER)
-        assert status == 200
-        samples = parse(text.decode())
-        counted = value(samples, "imgproxy_http_requests_total", route="/i/{name}", method="GET", status="200")
-        if counted == gets or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    # A new connection for every request, so that both workers answer some.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        async with http.put(proc.base_url + "/upload/a.png", data=png_bytes((3, 4)), headers=BOB) as resp:
+            assert resp.status == 201
+            url = (await resp.json())["url"]
+        for _ in range(gets):
+            async with http.get(url) as resp:
+                assert resp.status == 200
+        deadline = time.monotonic() + 15
+        while True:
+            # Each scrape may land on either worker; both must report the sum.
+            async with http.get(proc.base_url + "/metrics", headers=BEARER) as resp:
+                assert resp.status == 200
+                samples = parse(await resp.text())
+            counted = value(samples, "imgproxy_http_requests_total", route="/i/{name}", method="GET", status="200")
+            if counted == gets or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
     assert counted == gets
     assert value(samples, "imgproxy_worker_processes") == 2
     assert value(samples, "imgproxy_uploads_total", outcome="uploaded") == 1
@@ -281,7 +274,7 @@ def test_two_workers_report_their_sum(make_config, server_process, parse):
                       for s in snapshots]
         if sum(per_worker) == gets or time.monotonic() > deadline:
             break
-        time.sleep(0.2)
+        await asyncio.sleep(0.2)
     assert len(per_worker) == 2 and all(per_worker), per_worker  # both served, so the sum is real
     assert proc.terminate() == 0
     assert "Traceback" not in proc.log
