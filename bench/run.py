@@ -510,10 +510,12 @@ class Bench:
                         self.table.add("1 hot GET 60 KB", f"req/s, server.workers={self.args.workers}, "
                                        "metrics.enable vs off", fmt_rate(rw["rps"]), fmt_rate(plain["rps"]),
                                        f"{rw['rps'] / plain['rps']:.2f}×", "(report)")
+                        self.cpu_rows("1 hot GET 60 KB, workers, metrics.enable", rw, [("off", plain)])
                     else:  # what this version's changes cost the default install
                         self.table.add("1 hot GET 60 KB", f"req/s, server.workers={self.args.workers}, "
                                        "this imgproxy.py vs baseline", fmt_rate(plain["rps"]), fmt_rate(rw["rps"]),
                                        f"{plain['rps'] / rw['rps']:.2f}×", verdict(plain["rps"] / rw["rps"], 0.95))
+                        self.cpu_rows("1 hot GET 60 KB, workers, this imgproxy.py", plain, [("baseline", rw)])
         self.cpu_rows("1 hot GET 60 KB", ri, [("nginx", rn), ("bare aiohttp", rb)])
 
     def mixed_get(self, srv: Server, nginx: Server) -> None:
