@@ -425,9 +425,11 @@ def _parse_metrics(raw: Any) -> MetricsConfig:
                               "spaces around them, e.g. from: python3 -c 'import secrets; "
                               "print(secrets.token_urlsafe(32))'")
     if enable:
-        # Optional dependency: the default install keeps to aiohttp, aiosqlite and Pillow.
+        # Optional dependency, imported only now: the default install keeps to
+        # aiohttp, aiosqlite and Pillow. Importing (not just finding) it here
+        # turns a broken install into this one line too, not a 500 at scrape time.
         try:
-            import prometheus_client
+            __import__("prometheus_client")
         except ImportError:
             raise ConfigError("metrics.enable: needs the Python package prometheus-client "
                               "(pip install prometheus-client), or set it to false") from None
@@ -2112,6 +2114,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
         raise json_error(404, "metrics are off (metrics.enable in config.json)", "not_found")
     await require_metrics_reader(request)
     body = await metrics.exposition()
+    # The classic text format: every Prometheus reads it, and our names need nothing newer.
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
