@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -301,7 +302,7 @@ def test_missing_prometheus_client_is_a_config_error(make_config, tmp_path):
         "        if name.split('.')[0] == 'prometheus_client':\n"
         "            raise ModuleNotFoundError(\"No module named 'prometheus_client'\")\n"
         "sys.meta_path.insert(0, Refuse())\n")
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(hide)}
+    env = {**os.environ, "PYTHONPATH": str(hide)}
     config = with_metrics(make_config(), {"enable": True})
     out = run_server(config, env)
     assert out.returncode == 2
