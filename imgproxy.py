@@ -2111,7 +2111,7 @@ async def handle_openapi(request: web.Request) -> web.Response:
 async def handle_metrics(request: web.Request) -> web.Response:
     metrics = request.app.get(METRICS)
     if metrics is None:
-        raise json_error(404, "metrics are off (metrics.enable in config.json)", "not_found")
+        raise json_error(404, "not found", "not_found")  # as for any unknown path (README: Metrics)
     await require_metrics_reader(request)
     body = await metrics.exposition()
     # The classic text format: every Prometheus reads it, and our names need nothing newer.
