@@ -78,7 +78,8 @@ async def test_metrics_are_off_by_default_and_add_no_hook(make_client):
     client = await make_client()
     resp = await client.get("/metrics", headers=ALICE)
     assert resp.status == 404
-    assert (await resp.json())["code"] == "not_found"
+    unknown = await client.get("/no-such-path", headers=ALICE)
+    assert await resp.json() == await unknown.json() == {"error": "not found", "code": "not_found"}
     app = client.server.app
     assert imgproxy.METRICS not in app
     assert not any(isinstance(getattr(hook, "__self__", None), imgproxy.Metrics)
