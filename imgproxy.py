@@ -2857,7 +2857,8 @@ def _json(schema_name: str, description: str) -> dict:
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}}}
 
 
-_MD5_PARAM = {"name": "md5", "in": "path", "required": True, "description": "hex MD5 of the image bytes",
+_MD5_PARAM = {"name": "md5", "in": "path", "required": True,
+              "description": "hex MD5 of the image bytes, or its source_md5 (the bytes as uploaded)",
               "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
 _UPLOADED = {
     "200": {"description": "already stored: expiry renewed (status: exists)",
@@ -2888,6 +2889,9 @@ OPENAPI: dict = {
                              "access_count", "created_at", "expire_at"],
                 "properties": {
                     "md5": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                    "source_md5": {"type": "string", "pattern": "^[0-9a-f]{32}$",
+                                   "description": "MD5 of the bytes as uploaded, when metadata removal "
+                                                  "or conversion changed them"},
                     "url": {"type": "string"},
                     "name": {"type": "string"},
                     "size": {"type": "integer", "minimum": 1},
