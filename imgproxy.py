@@ -1567,18 +1567,17 @@ def apply_cuts(source: bytes, pieces: list) -> bytes:
 def _write_pieces(buf, pieces: list, path: Path) -> tuple[str, int]:
     """Write the pieces to a new file at `path`; returns (md5, size)."""
     digest, size = hashlib.md5(), 0
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as out:
-        for piece in pieces:
-            if isinstance(piece, tuple):
-                for start in range(piece[0], piece[1], FLUSH_BYTES):
-                    chunk = buf[start:min(start + FLUSH_BYTES, piece[1])]
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-            else:
-                digest.update(piece)
-                out.write(piece)
-                size += len(piece)
+    view = memoryview(buf)  # ranges of the source without copying them
+    try:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as out:
+            for piece in pieces:
+                chunk = view[piece[0]:piece[1]] if isinstance(piece, tuple) else piece
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+                del chunk  # an mmap cannot close while a view of it lives
+    finally:
+        view.release()
     return digest.hexdigest(), size
 
 

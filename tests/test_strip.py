@@ -396,6 +396,23 @@ async def test_upload_stores_stripped_bytes_under_their_md5(make_client):
     assert store_problems(client.data_dir) == []
 
 
+async def test_large_upload_is_stripped_from_its_temp_file(make_client):
+    # Past FLUSH_BYTES the upload is on disk, not in memory: the stripper reads it through mmap.
+    noise = Image.effect_noise((900, 900), 80).convert("RGB")
+    buf = io.BytesIO()
+    noise.save(buf, "JPEG", quality=98, exif=gps_exif(orientation=3), comment=b"shot at home")
+    original = buf.getvalue() + b"PK\x03\x04 trailing archive"
+    assert len(original) > imgproxy.FLUSH_BYTES
+    client = await make_client()
+    info = await (await put(client, original, "big.jpg")).json()
+    assert info["source_md5"] == hashlib.md5(original).hexdigest()
+    body = await (await client.get(f"/i/{info['md5']}.jpg")).read()
+    assert metadata_leaks(body) == [] and b"shot at home" not in body and b"PK\x03\x04" not in body
+    assert dict(Image.open(io.BytesIO(body)).getexif()) == {0x0112: 3}
+    assert pixels(body) == pixels(original)
+    assert list((client.data_dir / "tmp").iterdir()) == [] and store_problems(client.data_dir) == []
+
+
 async def test_two_originals_that_strip_alike_are_one_image(make_client):
     client = await make_client()
     first = photo_bytes("PNG")
