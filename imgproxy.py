@@ -1428,6 +1428,8 @@ def _jpeg_cuts(buf) -> Optional[list]:
                         replacement = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
                 if replacement != buf[pos:end]:  # an already minimal Exif stays
                     cuts.cut(pos, end, replacement)
+            elif marker == 0xE0 and end - pos > 18:  # a JFIF header with a thumbnail: keep the header only
+                cuts.cut(pos, end, b"\xff\xe0\x00\x10" + buf[pos + 4:pos + 16] + b"\x00\x00")
         pos = end
 
 

@@ -75,6 +75,18 @@ def test_jpeg_orientation_stays_as_a_lone_tag():
     assert imgproxy.metadata_cuts(stripped, "JPEG") is None  # already clean: nothing to do
 
 
+def test_jfif_thumbnail_goes_jfif_header_stays():
+    plain = jpeg_bytes((32, 32))
+    assert plain[2:4] == b"\xff\xe0"
+    end = 4 + int.from_bytes(plain[4:6], "big")
+    thumbnail = bytes([7, 7, 7]) * 4  # 2x2 RGB preview
+    jfif = plain[6:18] + b"\x02\x02" + thumbnail
+    tagged = plain[:2] + b"\xff\xe0" + (len(jfif) + 2).to_bytes(2, "big") + jfif + plain[end:]
+    stripped = strip(tagged, "JPEG")
+    assert stripped == plain[:2] + b"\xff\xe0\x00\x10" + plain[6:18] + b"\x00\x00" + plain[end:]
+    assert pixels(stripped) == pixels(tagged)
+
+
 def test_jpeg_without_metadata_is_left_alone():
     plain = jpeg_bytes((32, 32))
     bare = plain[:2] + plain[2 + 2 + int.from_bytes(plain[4:6], "big"):]  # without JFIF too
