@@ -660,8 +660,8 @@ CREATE TABLE IF NOT EXISTS holds (
 CREATE INDEX IF NOT EXISTS holds_user ON holds(username, held_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-IMAGE_COLUMNS = ("md5, ext, format, mime, name, size, width, height, access_count, created_at, expire_at, "
-                 "source_md5")
+IMAGE_COLUMNS = "md5, ext, format, mime, name, size, width, height, access_count, created_at, expire_at"
+ROW_COLUMNS = IMAGE_COLUMNS + ", source_md5"  # what reads select (the column comes from add_source_md5)
 
 
 def add_source_md5(db: sqlite3.Connection) -> None:
@@ -751,12 +751,12 @@ class Txn:
         self.changed = False
 
     def row(self, md5: str) -> Optional[sqlite3.Row]:
-        return self.db.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE md5 = ?", (md5,)).fetchone()
+        return self.db.execute(f"SELECT {ROW_COLUMNS} FROM images WHERE md5 = ?", (md5,)).fetchone()
 
     def row_any(self, digest: str) -> Optional[sqlite3.Row]:
         """The image named by either digest: its own md5 first, else the upload it came from."""
         return self.row(digest) or self.db.execute(
-            f"SELECT {IMAGE_COLUMNS} FROM images WHERE source_md5 = ? LIMIT 1", (digest,)).fetchone()
+            f"SELECT {ROW_COLUMNS} FROM images WHERE source_md5 = ? LIMIT 1", (digest,)).fetchone()
 
     def hold(self, md5: str, user: str, now: float) -> None:
         self.db.execute("INSERT INTO holds (md5, username, held_at) VALUES (?, ?, ?) "
@@ -915,21 +915,21 @@ class ImageStore:
             "created_at": iso(row["created_at"]),
             "expire_at": iso(row["expire_at"]),
         }
-        if row["source_md5"] and row["source_md5"] != md5:
+        if "source_md5" in row.keys() and row["source_md5"] and row["source_md5"] != md5:
             out["source_md5"] = row["source_md5"]
         if status:
             out["status"] = status
         return out
 
     async def get_row(self, md5: str) -> Optional[sqlite3.Row]:
-        async with self.db_read.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE md5 = ?", (md5,)) as cur:
+        async with self.db_read.execute(f"SELECT {ROW_COLUMNS} FROM images WHERE md5 = ?", (md5,)) as cur:
             return await cur.fetchone()
 
     async def get_row_any(self, digest: str) -> Optional[sqlite3.Row]:
         """For the API's {md5} slots, which also take a source_md5; never for /i/."""
         row = await self.get_row(digest)
         if row is None:
-            async with self.db_read.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE source_md5 = ? "
+            async with self.db_read.execute(f"SELECT {ROW_COLUMNS} FROM images WHERE source_md5 = ? "
                                             "LIMIT 1", (digest,)) as cur:
                 row = await cur.fetchone()
         return row
@@ -945,10 +945,10 @@ class ImageStore:
         db = self.db_read
         if username is None:
             where, args = "WHERE expire_at > ?", [now]
-            sql = f"SELECT {IMAGE_COLUMNS} FROM images {where} ORDER BY created_at DESC, md5 LIMIT ? OFFSET ?"
+            sql = f"SELECT {ROW_COLUMNS} FROM images {where} ORDER BY created_at DESC, md5 LIMIT ? OFFSET ?"
             count_sql = f"SELECT COUNT(*) FROM images {where}"
         else:
-            cols = ", ".join(f"i.{c.strip()}" for c in IMAGE_COLUMNS.split(","))
+            cols = ", ".join(f"i.{c.strip()}" for c in ROW_COLUMNS.split(","))
             where, args = "WHERE h.username = ? AND i.expire_at > ?", [username, now]
             sql = (f"SELECT {cols} FROM holds h JOIN images i ON i.md5 = h.md5 {where} "
                    "ORDER BY h.held_at DESC, i.md5 LIMIT ? OFFSET ?")
@@ -989,7 +989,7 @@ class ImageStore:
                 placed = True
                 if row is None:
                     txn.db.execute(
-                        f"INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,0,?,?,?)",
+                        f"INSERT INTO images ({ROW_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,0,?,?,?)",
                         (md5, ext, facts.format, mime, name, facts.size, facts.width, facts.height,
                          now, expire_at, source_md5))
                     created = True

@@ -4,6 +4,7 @@ storage invariants every test checks after the dust settles."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import io
 import os
@@ -315,7 +316,9 @@ def gps_exif(orientation: int = 1) -> "Image.Exif":
     return exif
 
 
+@functools.lru_cache(maxsize=1)
 def srgb_icc() -> bytes:
+    """One sRGB profile for the whole run (a new one carries a new creation time)."""
     from PIL import ImageCms
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
