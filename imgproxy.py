@@ -1335,9 +1335,6 @@ _TIFF_STRUCTURE = frozenset({254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 2
 HEIF_JPEG_QUALITY = 92
 AVIF_QUALITY = 90
 
-Piece = "tuple[int, int] | bytes"  # a range of the source to copy, or bytes to insert
-
-
 def exif_orientation(tiff: bytes) -> int:
     """The Orientation (1-8) in an Exif TIFF block, 1 when absent or malformed."""
     if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
@@ -1361,7 +1358,8 @@ def minimal_exif(orientation: int) -> bytes:
 
 
 class _Cuts:
-    """Collects the pieces of a rewritten file: ranges kept, ranges cut or replaced."""
+    """Collects the pieces of a rewritten file: (start, end) ranges of the source
+    to copy and bytes to insert, in order."""
 
     def __init__(self) -> None:
         self.pieces: list = []
@@ -1698,15 +1696,17 @@ def prepare_stored(source: bytes | Path, facts: ImageFacts, tmp: Callable[[], Pa
     thread, after inspect_image accepted the upload (every limit applied)."""
     new_bytes: Optional[bytes] = None
     fmt = facts.format
-    if fmt in CONVERTED_FORMATS:
-        new_bytes = heif_to_jpeg(source)
-        fmt = CONVERTED_FORMATS[fmt]
+    reencode = {"TIFF": _tiff_without_metadata, "AVIF": _avif_without_metadata, "HEIF": heif_to_jpeg}
+    if fmt in reencode and (strip or fmt in CONVERTED_FORMATS):
+        try:
+            new_bytes = reencode[fmt](source)
+        except Exception as exc:  # noqa: BLE001 - an encoder failing on odd input is a refusal, not a 500
+            log.debug("could not re-encode a %s: %r", fmt, exc)
+            raise UploadRejected(415, "unsupported_image", f"this {fmt} image could not be converted or "
+                                 f"cleaned of metadata ({type(exc).__name__})") from None
+        fmt = CONVERTED_FORMATS.get(fmt, fmt)
     elif not strip:
         return None
-    elif fmt == "TIFF":
-        new_bytes = _tiff_without_metadata(source)
-    elif fmt == "AVIF":
-        new_bytes = _avif_without_metadata(source)
     elif fmt in _CUTTERS:
         with contextlib.ExitStack() as stack:
             buf = source
