@@ -32,6 +32,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
+import email.utils
 import errno
 import fcntl
 import getpass
@@ -58,7 +59,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Optional
 
 import aiosqlite
-from aiohttp import BodyPartReader, hdrs, http_exceptions, web
+from aiohttp import BodyPartReader, MultipartReader, hdrs, http_exceptions, web
 from PIL import Image
 
 # ==== constants =================================================================
@@ -102,6 +103,13 @@ AUTH_FAIL_WINDOW = 60.0         # ... within this many seconds block that addres
 AUTH_FAIL_TABLE = 10_000        # addresses the limiter remembers at most
 UPLOAD_IDLE_TIMEOUT = 60.0      # an upload body that sends nothing for this long is dropped (408)
 KEEPALIVE_TIMEOUT = 75.0        # idle connections and unfinished request heads are closed
+RESPONSE_STALL_TIMEOUT = 60.0   # a response the client takes nothing of for this long is dropped
+MAX_CONNECTIONS = 2048          # default of server.max_connections (per process)
+FD_RESERVE = 64                 # descriptors kept for the database, logs, decodes, the listener
+MAX_RANGES = 16                 # byte ranges in one request; more, or overlapping ones, get the whole image
+MAX_EXPIRE_DAYS = 36500         # config bounds: beyond these, date and size arithmetic breaks
+MAX_UPLOAD_MB = 4096
+MAX_CACHE_MB = 65536
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 IMAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -193,6 +201,7 @@ class ServerConfig:
     access_log: bool = False
     trust_forwarded_for: bool = False
     workers: int = 1
+    max_connections: int = MAX_CONNECTIONS
 
     @property
     def max_upload_bytes(self) -> int:
@@ -295,8 +304,8 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
         if not re.match(r"https?://[^/\s]+", base_url):
             raise ConfigError(f"server.base_url: expected an http:// or https:// URL, got {base_url!r}")
     max_mb = _expect("server.max_upload_mb", s.get("max_upload_mb", d.max_upload_mb), "number")
-    if max_mb <= 0:
-        raise ConfigError("server.max_upload_mb: must be greater than 0")
+    if not 0 < max_mb <= MAX_UPLOAD_MB:
+        raise ConfigError(f"server.max_upload_mb: expected more than 0 and at most {MAX_UPLOAD_MB}, got {max_mb:g}")
     max_pixels = _expect("server.max_pixels", s.get("max_pixels", d.max_pixels), "int")
     if max_pixels <= 0:
         raise ConfigError("server.max_pixels: must be greater than 0")
@@ -314,16 +323,20 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
     if not wanted_formats:
         raise ConfigError("server.formats: list at least one format")
     cache_mb = _expect("server.cache_mb", s.get("cache_mb", d.cache_mb), "number")
-    if cache_mb < 0:
-        raise ConfigError("server.cache_mb: must be 0 or more")
+    if not 0 <= cache_mb <= MAX_CACHE_MB:
+        raise ConfigError(f"server.cache_mb: expected 0 to {MAX_CACHE_MB}, got {cache_mb:g}")
     level = _expect("server.log_level", s.get("log_level", d.log_level), "str").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"server.log_level: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
     workers = _expect("server.workers", s.get("workers", d.workers), "int")
     if not 1 <= workers <= 64:
         raise ConfigError(f"server.workers: expected 1..64 processes, got {workers}")
+    max_connections = _expect("server.max_connections", s.get("max_connections", d.max_connections), "int")
+    if not 16 <= max_connections <= 1_000_000:
+        raise ConfigError(f"server.max_connections: expected 16..1000000, got {max_connections}")
     server = ServerConfig(
         workers=workers,
+        max_connections=max_connections,
         domain=_expect("server.domain", s.get("domain", d.domain), "str"),
         port=port,
         host=_expect("server.host", s.get("host", d.host), "str"),
@@ -345,8 +358,9 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
     c = _expect("cleanup", raw.get("cleanup", {}), "object")
     _only_keys("cleanup", c, ("enable", "expire_days", "cleanup_time"))
     days = _expect("cleanup.expire_days", c.get("expire_days", 30), "number")
-    if days < 0:
-        raise ConfigError(f"cleanup.expire_days: must be 0 or more, got {days}")
+    if not 0 <= days <= MAX_EXPIRE_DAYS:
+        raise ConfigError(f"cleanup.expire_days: expected 0 to {MAX_EXPIRE_DAYS} (100 years, which is as good "
+                          f"as never), got {days:g}")
     cleanup = CleanupConfig(
         enable=_expect("cleanup.enable", c.get("enable", True), "bool"),
         expire_days=days,
@@ -440,10 +454,13 @@ def check_safe_to_listen(config: Config, host: str) -> None:
     if is_loopback(host):
         return
     for u in config.users:
-        if u.password is not None and u.password in SHIPPED_PASSWORDS:
+        # A hash of an example password is the example password all the same.
+        if (u.password is not None and u.password in SHIPPED_PASSWORDS
+                or u.password_hash is not None
+                and any(verify_password_hash(p, u.password_hash) for p in SHIPPED_PASSWORDS)):
             raise ConfigError(
                 f"refusing to listen on {host}: user {u.username!r} still has the example password "
-                "from config.json. Make a hash with 'python3 imgproxy.py hash-password' and put it in "
+                "from config.json. Choose another one, make a hash with 'python3 imgproxy.py hash-password' and put it in "
                 "users[].password_hash (removing 'password'), or listen on 127.0.0.1 behind a proxy.")
 
 
@@ -505,6 +522,28 @@ class Storage:
     def new_tmp_path(self, kind: str = "upload") -> Path:
         return self.tmp / f"{kind}-{secrets.token_hex(8)}.part"
 
+    def create_tmp(self, kind: str = "upload") -> tuple[Path, int]:
+        """A new tmp/ file, open read-write and flock()ed until its descriptor closes.
+
+        The lock is what tells a live file from a crash leftover: the kernel
+        drops it when the writer dies, even by kill -9, and other processes
+        (workers, cleanup.py, machines sharing the folder over NFS, where
+        Linux emulates flock with byte-range locks) test it before removing.
+        A leftover sweep can win the race between our create and our lock; it
+        unlinks under the lock, so a file with no links left is one to redo.
+        """
+        while True:
+            path = self.new_tmp_path(kind)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_nlink > 0:
+                    return path, fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
     def place(self, md5: str, ext: str, data: Optional[bytes], tmp_path: Optional[Path]) -> Path:
         """Put the validated bytes at their final path (blocking; run in a thread).
 
@@ -548,6 +587,45 @@ def _unlink_quietly(path: Optional[Path]) -> int:
         return 0
 
 
+def sweep_dead_temp_files(storage: Storage, now: float, dry_run: bool = False) -> list[tuple[Path, int]]:
+    """Remove (or list) what dead processes left in tmp/: (path, bytes) of each.
+
+    A `.part` file goes as soon as no process holds its lock (see
+    Storage.create_tmp), however young; anything else (SQLite's journal of a
+    snapshot, a stray file) once unlocked and untouched for TMP_MAX_AGE.
+    Blocking: run in a thread.
+    """
+    dead = []
+    try:
+        entries = list(os.scandir(storage.tmp))
+    except FileNotFoundError:
+        return dead
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if not entry.name.endswith(".part") and now - entry.stat().st_mtime <= TMP_MAX_AGE:
+                continue
+            fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # gone meanwhile, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # a live writer holds it
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            if not dry_run:
+                os.unlink(entry.path)  # under the lock: a writer racing its create sees no links
+            dead.append((Path(entry.path), size))
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+    return dead
+
+
 class UploadSink:
     """Receives an upload's bytes: hashes them and keeps them in memory or in tmp/.
 
@@ -584,8 +662,8 @@ class UploadSink:
 
     def _write(self, data: bytes | bytearray) -> None:
         if self._file is None:
-            self.tmp_path = self.storage.new_tmp_path()
-            self._file = open(os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb")
+            self.tmp_path, fd = self.storage.create_tmp()
+            self._file = open(fd, "wb")
         self.md5.update(data)
         self._file.write(data)
 
@@ -604,8 +682,14 @@ class UploadSink:
         small = bytes(self.buf) if self._file is None else None
         rest, self.buf = self.buf, bytearray()
         self._write(rest)
-        self._file.close()
+        self._file.flush()  # stays open, and locked, until published: see release()
         return self.md5.hexdigest(), small
+
+    def release(self) -> None:
+        """Close the tmp/ file (blocking), dropping its lock; after publish or discard."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     async def discard(self) -> None:
         if self._pending is not None:
@@ -704,6 +788,7 @@ class ServedImage:
     expire_at: float
     path: Path
     body: Optional[bytes] = None
+    created_at: Optional[float] = None  # Last-Modified: the bytes at an md5 never change
 
 
 class Txn:
@@ -766,6 +851,11 @@ class ImageStore:
     # -- life cycle --
     async def open(self) -> "ImageStore":
         await asyncio.to_thread(self.storage.prepare)
+        # What a killed process left in tmp/ goes now, not at the next pass.
+        leftovers = await asyncio.to_thread(sweep_dead_temp_files, self.storage, time.time())
+        if leftovers:
+            log.info("removed %d temp files (%d bytes) left by a process that died",
+                     len(leftovers), sum(size for _, size in leftovers))
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imgproxy-writer")
         try:
             await asyncio.to_thread(self._open_generation)
@@ -1030,7 +1120,7 @@ class ImageStore:
             if row is None:
                 return None
             entry = ServedImage(md5, row["ext"], row["mime"], row["size"], row["expire_at"],
-                                self.storage.image_path(md5, row["ext"]))
+                                self.storage.image_path(md5, row["ext"]), created_at=row["created_at"])
             if row["size"] <= BODY_CACHE_MAX_FILE and row["size"] <= self.body_budget:
                 try:
                     entry.body = await asyncio.to_thread(entry.path.read_bytes)
@@ -1093,28 +1183,31 @@ class ImageStore:
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value)))
 
     # -- database snapshot --
-    async def snapshot(self) -> Path:
-        """A consistent copy through SQLite's backup API, in tmp/ (caller removes it)."""
-        target = self.storage.new_tmp_path("snapshot")
-
-        def run() -> None:
-            src = sqlite3.connect(f"file:{self.storage.db_path}?mode=ro", uri=True, timeout=15)
+    async def snapshot(self) -> io.BufferedReader:
+        """A consistent copy through SQLite's backup API, as an open file already
+        unlinked from tmp/: nothing is left behind whatever happens to the reader."""
+        def run() -> io.BufferedReader:
+            target, fd = self.storage.create_tmp("snapshot")  # locked: no sweep takes it mid-copy
             try:
-                dst = sqlite3.connect(str(target))
+                # A URI, percent-encoded: a data_dir may contain '#', '?' or '%'.
+                src = sqlite3.connect(self.storage.db_path.absolute().as_uri() + "?mode=ro", uri=True, timeout=15)
                 try:
-                    src.backup(dst)
-                    dst.execute("PRAGMA journal_mode = DELETE")
+                    dst = sqlite3.connect(str(target))
+                    try:
+                        src.backup(dst)
+                        dst.execute("PRAGMA journal_mode = DELETE")
+                    finally:
+                        dst.close()
                 finally:
-                    dst.close()
+                    src.close()
+                return open(fd, "rb")
+            except BaseException:
+                os.close(fd)
+                raise
             finally:
-                src.close()
+                _unlink_quietly(target)
 
-        try:
-            await asyncio.to_thread(run)
-        except BaseException:
-            await asyncio.to_thread(_unlink_quietly, target)
-            raise
-        return target
+        return await asyncio.to_thread(run)
 
 
 # ==== image inspection ==========================================================
@@ -1406,8 +1499,18 @@ async def error_middleware(request: web.Request, handler):
         # header line, a body shorter than its Content-Length): the client's fault.
         status = exc.code if 400 <= exc.code < 500 else 400
         raise json_error(status, f"malformed request: {exc.message}"[:200], _STATUS_CODES.get(status, "bad_request"))
-    except (asyncio.CancelledError, ConnectionError):
+    except asyncio.CancelledError:
         raise
+    except ConnectionError:
+        if request.transport is not None and not request.transport.is_closing():
+            raise
+        # The client dropped the connection (an upload cancelled, a tab
+        # closed): not a server fault, and any uploader could flood the log
+        # with tracebacks. One quiet line; the answer goes nowhere.
+        log.info("client went away during %s %s", request.method, request.path)
+        exc = json_error(400, "the client closed the connection", "client_gone")
+        exc.force_close()
+        raise exc from None
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             log.error("disk full while handling %s %s", request.method, request.path)
@@ -1433,6 +1536,225 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     if "Cache-Control" not in headers:
         headers["Cache-Control"] = "no-store"
     headers.setdefault("Referrer-Policy", "no-referrer")
+
+
+# ==== serving: conditional requests and ranges (RFC 9110) =====================
+# One answer for every way a representation is kept: bytes in memory (small
+# images), a file (large ones), and whatever else reuses send_representation.
+
+STREAMING = web.AppKey("streaming", dict)  # transport -> task blocked in a native sendfile
+_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")
+
+
+def _etag_listed(header: str, etag: str, weak: bool) -> bool:
+    """Is `etag` (quoted, strong) in an If-Match / If-None-Match list?"""
+    for tag in header.split(","):
+        tag = tag.strip()
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            if not weak:
+                continue
+            tag = tag[2:]
+        if tag == etag:
+            return True
+    return False
+
+
+def precondition_status(request: web.Request, etag: str, last_modified: Optional[float]) -> Optional[int]:
+    """412 or 304 as RFC 9110 13.2.2 orders the checks, or None to answer normally."""
+    headers = request.headers
+    if_match = headers.get(hdrs.IF_MATCH)
+    if if_match is not None:
+        if not _etag_listed(if_match, etag, weak=False):
+            return 412
+    elif last_modified is not None and hdrs.IF_UNMODIFIED_SINCE in headers:
+        since = request.if_unmodified_since
+        if since is not None and int(last_modified) > since.timestamp():
+            return 412
+    if_none_match = headers.get(hdrs.IF_NONE_MATCH)
+    if if_none_match is not None:
+        if _etag_listed(if_none_match, etag, weak=True):
+            return 304 if request.method in ("GET", "HEAD") else 412
+    elif last_modified is not None and hdrs.IF_MODIFIED_SINCE in headers and request.method in ("GET", "HEAD"):
+        since = request.if_modified_since
+        if since is not None and int(last_modified) <= since.timestamp():
+            return 304
+    return None
+
+
+def _byte_pos(digits: str) -> int:
+    # Longer numbers than any file are all "past the end" (and int() of
+    # thousands of digits is slow, or refused by Python 3.11+).
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
+def requested_ranges(request: web.Request, size: int, etag: str,
+                     last_modified: Optional[float]) -> Optional[list[tuple[int, int]]]:
+    """The byte ranges to send as (start, stop) pairs; [] when none can be
+    satisfied (416); None for the whole representation (200).
+
+    RFC 9110 14: Range counts for GET only; a failed If-Range (a different
+    entity tag, or a date that is not exactly Last-Modified), another unit,
+    an invalid ranges-specifier, more than MAX_RANGES ranges or overlapping
+    ones all mean the whole representation.
+    """
+    header = request.headers.get(hdrs.RANGE)
+    if header is None or request.method != "GET":
+        return None
+    if_range = request.headers.get(hdrs.IF_RANGE)
+    if if_range is not None:
+        if_range = if_range.strip()
+        if if_range.startswith(('"', "W/")):
+            if if_range != etag:
+                return None
+        else:
+            date = request.if_range
+            if last_modified is None or date is None or date.timestamp() != int(last_modified):
+                return None
+    unit, equals, specs = header.partition("=")
+    if unit.strip().lower() != "bytes" or not equals:
+        return None
+    ranges, count = [], 0
+    for spec in specs.split(","):
+        spec = spec.strip(" \t")
+        if not spec:
+            continue  # empty list elements are allowed
+        m = _RANGE_SPEC.fullmatch(spec)
+        if m is None or not (m[1] or m[2]):
+            return None
+        count += 1
+        if m[1]:
+            first = _byte_pos(m[1])
+            last = _byte_pos(m[2]) if m[2] else None
+            if last is not None and last < first:
+                return None
+            if first < size:
+                ranges.append((first, size if last is None else min(last + 1, size)))
+        else:
+            suffix = _byte_pos(m[2])
+            if suffix > 0:  # bytes=-0 asks for nothing: unsatisfiable
+                ranges.append((max(0, size - suffix), size))
+    if count == 0 or count > MAX_RANGES:
+        return None
+    ordered = sorted(ranges)
+    if any(a[1] > b[0] for a, b in zip(ordered, ordered[1:])):
+        return None
+    return ranges
+
+
+async def send_representation(request: web.Request, source: bytes | Path, etag: str,
+                              headers: dict[str, str], size: Optional[int] = None,
+                              last_modified: Optional[float] = None) -> web.StreamResponse:
+    """Answer GET/HEAD for one representation, held as bytes or as a file.
+
+    `etag` is the quoted strong tag, `headers` what every 2xx/304 carries
+    (Content-Type among them); `size` is needed for a file. Preconditions,
+    ranges (one, or several as multipart/byteranges), 304, 412 and 416 come
+    out the same whichever way the bytes are kept.
+    """
+    headers = dict(headers, ETag=etag)
+    headers["Accept-Ranges"] = "bytes"
+    if last_modified is not None:
+        headers["Last-Modified"] = email.utils.formatdate(int(last_modified), usegmt=True)
+    if isinstance(source, (bytes, bytearray)):
+        size = len(source)
+        asked = request.headers
+        if (hdrs.IF_NONE_MATCH not in asked and hdrs.RANGE not in asked and hdrs.IF_MATCH not in asked
+                and hdrs.IF_MODIFIED_SINCE not in asked and hdrs.IF_UNMODIFIED_SINCE not in asked):
+            return web.Response(body=source, headers=headers)  # the hot path
+    assert size is not None
+    status = precondition_status(request, etag, last_modified)
+    if status == 304:
+        headers.pop("Content-Type", None)
+        return web.Response(status=304, headers=headers)
+    if status == 412:
+        raise json_error(412, "precondition failed: the image is not the one the request names",
+                         "precondition_failed")
+    ranges = requested_ranges(request, size, etag, last_modified)
+    if ranges == []:
+        raise json_error(416, "range not satisfiable", "range_not_satisfiable",
+                         {"Content-Range": f"bytes */{size}"})
+    if ranges is None:
+        spans, status = [(0, size)], 200
+    elif len(ranges) == 1:
+        spans, status = ranges, 206
+        headers["Content-Range"] = f"bytes {ranges[0][0]}-{ranges[0][1] - 1}/{size}"
+    else:
+        return await _send_byteranges(request, source, ranges, size, headers)
+    start, stop = spans[0]
+    if isinstance(source, (bytes, bytearray)):
+        return web.Response(status=status, body=source[start:stop] if status == 206 else source,
+                            headers=headers)
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = stop - start
+    return await _send_file_spans(request, resp, source, [(b"", start, stop)])
+
+
+async def _send_byteranges(request: web.Request, source: bytes | Path, ranges: list[tuple[int, int]],
+                           size: int, headers: dict[str, str]) -> web.StreamResponse:
+    boundary = secrets.token_hex(12)
+    part_type = headers.pop("Content-Type", "application/octet-stream")
+    pieces = []
+    for start, stop in ranges:
+        head = (f"--{boundary}\r\nContent-Type: {part_type}\r\n"
+                f"Content-Range: bytes {start}-{stop - 1}/{size}\r\n\r\n").encode()
+        pieces.append((b"\r\n" + head if pieces else head, start, stop))
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
+    if isinstance(source, (bytes, bytearray)):
+        body = b"".join(head + source[start:stop] for head, start, stop in pieces) + tail
+        return web.Response(status=206, body=body, headers=headers)
+    resp = web.StreamResponse(status=206, headers=headers)
+    resp.content_length = sum(len(h) + stop - start for h, start, stop in pieces) + len(tail)
+    return await _send_file_spans(request, resp, source, pieces, tail)
+
+
+async def _send_file_spans(request: web.Request, resp: web.StreamResponse, path: Path,
+                           pieces: list[tuple[bytes, int, int]], tail: bytes = b"") -> web.StreamResponse:
+    """Write `resp` with each (prefix, start, stop) of the file: sendfile when
+    the loop has it. The task is listed under STREAMING meanwhile, so the
+    connection guard can stop a native sendfile whose reader stopped reading."""
+    try:
+        f = await asyncio.to_thread(open, path, "rb")
+    except FileNotFoundError:
+        # Removed since it was looked up (a delete, a cleanup pass).
+        raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found") from None
+    try:
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            await resp.write_eof()
+            return resp
+        loop = asyncio.get_running_loop()
+        streaming = request.app[STREAMING]
+        for prefix, start, stop in pieces:
+            if prefix:
+                await resp.write(prefix)
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("connection lost")
+            streaming[transport] = asyncio.current_task()
+            try:
+                await loop.sendfile(transport, f, start, stop - start)
+                continue
+            except NotImplementedError:
+                pass  # uvloop, TLS: copy through the writer
+            finally:
+                streaming.pop(transport, None)
+            f.seek(start)
+            left = stop - start
+            while left > 0:
+                chunk = await asyncio.to_thread(f.read, min(CHUNK, left))
+                if not chunk:
+                    raise OSError(errno.EIO, f"{path} is shorter than its row says")
+                await resp.write(chunk)
+                left -= len(chunk)
+        if tail:
+            await resp.write(tail)
+        await resp.write_eof()
+        return resp
+    finally:
+        await asyncio.to_thread(f.close)
 
 
 # ==== handlers ==================================================================
@@ -1462,11 +1784,17 @@ async def upload_expect(request: web.Request) -> None:
     """
     if request.version != (1, 1):
         return
-    expect = request.headers.get(hdrs.EXPECT, "")
-    if expect.lower() != "100-continue":
-        raise json_error(417, f"unknown Expect: {expect}", "expectation_failed")
-    await require_user(request)
-    check_declared_length(request)
+    try:
+        expect = request.headers.get(hdrs.EXPECT, "")
+        if expect.lower() != "100-continue":
+            raise json_error(417, f"unknown Expect: {expect}", "expectation_failed")
+        await require_user(request)
+        check_declared_length(request)
+    except web.HTTPException as exc:
+        # The client now sends no body (RFC 9110 10.1.1): say the connection
+        # closes, and close it, rather than wait for one.
+        exc.force_close()
+        raise
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0
 
@@ -1513,6 +1841,30 @@ class IdleWatch:
         self.handle.cancel()
 
 
+class _CappedStream:
+    """The request body for the multipart reader, refused once more than `cap`
+    bytes have arrived, wherever they are spent: a preamble before the first
+    boundary, thousands of small fields, part headers."""
+
+    def __init__(self, stream: Any, cap: int):
+        self._stream, self._cap = stream, cap
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _check(self) -> None:
+        if self._stream.total_bytes > self._cap:
+            raise UploadRejected(413, "too_large", "the form is larger than the upload limit allows")
+
+    async def readline(self, *args: Any, **kwargs: Any) -> bytes:
+        self._check()
+        return await self._stream.readline(*args, **kwargs)
+
+    async def read(self, n: int = -1) -> bytes:
+        self._check()
+        return await self._stream.read(n)
+
+
 async def receive_upload(request: web.Request, sink: UploadSink) -> Optional[str]:
     """Stream the upload into sink; returns the client's file name (display only)."""
     watch = IdleWatch()
@@ -1545,11 +1897,13 @@ async def _receive_body(request: web.Request, sink: UploadSink, watch: IdleWatch
     if not request.content_type.startswith("multipart/"):
         raise json_error(400, "send the image as multipart/form-data in a field named 'file' "
                               "(curl -F file=@x.png), or as a raw body with PUT /upload/NAME", "bad_request")
+    cap = request.app[CONFIG].server.max_upload_bytes + MULTIPART_SLACK
     try:
-        reader = await request.multipart()
+        reader = MultipartReader(request.headers, _CappedStream(request.content, cap))
     except (ValueError, AssertionError, KeyError):
         raise json_error(400, "malformed multipart body", "bad_request") from None
     filename, found = None, False
+    drained = 0  # over every part that is not the file: a body of many small fields is bounded too
     try:
         while True:
             part = await reader.next()
@@ -1559,8 +1913,14 @@ async def _receive_body(request: web.Request, sink: UploadSink, watch: IdleWatch
             if not isinstance(part, BodyPartReader):
                 raise json_error(400, "nested multipart is not supported", "bad_request")
             if part.name != "file":
-                drained = 0
-                while chunk := await part.read_chunk(CHUNK):
+                drained += 256  # its headers, which read_chunk() does not count
+                while True:
+                    if drained > MULTIPART_SLACK:
+                        raise json_error(400, "the form's other fields are too large; "
+                                              "only 'file' carries data", "bad_request")
+                    chunk = await part.read_chunk(CHUNK)
+                    if not chunk:
+                        break
                     watch.touch()
                     drained += len(chunk)
                     if drained > MULTIPART_SLACK:
@@ -1607,6 +1967,7 @@ async def handle_upload(request: web.Request) -> web.Response:
     finally:
         if sink.tmp_path is not None:
             await sink.discard()
+        sink.release()
     log.debug("%s %s.%s (%d bytes) for %s", "stored" if created else "renewed", md5,
              FORMATS[facts.format][0], facts.size, user.username)
     status = 201 if created else 200
@@ -1670,28 +2031,19 @@ async def handle_list(request: web.Request) -> web.Response:
 
 async def handle_db(request: web.Request) -> web.StreamResponse:
     await require_user(request, "admin")
-    store = request.app[STORE]
-    snapshot = await store.snapshot()
-
-    def open_and_unlink():
-        # Once open, the name can go: the download reads the open file, and
-        # nothing is left behind in tmp/ whatever happens to the connection.
-        f = open(snapshot, "rb")
-        _unlink_quietly(snapshot)
-        return f, os.fstat(f.fileno()).st_size
-
-    try:
-        f, size = await asyncio.to_thread(open_and_unlink)
-    except BaseException:
-        await asyncio.to_thread(_unlink_quietly, snapshot)
-        raise
+    headers = {
+        "Content-Type": "application/vnd.sqlite3",
+        "Content-Disposition": 'attachment; filename="images_server.db"',
+        "Cache-Control": "no-store",
+    }
+    if request.method == "HEAD":
+        # The size is known only once a snapshot is made (RFC 9110 9.3.2 lets
+        # HEAD leave it out), and a HEAD must not cost one; nor carry a body.
+        return web.Response(headers=headers)
+    f = await request.app[STORE].snapshot()
     with f:
-        resp = web.StreamResponse(headers={
-            "Content-Type": "application/vnd.sqlite3",
-            "Content-Disposition": 'attachment; filename="images_server.db"',
-            "Cache-Control": "no-store",
-        })
-        resp.content_length = size
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = os.fstat(f.fileno()).st_size
         await resp.prepare(request)
         while chunk := await asyncio.to_thread(f.read, FLUSH_BYTES):
             await resp.write(chunk)
@@ -1704,32 +2056,6 @@ async def handle_health(request: web.Request) -> web.Response:
     if problem:
         return web.json_response({"status": "error", "error": problem, "code": "unhealthy"}, status=503)
     return web.json_response({"status": "ok"})
-
-
-class _ImageFileResponse(web.FileResponse):
-    """sendfile for large images, keeping our content-derived ETag."""
-
-    @property
-    def etag(self):  # type: ignore[override]
-        return None
-
-    @etag.setter
-    def etag(self, value) -> None:
-        pass
-
-    def set_status(self, status: int, reason: Optional[str] = None) -> None:
-        super().set_status(status, reason)
-        if status >= 400:  # e.g. the file vanished: never let a cache keep the error
-            self.headers["Cache-Control"] = "no-store"
-            self.headers.pop("ETag", None)
-
-
-def _etag_matches(header: str, md5: str) -> bool:
-    for tag in header.split(","):
-        tag = tag.strip()
-        if tag == "*" or tag.removeprefix("W/").strip('"') == md5:
-            return True
-    return False
 
 
 async def handle_image(request: web.Request) -> web.StreamResponse:
@@ -1748,45 +2074,15 @@ async def handle_image(request: web.Request) -> web.StreamResponse:
         raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found")
     headers = {
         "Content-Type": entry.mime,
-        "ETag": f'"{md5}"',
         "Cache-Control": f"public, max-age={int(entry.expire_at - now)}, immutable",
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": IMAGE_CSP,
         "Access-Control-Allow-Origin": "*",
-        "Accept-Ranges": "bytes",
     }
     if request.method == "GET":  # 304s count too (the image was shown); HEAD does not
         store.count_access(md5)
-    inm = request.headers.get(hdrs.IF_NONE_MATCH)
-    if inm is not None and _etag_matches(inm, md5):
-        del headers["Content-Type"]
-        return web.Response(status=304, headers=headers)
-    if entry.body is None:
-        return _ImageFileResponse(entry.path, headers=headers)
-    body = entry.body
-    if hdrs.RANGE in request.headers:
-        size = len(body)
-        try:
-            rng = request.http_range
-        except ValueError:
-            rng = None
-        if rng is None:  # malformed or several ranges
-            raise json_error(416, "range not satisfiable", "range_not_satisfiable",
-                             {"Content-Range": f"bytes */{size}"})
-        start, stop = rng.start, rng.stop
-        if start is not None or stop is not None:
-            if start is None:
-                start = 0
-            if start < 0 and stop is None:
-                start = max(0, size + start)
-                stop = size
-            stop = size if stop is None else min(stop, size)
-            if start >= size or start >= stop:
-                raise json_error(416, "range not satisfiable", "range_not_satisfiable",
-                                 {"Content-Range": f"bytes */{size}"})
-            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-            return web.Response(status=206, body=body[start:stop], headers=headers)
-    return web.Response(body=body, headers=headers)
+    return await send_representation(request, entry.path if entry.body is None else entry.body, f'"{md5}"',
+                                     headers, entry.size, entry.created_at)
 
 
 async def handle_page(request: web.Request) -> web.Response:
@@ -1855,16 +2151,6 @@ def _file_size(path: Path) -> int:
         return 0
 
 
-def _old_temp_files(storage: Storage, now: float) -> list[Path]:
-    old = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(storage.tmp):
-            with contextlib.suppress(FileNotFoundError):
-                if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > TMP_MAX_AGE:
-                    old.append(Path(entry.path))
-    return old
-
-
 async def run_cleanup_pass(store: ImageStore, dry_run: bool = False,
                            itemize: Optional[bool] = None) -> CleanupReport:
     """One pass: expired images, orphan files, dangling rows, old temp files.
@@ -1886,10 +2172,10 @@ async def run_cleanup_pass(store: ImageStore, dry_run: bool = False,
         await _cleanup_orphans(store, report, dry_run)
         await _cleanup_dangling(store, report, dry_run)
         now = store.clock()
-        for path in await asyncio.to_thread(_old_temp_files, storage, time.time()):
+        for path, size in await asyncio.to_thread(sweep_dead_temp_files, storage, time.time(), dry_run):
             report.temp_files += 1
             report.note([str(path)])
-            report.bytes_freed += await asyncio.to_thread(_file_size if dry_run else _unlink_quietly, path)
+            report.bytes_freed += size
         if not dry_run:
             await store.set_meta("last_cleanup", repr(now))
     finally:
@@ -2114,6 +2400,7 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
     app[CONFIG] = config
     app[AUTH] = Authenticator(config.users)
     app[CLOCK] = clock or time.time
+    app[STREAMING] = {}
     if config.server.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
         Image.MAX_IMAGE_PIXELS = config.server.max_pixels
     app.cleanup_ctx.append(_store_ctx)
@@ -2151,6 +2438,17 @@ class _MalformedRequestFilter(logging.Filter):
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+def prepare_data_dir(config: Config) -> None:
+    """Make data_dir's folders, or say in one line why they cannot be made."""
+    data_dir = config.server.data_dir
+    try:
+        Storage(data_dir).prepare()
+    except OSError as exc:
+        reason = "exists but is not a folder" if isinstance(exc, (FileExistsError, NotADirectoryError)) \
+            else exc.strerror or str(exc)
+        raise ConfigError(f"server.data_dir: cannot use {data_dir}: {reason}") from None
 
 
 def setup_logging(config: Config) -> None:
@@ -2295,7 +2593,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"imgproxy: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config)
+    try:
+        prepare_data_dir(config)
+    except ConfigError as exc:
+        print(f"imgproxy: {exc}", file=sys.stderr)
+        return 2
+    try:
+        setup_logging(config)
+    except OSError as exc:
+        print(f"imgproxy: server.log_file: cannot write {config.server.log_file}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     port = config.server.port if args.port is None else args.port
     try:
         sock = bind_socket(host, port)
