@@ -1776,7 +1776,7 @@ def wants_text(request: web.Request) -> bool:
     return j < 0 or t < j
 
 
-async def upload_expect(request: web.Request) -> None:
+async def upload_expect(request: web.Request) -> Optional[web.StreamResponse]:
     """Answer `Expect: 100-continue` only when the body would be accepted.
 
     curl sends big bodies with this header, so a wrong password or a declared
@@ -1792,9 +1792,14 @@ async def upload_expect(request: web.Request) -> None:
         check_declared_length(request)
     except web.HTTPException as exc:
         # The client now sends no body (RFC 9110 10.1.1): say the connection
-        # closes, and close it, rather than wait for one.
-        exc.force_close()
-        raise
+        # closes, and close it once the answer is out, rather than linger
+        # waiting for a body that is not coming.
+        resp = web.Response(status=exc.status, body=exc.body, headers=exc.headers)
+        resp.force_close()
+        await resp.prepare(request)
+        await resp.write_eof()
+        request.protocol.force_close()
+        return resp
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0
 
@@ -2423,6 +2428,166 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
     return app
 
 
+# ==== connections ===============================================================
+# aiohttp accepts every connection it is offered and never times out a
+# response the client stops reading. On a small box with 1024 descriptors a
+# thousand idle sockets would take the service off line, so `serve` accepts
+# through a ConnectionGuard: a cap below what the descriptor limit allows,
+# room made by closing the connections silent longest, and a watch that drops
+# a response its reader has taken nothing of for RESPONSE_STALL_TIMEOUT.
+
+def raise_fd_limit() -> int:
+    """Lift the soft open-file limit to the hard one (systemd: LimitNOFILE); returns it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def connection_limit(config: Config, fd_limit: int) -> int:
+    """server.max_connections, lowered to what the descriptors allow: each
+    connection may hold two (its socket and a file being sent or received)."""
+    allowed = max(8, (fd_limit - FD_RESERVE) // 2) if fd_limit != -1 else config.server.max_connections
+    if allowed < config.server.max_connections:
+        log.warning("server.max_connections lowered from %d to %d by the open-file limit (%d); "
+                    "raise LimitNOFILE (ulimit -n) to allow more", config.server.max_connections,
+                    allowed, fd_limit)
+    return min(config.server.max_connections, allowed)
+
+
+def _bytes_acked(transport: asyncio.BaseTransport) -> Optional[int]:
+    """What the peer has acknowledged so far (Linux TCP_INFO), or None."""
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128)
+    except (AttributeError, OSError):
+        return None
+    # struct tcp_info: tcpi_bytes_acked is the u64 at offset 120 (Linux 4.1+).
+    return int.from_bytes(info[120:128], sys.byteorder) if len(info) >= 128 else None
+
+
+class _GuardedRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, noting when the client last sent
+    anything, and answering requests its parser refuses like every other
+    error: our JSON object and headers, not a bare text/plain 400."""
+
+    last_heard = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.last_heard = time.monotonic()
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()
+        super().data_received(data)
+
+    def handle_error(self, request: Any, status: int = 500, exc: Optional[BaseException] = None,
+                     message: Optional[str] = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if an answer was begun
+        text = (f"malformed request ({type(exc).__name__})" if 400 <= status < 500 and exc is not None
+                else "malformed request" if 400 <= status < 500 else "internal server error")
+        resp = web.Response(status=status, content_type="application/json",
+                            text=json.dumps({"error": text, "code": _STATUS_CODES.get(status, "error")}),
+                            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
+                                     "Referrer-Policy": "no-referrer"})
+        resp.force_close()
+        return resp
+
+
+class _Refusal(asyncio.Protocol):
+    """Every connection busy: a 503 straight away, and the socket is closed."""
+
+    ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+              b"Retry-After: 1\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+              b"Connection: close\r\nContent-Length: 75\r\n\r\n"
+              b'{"error": "too many connections; try again shortly", "code": "unavailable"}')
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.ANSWER)
+        transport.close()
+
+
+class ConnectionGuard:
+    """Protocol factory for `loop.create_server`: caps the connections of one process."""
+
+    def __init__(self, server: web.Server, streaming: dict, limit: int, **handler_options: Any):
+        self.server, self.streaming, self.limit = server, streaming, limit
+        self.handler_options = handler_options
+        self.connections: list[_GuardedRequestHandler] = []
+        self._progress: dict[_GuardedRequestHandler, tuple[int, float]] = {}
+        self._watch: Optional[asyncio.Task] = None
+
+    def __call__(self) -> asyncio.Protocol:
+        if len(self.connections) >= self.limit and not self._make_room():
+            return _Refusal()
+        handler = _GuardedRequestHandler(self.server, loop=asyncio.get_running_loop(), **self.handler_options)
+        self.connections.append(handler)
+        return handler
+
+    def _busy_writing(self, transport: asyncio.BaseTransport) -> bool:
+        return transport.get_write_buffer_size() > 0 or transport in self.streaming
+
+    def _make_room(self) -> bool:
+        """Close the connections silent longest with nothing left to send
+        (idle keep-alives, unfinished request heads): a sixteenth of the
+        cap at once, so a flood pays one scan per many connections."""
+        live = [h for h in self.connections if h.transport is not None and not h.transport.is_closing()]
+        self.connections = live
+        if len(live) < self.limit:
+            return True
+        quiet = sorted((h for h in live if not self._busy_writing(h.transport)), key=lambda h: h.last_heard)
+        for handler in quiet[:max(1, self.limit // 16)]:
+            handler.force_close()
+        return bool(quiet)
+
+    # -- responses that make no progress --
+    def start(self) -> None:
+        self._watch = asyncio.create_task(self._watch_stalls(), name="imgproxy-stall-watch")
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+
+    async def _watch_stalls(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, RESPONSE_STALL_TIMEOUT / 4))
+            try:
+                self.drop_stalled(time.monotonic())
+            except Exception:  # noqa: BLE001 - the watch must outlive any one connection
+                log.exception("stall watch failed; it goes on")
+
+    def drop_stalled(self, now: float) -> None:
+        progress = {}
+        for handler in self.connections:
+            transport = handler.transport
+            if transport is None or transport.is_closing() or not self._busy_writing(transport):
+                continue
+            # Progress is what the peer acknowledged (or, without TCP_INFO,
+            # any change in what waits to be written).
+            mark = _bytes_acked(transport)
+            if mark is None:
+                mark = -transport.get_write_buffer_size()
+            before = self._progress.get(handler)
+            if before is None or before[0] != mark:
+                progress[handler] = (mark, now)
+                continue
+            if now - before[1] < RESPONSE_STALL_TIMEOUT:
+                progress[handler] = before
+                continue
+            log.info("dropped a response to %s: nothing taken for %g s",
+                     transport.get_extra_info("peername", ("?",))[0], RESPONSE_STALL_TIMEOUT)
+            task = self.streaming.pop(transport, None)
+            if task is not None:
+                task.cancel()  # a native sendfile would otherwise wait on the dead socket forever
+            transport.abort()
+        self._progress = progress
+
+
 # ==== main ======================================================================
 
 class _MalformedRequestFilter(logging.Filter):
@@ -2479,24 +2644,28 @@ async def serve(config: Config, sock: socket.socket, worker: Optional[int] = Non
     """Run until SIGTERM/SIGINT, then stop: in-flight requests get a grace period,
     access counts are flushed, background tasks are cancelled."""
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if config.server.access_log
-                           else None, shutdown_timeout=10.0, handle_signals=False,
-                           keepalive_timeout=KEEPALIVE_TIMEOUT)
+    handler_options = dict(access_log=logging.getLogger("aiohttp.access") if config.server.access_log
+                           else None, keepalive_timeout=KEEPALIVE_TIMEOUT)
+    runner = web.AppRunner(app, shutdown_timeout=10.0, handle_signals=False, **handler_options)
     await runner.setup()
-    site = web.SockSite(runner, sock)
-    await site.start()
+    loop = asyncio.get_running_loop()
+    guard = ConnectionGuard(runner.server, app[STREAMING], connection_limit(config, raise_fd_limit()),
+                            **handler_options)
+    listener = await loop.create_server(guard, sock=sock, backlog=1024)
+    guard.start()
     host, port = sock.getsockname()[:2]
     log.info("imgproxy %s%s listening on http://%s:%d (public URLs: %s)", __version__,
              "" if worker is None else f" worker {worker}",
              f"[{host}]" if ":" in host else host, port, config.base_url)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
         log.info("stopping")
     finally:
+        listener.close()
+        await guard.stop()
         await runner.cleanup()
         log.info("stopped")
 

@@ -11,8 +11,8 @@ import pytest
 
 import imgproxy
 from conftest import ALICE, BOB
-from helpers import (byte_ranges, noise_png, parse_responses, png_bytes, raw_exchange, raw_request, request_bytes,
-                          store_problems)
+from helpers import (byte_ranges, noise_png, parse_responses, png_bytes, raw_exchange, raw_request,
+                     request_bytes, store_problems)
 
 MD5 = "0" * 32
 # Every route, as (method, path template); {id} is the slot the variants go into.
