@@ -851,11 +851,6 @@ class ImageStore:
     # -- life cycle --
     async def open(self) -> "ImageStore":
         await asyncio.to_thread(self.storage.prepare)
-        # What a killed process left in tmp/ goes now, not at the next pass.
-        leftovers = await asyncio.to_thread(sweep_dead_temp_files, self.storage, time.time())
-        if leftovers:
-            log.info("removed %d temp files (%d bytes) left by a process that died",
-                     len(leftovers), sum(size for _, size in leftovers))
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imgproxy-writer")
         try:
             await asyncio.to_thread(self._open_generation)
@@ -2361,6 +2356,11 @@ async def _store_ctx(app: web.Application):
     await asyncio.to_thread(Image.init)
     store = await ImageStore(app[CONFIG], app[CLOCK]).open()
     app[STORE] = store
+    # What a killed process left in tmp/ goes now, not at the next pass.
+    leftovers = await asyncio.to_thread(sweep_dead_temp_files, store.storage, time.time())
+    if leftovers:
+        log.info("removed %d temp files (%d bytes) left by a process that died",
+                 len(leftovers), sum(size for _, size in leftovers))
     yield
     await store.close()
 
@@ -2806,6 +2806,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _errors(*statuses: int) -> dict:
     words = {400: "bad input (malformed id, parameter or body)", 401: "no or wrong credentials",
              403: "the user lacks the needed role", 404: "not found", 408: "the upload stalled",
+             412: "a precondition failed (If-Match, If-Unmodified-Since)",
              413: "too large: bytes, pixels or header", 415: "not an accepted image",
              416: "range not satisfiable", 417: "unknown Expect", 429: "too many failed sign-ins",
              503: "database busy or data folder not writable", 507: "disk full"}
@@ -2935,10 +2936,12 @@ OPENAPI: dict = {
                     "responses": {
                         "200": {"description": "the image",
                                 "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
-                        "206": {"description": "a byte range",
-                                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
-                        "304": {"description": "not modified (If-None-Match)"},
-                        **_errors(400, 404, 416)}},
+                        "206": {"description": "a byte range, or several as multipart/byteranges",
+                                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}},
+                                            "multipart/byteranges": {"schema": {"type": "string",
+                                                                                "format": "binary"}}}},
+                        "304": {"description": "not modified (If-None-Match, If-Modified-Since)"},
+                        **_errors(400, 404, 412, 416)}},
         },
         "/healthz": {
             "get": {"summary": "database and data folder answer", "security": [],
