@@ -268,3 +268,11 @@ async def test_every_cleanup_pass_removes_an_unlocked_part_file_however_young(ma
         os.close(live_fd)
     report = await imgproxy.run_cleanup_pass(store)
     assert report.temp_files == 1 and not live_path.exists()
+
+
+def test_the_service_unit_allows_the_default_connection_cap():
+    unit = (ROOT / "units" / "imgproxy.service").read_text()
+    values = [line.split("=", 1)[1].strip() for line in unit.splitlines() if line.startswith("LimitNOFILE=")]
+    assert len(values) == 1, "imgproxy.service should set LimitNOFILE once"
+    limit = int(values[0].split(":")[-1])
+    assert (limit - imgproxy.FD_RESERVE) // 2 >= imgproxy.MAX_CONNECTIONS
