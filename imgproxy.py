@@ -92,7 +92,7 @@ MULTIPART_SLACK = 64 * 1024     # boundaries and part headers around the file
 MAX_FRAMES = 10_000             # animated images: frames decoded at most
 JPEG_MAX_SEGMENTS = 4096        # JPEG marker segments before the scan data ...
 JPEG_MAX_METADATA = 16 * 1024 * 1024  # ... and bytes of APPn/COM metadata in them
-TMP_MAX_AGE = 3600.0            # tmp/ leftovers older than this are from dead uploads
+TMP_MAX_AGE = 3600.0            # unlocked tmp/ files other than .part are leftovers past this age
 COUNT_FLUSH_SECONDS = 2.0       # access counts reach the database this often
 CLEANUP_BATCH = 500
 CLEANUP_PAUSE = 0.005           # seconds between expiry batches (100,000 images: +1 s)
@@ -122,6 +122,7 @@ CONFIG: web.AppKey[Config] = web.AppKey("config")
 STORE: web.AppKey[ImageStore] = web.AppKey("store")
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
 TASKS = web.AppKey("tasks", list)
+STREAMING = web.AppKey("streaming", dict)  # transport -> the task blocked in its native sendfile
 CLOCK = web.AppKey("clock", object)
 
 
@@ -305,7 +306,8 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
             raise ConfigError(f"server.base_url: expected an http:// or https:// URL, got {base_url!r}")
     max_mb = _expect("server.max_upload_mb", s.get("max_upload_mb", d.max_upload_mb), "number")
     if not 0 < max_mb <= MAX_UPLOAD_MB:
-        raise ConfigError(f"server.max_upload_mb: expected more than 0 and at most {MAX_UPLOAD_MB}, got {max_mb:g}")
+        raise ConfigError(f"server.max_upload_mb: expected more than 0 and at most {MAX_UPLOAD_MB}, "
+                          f"got {max_mb:g}")
     max_pixels = _expect("server.max_pixels", s.get("max_pixels", d.max_pixels), "int")
     if max_pixels <= 0:
         raise ConfigError("server.max_pixels: must be greater than 0")
@@ -460,8 +462,8 @@ def check_safe_to_listen(config: Config, host: str) -> None:
                 and any(verify_password_hash(p, u.password_hash) for p in SHIPPED_PASSWORDS)):
             raise ConfigError(
                 f"refusing to listen on {host}: user {u.username!r} still has the example password "
-                "from config.json. Choose another one, make a hash with 'python3 imgproxy.py hash-password' and put it in "
-                "users[].password_hash (removing 'password'), or listen on 127.0.0.1 behind a proxy.")
+                "from config.json. Choose another one, make a hash with 'python3 imgproxy.py hash-password' "
+                "and put it in users[].password_hash (removing 'password'), or listen on 127.0.0.1 behind a proxy.")
 
 
 # ==== errors ====================================================================
@@ -1537,7 +1539,6 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
 # One answer for every way a representation is kept: bytes in memory (small
 # images), a file (large ones), and whatever else reuses send_representation.
 
-STREAMING = web.AppKey("streaming", dict)  # transport -> task blocked in a native sendfile
 _RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")
 
 
