@@ -35,6 +35,7 @@ import datetime as dt
 import email.utils
 import errno
 import fcntl
+import functools
 import getpass
 import hashlib
 import hmac
@@ -1579,6 +1580,11 @@ def precondition_status(request: web.Request, etag: str, last_modified: Optional
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _http_date(ts: int) -> str:
+    return email.utils.formatdate(ts, usegmt=True)  # ~5 µs: too dear for every hit
+
+
 def _byte_pos(digits: str) -> int:
     # Longer numbers than any file are all "past the end" (and int() of
     # thousands of digits is slow, or refused by Python 3.11+).
@@ -1652,7 +1658,7 @@ async def send_representation(request: web.Request, source: bytes | Path, etag: 
     headers = dict(headers, ETag=etag)
     headers["Accept-Ranges"] = "bytes"
     if last_modified is not None:
-        headers["Last-Modified"] = email.utils.formatdate(int(last_modified), usegmt=True)
+        headers["Last-Modified"] = _http_date(int(last_modified))
     if isinstance(source, (bytes, bytearray)):
         size = len(source)
         asked = request.headers
