@@ -1586,8 +1586,8 @@ def precondition_status(request: web.Request, etag: str, last_modified: Optional
 
 
 @functools.lru_cache(maxsize=4096)
-def _http_date(ts: int) -> str:
-    return email.utils.formatdate(ts, usegmt=True)  # ~5 µs: too dear for every hit
+def _http_date(ts: float) -> str:
+    return email.utils.formatdate(int(ts), usegmt=True)  # ~5 µs: too dear for every hit
 
 
 def _byte_pos(digits: str) -> int:
@@ -1656,14 +1656,15 @@ async def send_representation(request: web.Request, source: bytes | Path, etag: 
     """Answer GET/HEAD for one representation, held as bytes or as a file.
 
     `etag` is the quoted strong tag, `headers` what every 2xx/304 carries
-    (Content-Type among them); `size` is needed for a file. Preconditions,
+    (Content-Type among them; the dict is used for the answer, not copied);
+    `size` is needed for a file. Preconditions,
     ranges (one, or several as multipart/byteranges), 304, 412 and 416 come
     out the same whichever way the bytes are kept.
     """
-    headers = dict(headers, ETag=etag)
+    headers["ETag"] = etag
     headers["Accept-Ranges"] = "bytes"
     if last_modified is not None:
-        headers["Last-Modified"] = _http_date(int(last_modified))
+        headers["Last-Modified"] = _http_date(last_modified)
     if isinstance(source, (bytes, bytearray)):
         size = len(source)
         asked = request.headers
