@@ -514,6 +514,11 @@ class Storage:
         self.db_path = self.root / "images.db"
         self.cleanup_lock = self.root / "cleanup.lock"
         self._made_dirs: set[Path] = set()
+        # Names of the tmp/ files this process is writing. A sweep here skips
+        # them rather than test their lock: on NFS, flock is a POSIX lock, one
+        # process's locks do not conflict with each other, and closing any
+        # descriptor of the file would drop the writer's lock too.
+        self.in_flight: set[str] = set()
 
     def prepare(self) -> None:
         for d in (self.root, self.uploads, self.tmp):
@@ -541,6 +546,7 @@ class Storage:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if os.fstat(fd).st_nlink > 0:
+                    self.in_flight.add(path.name)
                     return path, fd
             except BaseException:
                 os.close(fd)
@@ -605,7 +611,7 @@ def sweep_dead_temp_files(storage: Storage, now: float, dry_run: bool = False) -
         return dead
     for entry in entries:
         try:
-            if not entry.is_file(follow_symlinks=False):
+            if entry.name in storage.in_flight or not entry.is_file(follow_symlinks=False):
                 continue
             if not entry.name.endswith(".part") and now - entry.stat().st_mtime <= TMP_MAX_AGE:
                 continue
@@ -645,6 +651,7 @@ class UploadSink:
         self.md5 = hashlib.md5()
         self.buf = bytearray()
         self.tmp_path: Optional[Path] = None
+        self.tmp_name: Optional[str] = None  # listed in storage.in_flight until release()
         self._file: Optional[io.BufferedWriter] = None
         self._pending: Optional[asyncio.Future] = None
 
@@ -666,6 +673,7 @@ class UploadSink:
     def _write(self, data: bytes | bytearray) -> None:
         if self._file is None:
             self.tmp_path, fd = self.storage.create_tmp()
+            self.tmp_name = self.tmp_path.name
             self._file = open(fd, "wb")
         self.md5.update(data)
         self._file.write(data)
@@ -693,6 +701,9 @@ class UploadSink:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.tmp_name is not None:
+            self.storage.in_flight.discard(self.tmp_name)
+            self.tmp_name = None
 
     async def discard(self) -> None:
         if self._pending is not None:
@@ -1204,6 +1215,7 @@ class ImageStore:
                 raise
             finally:
                 _unlink_quietly(target)
+                self.storage.in_flight.discard(target.name)
 
         return await asyncio.to_thread(run)
 
