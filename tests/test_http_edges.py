@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import json
 import sqlite3
 import subprocess
 import sys
