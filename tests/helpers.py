@@ -350,6 +350,12 @@ def ico_understating_png(declared=(16, 16), actual=(3000, 3000)) -> bytes:
     return struct.pack("<HHH", 0, 1, 1) + entry + png
 
 
+def animated_gif(size=(500, 500), frames: int = 40) -> bytes:
+    """A GIF of `frames` copies of one frame of noise (which LZW cannot shrink)."""
+    flags, gct, block = _gif_parts(Image.effect_noise(size, 100).convert("P"))
+    return b"GIF89a" + struct.pack("<HH", *size) + flags + b"\0\0" + gct + block * frames + b"\x3b"
+
+
 def progressive_jpeg_with_many_scans(size=(1024, 1024), scans: int = 600) -> bytes:
     """A progressive JPEG whose last scan is repeated until it has about `scans` scans.
 
@@ -367,11 +373,11 @@ def progressive_jpeg_with_many_scans(size=(1024, 1024), scans: int = 600) -> byt
 
 def decode_in_child(data: bytes, max_pixels: int, *, address_space: int = 3 << 30,
                     formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO"),
-                    ) -> dict:
+                    patches: Optional[dict] = None) -> dict:
     """Run imgproxy.inspect_image on `data` in a child process, its address space capped.
 
     Returns {"status": 200 or the rejection's status, "code", "growth_kb": peak RSS the
-    decode added, "cpu": CPU seconds}. The cap turns a runaway allocation into a
+    decode added, "cpu": CPU seconds}. `patches` sets module constants first. The cap turns a runaway allocation into a
     MemoryError in the child (a wrong verdict here) instead of a machine out of memory.
     """
     import json
@@ -386,6 +392,7 @@ sys.path.insert(0, {str(ROOT)!r})
 import imgproxy
 from pathlib import Path
 from PIL import Image
+{"".join(f"imgproxy.{k} = {v!r}; " for k, v in (patches or {}).items())}
 
 def status_kb(field):
     for line in open("/proc/self/status"):

@@ -1,0 +1,142 @@
+"""Decode bombs: files whose declared size passes max_pixels while a later frame,
+page, tile, embedded image or scan count costs gigabytes or minutes.
+
+Each crafted file is made here (tests/helpers.py) and decoded in a child process
+whose address space is capped, so a regression fails the test instead of taking
+the machine's memory; the child reports the verdict and the peak RSS the decode
+added, which must stay within DecodeGuard's budget:
+DECODE_BYTES_PER_PIXEL x max_pixels + the file + DECODE_SLACK.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+import warnings
+
+import pytest
+from PIL import Image
+
+import imgproxy
+from conftest import ALICE
+from helpers import (animated_gif, decode_in_child, gif_with_large_second_frame, ico_understating_png,
+                     progressive_jpeg_with_many_scans, store_problems, tiff_with_huge_later_page,
+                     tiff_with_huge_tile)
+
+MAX_PIXELS = 4_000_000
+
+
+def budget_kb(data: bytes, max_pixels: int = MAX_PIXELS) -> int:
+    return (imgproxy.DECODE_BYTES_PER_PIXEL * max_pixels + len(data) + imgproxy.DECODE_SLACK) // 1024
+
+
+BOMBS = {
+    # name: (maker, code); each declares a first size well inside MAX_PIXELS
+    "gif-second-frame-beyond-screen": (lambda: gif_with_large_second_frame((16, 16), (3000, 3000)),
+                                       "too_many_pixels"),
+    "tiff-huge-later-page": (lambda: tiff_with_huge_later_page((16, 16), (3000, 3000)), "too_many_pixels"),
+    "tiff-huge-tile": (lambda: tiff_with_huge_tile((64, 64), (8192, 8192)), "too_many_pixels"),
+    "ico-understating-png": (lambda: ico_understating_png((16, 16), (5000, 5000)), "too_many_pixels"),
+    "jpeg-many-scans": (lambda: progressive_jpeg_with_many_scans((1024, 1024), 2000), "too_complex"),
+}
+
+
+@pytest.fixture(scope="module")
+def bomb_files() -> dict[str, bytes]:
+    return {name: maker() for name, (maker, _) in BOMBS.items()}
+
+
+@pytest.mark.parametrize("name", BOMBS)
+def test_bomb_is_refused_within_the_memory_budget(bomb_files, name):
+    data = bomb_files[name]
+    assert len(data) < 200_000  # small files: the cost is in what they declare later
+    result = decode_in_child(data, MAX_PIXELS)
+    assert (result["status"], result["code"]) == (413, BOMBS[name][1]), result
+    assert result["growth_kb"] <= budget_kb(data), result
+
+
+@pytest.mark.parametrize("name", BOMBS)
+async def test_bomb_upload_is_a_413_and_keeps_nothing(make_client, bomb_files, name):
+    client = await make_client(server={"max_pixels": MAX_PIXELS})
+    resp = await client.put(f"/upload/{name}", data=bomb_files[name], headers=ALICE)
+    assert resp.status == 413, await resp.text()
+    body = await resp.json()
+    assert body["code"] == BOMBS[name][1] and body["error"]
+    assert not any(p.is_file() for p in (client.data_dir / "uploads").rglob("*"))
+    assert store_problems(client.data_dir) == []
+
+
+def _encoded(im: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def _noise(size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    return Image.effect_noise(size, 80).convert(mode)
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: _encoded(_noise((2000, 2000), "RGBA"), "PNG", compress_level=1), id="png-rgba"),
+    pytest.param(lambda: _encoded(_noise((2000, 2000)), "JPEG", progressive=True), id="jpeg-progressive"),
+    pytest.param(lambda: _encoded(_noise((2000, 2000)), "TIFF", compression="tiff_lzw"), id="tiff-lzw"),
+    pytest.param(lambda: animated_gif((2000, 2000), 3), id="gif-animated"),
+])
+def test_images_at_the_pixel_limit_are_accepted_within_the_memory_budget(make):
+    data = make()
+    result = decode_in_child(data, MAX_PIXELS)
+    assert result["status"] == 200, result
+    assert result["growth_kb"] <= budget_kb(data), result
+
+
+def test_jpeg_scan_limit_is_exact():
+    at_limit = progressive_jpeg_with_many_scans((64, 64), imgproxy.JPEG_MAX_SCANS)
+    over = progressive_jpeg_with_many_scans((64, 64), imgproxy.JPEG_MAX_SCANS + 1)
+    assert imgproxy.inspect_image(at_limit, len(at_limit), imgproxy.DEFAULT_FORMATS, MAX_PIXELS).width == 64
+    with pytest.raises(imgproxy.UploadRejected) as refused:
+        imgproxy.inspect_image(over, len(over), imgproxy.DEFAULT_FORMATS, MAX_PIXELS)
+    assert (refused.value.status, refused.value.code) == (413, "too_complex")
+
+
+def test_progressive_jpeg_coefficients_count_against_the_memory_budget():
+    """libjpeg keeps every coefficient of a progressive image (6 bytes a pixel
+    at 4:4:4) whatever scale Pillow asks for; without slack the budget is
+    4 bytes a pixel, so such a file at the pixel limit is refused and the
+    same pixels as a baseline JPEG are not."""
+    pixels = _noise((2000, 2000))
+    progressive = _encoded(pixels, "JPEG", progressive=True, subsampling=0)
+    baseline = _encoded(pixels, "JPEG", subsampling=0)
+    no_slack = {"DECODE_SLACK": 0}
+    refused = decode_in_child(progressive, MAX_PIXELS, patches=no_slack)
+    assert (refused["status"], refused["code"]) == (413, "too_many_pixels"), refused
+    assert decode_in_child(baseline, MAX_PIXELS, patches=no_slack)["status"] == 200
+
+
+def test_decode_stops_when_its_cpu_budget_is_spent():
+    data = animated_gif((500, 500), 120)  # within the frame and pixel budgets
+    full = decode_in_child(data, MAX_PIXELS)
+    assert (full["status"], full["frames"]) == (200, 120), full
+    result = decode_in_child(data, MAX_PIXELS, patches={"DECODE_CPU_SECONDS": full["cpu"] / 4})
+    assert (result["status"], result["code"]) == (413, "too_complex"), result
+    assert result["cpu"] < full["cpu"] / 2, result
+
+
+async def test_pillows_own_limit_follows_max_pixels(make_client):
+    await make_client(server={"max_pixels": 1_000})
+    assert 2 * Image.MAX_IMAGE_PIXELS in (1_000, 1_001)
+    await make_client(server={"max_pixels": 80_000_000})
+    assert 2 * Image.MAX_IMAGE_PIXELS >= 80_000_000
+
+
+def test_decoding_in_a_worker_thread_leaves_the_warning_filters_alone():
+    """warnings.catch_warnings() saves and restores the process-wide filter list:
+    from a decode thread it would drop a filter that another thread adds meanwhile."""
+    data = _encoded(_noise((4000, 4000)), "PNG", compress_level=1)
+    decoding = threading.Thread(target=imgproxy.inspect_image,
+                                args=(data, len(data), imgproxy.DEFAULT_FORMATS, 50_000_000))
+    with warnings.catch_warnings():  # this test's own filters, restored from this thread
+        decoding.start()
+        time.sleep(0.05)
+        warnings.filterwarnings("ignore", message="added while a decode ran")
+        decoding.join()
+        assert any(f[1] is not None and f[1].pattern == "added while a decode ran" for f in warnings.filters)
