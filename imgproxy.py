@@ -92,13 +92,14 @@ MULTIPART_SLACK = 64 * 1024     # boundaries and part headers around the file
 MAX_FRAMES = 10_000             # animated images: frames decoded at most
 JPEG_MAX_SEGMENTS = 4096        # JPEG marker segments before the scan data ...
 JPEG_MAX_METADATA = 16 * 1024 * 1024  # ... and bytes of APPn/COM metadata in them
+TIFF_MAX_ENTRIES = 100_000       # tags in all the IFDs of a TIFF together
 JPEG_MAX_SCANS = 100            # scans in a whole JPEG file (each one walks every block again)
 DECODE_BYTES_PER_PIXEL = 4      # one decode may hold this many bytes x max_pixels ...
-DECODE_SLACK = 32 * 1024 * 1024  # ... plus the file itself and this much for decoder buffers
+DECODE_SLACK = 64 * 1024 * 1024  # ... plus the file itself and this much for decoder buffers
 DECODE_CPU_SECONDS = 20.0       # CPU time one upload's decode may use (checked between frames)
 # Peak bytes a pixel costs while Pillow decodes these (measured: bench/decode_memory.py);
 # anything else is held in at most DECODE_BYTES_PER_PIXEL.
-DECODE_COST = {"WEBP": 18, "AVIF": 18, "APNG": 12, "ICO-BMP": 9}
+DECODE_COST = {"WEBP": 20, "AVIF": 20, "APNG": 12, "ICO-BMP": 9}
 TMP_MAX_AGE = 3600.0            # tmp/ leftovers older than this are from dead uploads
 COUNT_FLUSH_SECONDS = 2.0       # access counts reach the database this often
 CLEANUP_BATCH = 500
@@ -1333,10 +1334,13 @@ def _tiff_pages(view: bytes | mmap.mmap) -> Iterable[tuple[dict[int, list[int]],
     value_room = 8 if big else 4
     offset = struct.unpack_from(order + offset_fmt, view, 8 if big else 4)[0]
     seen: set[int] = set()
+    entries_left = TIFF_MAX_ENTRIES
     while offset and offset not in seen and len(seen) <= MAX_FRAMES:
         seen.add(offset)
         (entries,) = struct.unpack_from(order + count_fmt, view, offset)
-        entries = min(entries, 4096)
+        entries_left -= entries
+        if entries_left < 0:  # overlapping IFDs can make a small file look like millions of tags
+            raise UploadRejected(413, "too_complex", "TIFF structure is too large to check")
         first = offset + (8 if big else 2)
         tags: dict[int, list[int]] = {}
         blocks = 0
@@ -1415,6 +1419,23 @@ def check_ico_entries(view: bytes | mmap.mmap, guard: DecodeGuard) -> None:
         guard.memory_for(cost * width * height, f"image {i + 1} inside the ICO")
 
 
+def check_webp_canvas(view: bytes | mmap.mmap, guard: DecodeGuard) -> None:
+    """libwebp allocates the canvas as Pillow opens the file: measure it first."""
+    chunk = view[12:16]
+    if chunk == b"VP8X":
+        width = int.from_bytes(view[24:27], "little") + 1
+        height = int.from_bytes(view[27:30], "little") + 1
+    elif chunk == b"VP8 " and view[23:26] == b"\x9d\x01\x2a":
+        width, height = (v & 0x3FFF for v in struct.unpack_from("<HH", view, 26))
+    elif chunk == b"VP8L" and view[20:21] == b"\x2f":
+        bits = struct.unpack_from("<I", view, 21)[0]
+        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    else:
+        return
+    guard.pixels(width, height)
+    guard.memory_for(DECODE_COST["WEBP"] * width * height, "WebP image")
+
+
 def check_structure(view: bytes | mmap.mmap, formats: tuple[str, ...], guard: DecodeGuard) -> None:
     """The per-format checks that must run before Pillow opens the file."""
     try:
@@ -1422,6 +1443,8 @@ def check_structure(view: bytes | mmap.mmap, formats: tuple[str, ...], guard: De
             check_ico_entries(view, guard)
         elif view[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+") and "TIFF" in formats:
             check_tiff_pages(view, guard)
+        elif view[:4] == b"RIFF" and view[8:12] == b"WEBP" and "WEBP" in formats:
+            check_webp_canvas(view, guard)
     except struct.error:
         pass  # the structure ends early: Pillow reports the damage
 

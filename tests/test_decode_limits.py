@@ -35,7 +35,7 @@ BOMBS = {
     "gif-second-frame-beyond-screen": (lambda: gif_with_large_second_frame((16, 16), (3000, 3000)),
                                        "too_many_pixels"),
     "tiff-huge-later-page": (lambda: tiff_with_huge_later_page((16, 16), (3000, 3000)), "too_many_pixels"),
-    "tiff-huge-tile": (lambda: tiff_with_huge_tile((64, 64), (8192, 8192)), "too_many_pixels"),
+    "tiff-huge-tile": (lambda: tiff_with_huge_tile((64, 64), (12000, 12000)), "too_many_pixels"),
     "ico-understating-png": (lambda: ico_understating_png((16, 16), (5000, 5000)), "too_many_pixels"),
     "jpeg-many-scans": (lambda: progressive_jpeg_with_many_scans((1024, 1024), 2000), "too_complex"),
 }
@@ -81,6 +81,7 @@ def _noise(size: tuple[int, int], mode: str = "RGB") -> Image.Image:
     pytest.param(lambda: _encoded(_noise((2000, 2000)), "JPEG", progressive=True), id="jpeg-progressive"),
     pytest.param(lambda: _encoded(_noise((2000, 2000)), "TIFF", compression="tiff_lzw"), id="tiff-lzw"),
     pytest.param(lambda: animated_gif((2000, 2000), 3), id="gif-animated"),
+    pytest.param(lambda: _encoded(_noise((1600, 1600)), "WEBP", quality=60), id="webp-at-its-limit"),
 ])
 def test_images_at_the_pixel_limit_are_accepted_within_the_memory_budget(make):
     data = make()
@@ -98,18 +99,24 @@ def test_jpeg_scan_limit_is_exact():
     assert (refused.value.status, refused.value.code) == (413, "too_complex")
 
 
-def test_progressive_jpeg_coefficients_count_against_the_memory_budget():
-    """libjpeg keeps every coefficient of a progressive image (6 bytes a pixel
-    at 4:4:4) whatever scale Pillow asks for; without slack the budget is
-    4 bytes a pixel, so such a file at the pixel limit is refused and the
-    same pixels as a baseline JPEG are not."""
+@pytest.mark.parametrize("costly, cheap", [
+    # libjpeg keeps every coefficient of a progressive image (6 bytes a pixel at
+    # 4:4:4) whatever scale Pillow asks for; a baseline JPEG streams.
+    pytest.param(lambda im: _encoded(im, "JPEG", progressive=True, subsampling=0),
+                 lambda im: _encoded(im, "JPEG", subsampling=0), id="progressive-jpeg"),
+    # libwebp and Pillow hold about 20 bytes a pixel; a PNG 4.
+    pytest.param(lambda im: _encoded(im, "WEBP", quality=60), lambda im: _encoded(im, "PNG", compress_level=1),
+                 id="webp"),
+])
+def test_formats_that_cost_more_than_their_pixels_count_against_the_memory_budget(costly, cheap):
+    """Without slack the budget is 4 bytes a pixel: the costly encoding of the
+    same pixels is refused before decoding, the cheap one is accepted."""
     pixels = _noise((2000, 2000))
-    progressive = _encoded(pixels, "JPEG", progressive=True, subsampling=0)
-    baseline = _encoded(pixels, "JPEG", subsampling=0)
     no_slack = {"DECODE_SLACK": 0}
-    refused = decode_in_child(progressive, MAX_PIXELS, patches=no_slack)
+    refused = decode_in_child(costly(pixels), MAX_PIXELS, patches=no_slack)
     assert (refused["status"], refused["code"]) == (413, "too_many_pixels"), refused
-    assert decode_in_child(baseline, MAX_PIXELS, patches=no_slack)["status"] == 200
+    assert refused["growth_kb"] < 8 * 1024, refused  # refused before the pixels were decoded
+    assert decode_in_child(cheap(pixels), MAX_PIXELS, patches=no_slack)["status"] == 200
 
 
 def test_decode_stops_when_its_cpu_budget_is_spent():
