@@ -373,11 +373,12 @@ def progressive_jpeg_with_many_scans(size=(1024, 1024), scans: int = 600) -> byt
 
 def decode_in_child(data: bytes, max_pixels: int, *, address_space: int = 3 << 30,
                     formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO"),
-                    patches: Optional[dict] = None) -> dict:
+                    patches: Optional[dict] = None, root: Path = ROOT) -> dict:
     """Run imgproxy.inspect_image on `data` in a child process, its address space capped.
 
     Returns {"status": 200 or the rejection's status, "code", "growth_kb": peak RSS the
-    decode added, "cpu": CPU seconds}. `patches` sets module constants first. The cap turns a runaway allocation into a
+    decode added, "cpu": CPU seconds}. `patches` sets module constants first; `root` is
+    the folder whose imgproxy.py runs (bench/ compares commits). The cap turns a runaway allocation into a
     MemoryError in the child (a wrong verdict here) instead of a machine out of memory.
     """
     import json
@@ -388,7 +389,7 @@ def decode_in_child(data: bytes, max_pixels: int, *, address_space: int = 3 << 3
         code = f"""
 import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, ({address_space}, {address_space}))
-sys.path.insert(0, {str(ROOT)!r})
+sys.path.insert(0, {str(root)!r})
 import imgproxy
 from pathlib import Path
 from PIL import Image
