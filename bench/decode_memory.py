@@ -65,7 +65,7 @@ CASES = {
 def row(name: str, data: bytes, result: dict) -> str:
     verdict = str(result["status"]) + (f" {result['code']}" if result.get("code") else "")
     growth = result["growth_kb"] / 1024
-    return f"| {name} | {len(data) / 2**20:.2f} MB | {verdict} | {growth:,.0f} MB | {result['cpu']:.2f} s |"
+    return f"| {name} | {len(data) / 2**20:.2f} MB | {verdict} | {growth:,.0f} MiB | {result['cpu']:.2f} s |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, help="another checkout to measure the same files with")
     args = parser.parse_args(argv)
     budget = imgproxy.DECODE_BYTES_PER_PIXEL * MAX_PIXELS + imgproxy.DECODE_SLACK
-    print(f"max_pixels {MAX_PIXELS:,}; budget {budget / 2**20:,.0f} MB + the file\n")
+    print(f"max_pixels {MAX_PIXELS:,}; budget {budget / 2**20:,.0f} MiB + the file\n")
     print("| file | size | verdict | peak RSS growth | CPU |" + (" before: verdict, growth, CPU |" if args.base else ""))
     print("|---|---|---|---|---|" + ("---|" if args.base else ""))
     for name, make in CASES.items():
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         line = row(name, data, helpers.decode_in_child(data, MAX_PIXELS))
         if args.base:
             before = helpers.decode_in_child(data, MAX_PIXELS, root=args.base)
-            line += (f" {before['status']} {before.get('code') or ''}, {before['growth_kb'] / 1024:,.0f} MB, "
+            line += (f" {before['status']} {before.get('code') or ''}, {before['growth_kb'] / 1024:,.0f} MiB, "
                      f"{before['cpu']:.2f} s |")
         print(line, flush=True)
     return 0
