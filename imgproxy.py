@@ -1196,7 +1196,7 @@ class JpegFrame:
         return blocks * 128
 
 
-def check_jpeg_headers(source: bytes | Path) -> Optional[JpegFrame]:
+def check_jpeg_headers(source: bytes | Path, start: int = 0) -> Optional[JpegFrame]:
     """Refuse JPEGs whose header segments would make Pillow slow or greedy.
 
     Pillow keeps every APPn segment in memory and joins split Exif with
@@ -1204,9 +1204,11 @@ def check_jpeg_headers(source: bytes | Path) -> Optional[JpegFrame]:
     millions of tiny segments (about 1.5 GB and 20 s for a 20 MB file), a 60 MB
     Exif (45 s) or 20 MB of fill bytes (15 s) cost far more than their size.
     Walking the segment lengths first bounds that work. Returns the frame
-    header when the walk reaches the scan data.
+    header when the walk reaches the scan data. `start`: where the JPEG
+    begins (a later frame of an MPO).
     """
     with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as f:
+        f.seek(start)
         if f.read(2) != b"\xff\xd8":
             return None
         segments = metadata = steps = 0
@@ -1262,23 +1264,32 @@ def _count(view: bytes | mmap.mmap, needle: bytes, start: int, end: int, stop_af
     return found
 
 
-def check_jpeg_work(view: bytes | mmap.mmap, frame: JpegFrame, guard: DecodeGuard) -> None:
+def check_jpeg_work(view: bytes | mmap.mmap, frame: Optional[JpegFrame], im: Image.Image,
+                    guard: DecodeGuard, held: int = 0) -> None:
     """Bound what the scans cost: their number (each walks the whole image
     again, so a few bytes of scan cost as much as the pixels) and the
     coefficient buffer that progressive and multi-scan images need.
 
     Inside scan data a 0xFF byte is always followed by 0x00 or a restart
-    marker, so every FF DA is a real start of scan.
+    marker, so every FF DA is a real start of scan. Without a frame header
+    (Pillow skips junk our walk stops at) the whole file is counted and the
+    coefficients are charged as if no component were subsampled. `held`:
+    the bytes of the output image, which libjpeg's buffer comes on top of.
     """
-    scans = _count(view, b"\xff\xda", frame.scan_start, len(view), JPEG_MAX_SCANS + 1)
+    start = frame.scan_start if frame is not None else 0
+    scans = _count(view, b"\xff\xda", start, len(view), JPEG_MAX_SCANS + 1)
     if scans > JPEG_MAX_SCANS:
         raise UploadRejected(413, "too_complex",
                              f"JPEG has more than {JPEG_MAX_SCANS} scans; each one costs a pass over the image")
-    first_image_end = view.find(b"\xff\xd9", frame.scan_start)
-    own_scans = _count(view, b"\xff\xda", frame.scan_start,
-                       len(view) if first_image_end < 0 else first_image_end, 2)
-    if frame.progressive or own_scans > 1:
-        guard.memory_for(frame.coefficient_bytes(), "progressive JPEG")
+    image_end = view.find(b"\xff\xd9", start)
+    own_scans = _count(view, b"\xff\xda", start, len(view) if image_end < 0 else image_end, 2)
+    if frame is None:
+        if own_scans > 1:
+            width, height = im.size
+            guard.memory_for(held + 128 * math.ceil(width / 8) * math.ceil(height / 8) * len(im.getbands()),
+                             "progressive JPEG")
+    elif frame.progressive or own_scans > 1:
+        guard.memory_for(held + frame.coefficient_bytes(), "progressive JPEG")
 
 
 def decode_gif_frames(view: bytes | mmap.mmap, guard: DecodeGuard) -> int:
@@ -1501,14 +1512,18 @@ def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max
                 guard.pixels(width, height)
                 cost = decode_cost(fmt, im)
                 guard.memory_for(cost * width * height)
-                if fmt == "JPEG" and jpeg_frame is not None:
-                    check_jpeg_work(view, jpeg_frame, guard)
+                # Pillow cannot seek past a scaled first picture of an MPO (camera
+                # JPEGs with a preview): those are checked at full size.
+                scaled = im.format == "JPEG"
+                if fmt == "JPEG":
+                    check_jpeg_work(view, jpeg_frame, im, guard,
+                                    held=0 if scaled else DECODE_BYTES_PER_PIXEL * width * height)
                 im.verify()
             if fmt == "GIF":
                 frames = decode_gif_frames(view, guard)
             else:
                 with open_image() as im:
-                    if fmt == "JPEG":
+                    if scaled:
                         # DCT scaling still entropy-decodes the whole stream (so
                         # truncation is caught) at a fraction of the memory and time.
                         im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
@@ -1524,6 +1539,9 @@ def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max
                         w, h = im.size
                         guard.pixels(w, h, f"frame {frames}")
                         guard.memory_for(cost * w * h, f"frame {frames}")
+                        if fmt == "JPEG" and im.tile:  # an MPO's next picture: a JPEG of its own, full size
+                            check_jpeg_work(view, check_jpeg_headers(source, im.tile[0].offset), im, guard,
+                                            held=DECODE_BYTES_PER_PIXEL * w * h)
                         guard.frame(w, h)
                         im.load()
         except UploadRejected:

@@ -147,3 +147,20 @@ def test_decoding_in_a_worker_thread_leaves_the_warning_filters_alone():
         warnings.filterwarnings("ignore", message="added while a decode ran")
         decoding.join()
         assert any(f[1] is not None and f[1].pattern == "added while a decode ran" for f in warnings.filters)
+
+
+def test_camera_jpeg_with_a_preview_picture_is_accepted_and_its_pictures_measured():
+    """Cameras append a preview as a second picture (MPO to Pillow): each one is a
+    JPEG of its own, checked like the first (pixels, scans, coefficients)."""
+    def mpo(second: Image.Image, **options) -> bytes:
+        return _encoded(Image.new("RGB", (64, 64)), "MPO", save_all=True, append_images=[second], **options)
+
+    photo = mpo(_noise((640, 480)))
+    facts = imgproxy.inspect_image(photo, len(photo), imgproxy.DEFAULT_FORMATS, MAX_PIXELS)
+    assert (facts.format, facts.frames) == ("JPEG", 2)
+    huge = decode_in_child(mpo(Image.new("RGB", (3000, 3000))), MAX_PIXELS)
+    assert (huge["status"], huge["code"]) == (413, "too_many_pixels"), huge
+    costly = decode_in_child(mpo(_noise((2000, 2000)), progressive=True, subsampling=0), MAX_PIXELS,
+                             patches={"DECODE_SLACK": 0})
+    assert (costly["status"], costly["code"]) == (413, "too_many_pixels"), costly
+    assert costly["growth_kb"] < 8 * 1024, costly
