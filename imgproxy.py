@@ -92,7 +92,7 @@ MULTIPART_SLACK = 64 * 1024     # boundaries and part headers around the file
 MAX_FRAMES = 10_000             # animated images: frames decoded at most
 JPEG_MAX_SEGMENTS = 4096        # JPEG marker segments before the scan data ...
 JPEG_MAX_METADATA = 16 * 1024 * 1024  # ... and bytes of APPn/COM metadata in them
-TIFF_MAX_ENTRIES = 100_000       # tags in all the IFDs of a TIFF together
+TIFF_MAX_ENTRIES = 100_000      # tags in all the IFDs of a TIFF together
 JPEG_MAX_SCANS = 100            # scans in a whole JPEG file (each one walks every block again)
 DECODE_BYTES_PER_PIXEL = 4      # one decode may hold this many bytes x max_pixels ...
 DECODE_SLACK = 64 * 1024 * 1024  # ... plus the file itself and this much for decoder buffers
@@ -1191,7 +1191,7 @@ class JpegFrame:
         block's 64 coefficients of 2 bytes, whatever scale the output is."""
         hmax = max(h for h, _ in self.sampling)
         vmax = max(v for _, v in self.sampling)
-        blocks = sum(math.ceil(math.ceil(self.width * h / hmax) / 8) * math.ceil(math.ceil(self.height * v / vmax) / 8)
+        blocks = sum(math.ceil(self.width * h / hmax / 8) * math.ceil(self.height * v / vmax / 8)
                      for h, v in self.sampling)
         return blocks * 128
 
@@ -1227,7 +1227,7 @@ def check_jpeg_headers(source: bytes | Path, start: int = 0) -> Optional[JpegFra
             if marker == 0xDA:
                 return None if frame is None else dataclasses.replace(frame, scan_start=f.tell() - 4)
             if marker == 0xD9:
-                return None  # end of image or start of the scan data
+                return None  # end of image before any scan
             if marker == 0x01 or 0xD0 <= marker <= 0xD8:
                 f.seek(-2, os.SEEK_CUR)  # markers without a length
                 continue
