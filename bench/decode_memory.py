@@ -24,8 +24,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-import helpers  # noqa: E402  (tests/helpers.py: the crafted files and the child runner)
-import imgproxy  # noqa: E402
+import helpers  # tests/helpers.py: the crafted files and the child runner
+import imgproxy
 
 MAX_PIXELS = 50_000_000  # the default config
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gen_data import big_png  # noqa: E402  (the same file as bench/run.sh's test 6)
+from gen_data import big_png  # the same file as bench/run.sh's test 6
 
 
 def idat_stream(data: bytes) -> bytes:
