@@ -357,7 +357,7 @@ def animated_gif(size=(500, 500), frames: int = 40) -> bytes:
 
 
 def progressive_jpeg_with_many_scans(size=(1024, 1024), scans: int = 600) -> bytes:
-    """A progressive JPEG whose last scan is repeated until it has about `scans` scans.
+    """A progressive JPEG whose last scan is repeated until it has `scans` scans.
 
     Each repeat is a few bytes, but the decoder walks every block of the image
     for each one: the CPU cost grows with scans x pixels, not with the file size.
