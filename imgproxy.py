@@ -97,9 +97,9 @@ JPEG_MAX_SCANS = 100            # scans in a whole JPEG file (each one walks eve
 DECODE_BYTES_PER_PIXEL = 4      # one decode may hold this many bytes x max_pixels ...
 DECODE_SLACK = 64 * 1024 * 1024  # ... plus the file itself and this much for decoder buffers
 DECODE_CPU_SECONDS = 20.0       # CPU time one upload's decode may use (checked between frames)
-# Peak bytes a pixel costs while Pillow decodes these (measured: bench/decode_memory.py);
-# anything else is held in at most DECODE_BYTES_PER_PIXEL.
-DECODE_COST = {"WEBP": 20, "AVIF": 20, "APNG": 12, "ICO-BMP": 9}
+# Peak bytes a pixel costs while Pillow decodes these (measured with bench/decode_memory.py;
+# an ICO's BMP entry: image, its RGBA copy and the mask); others hold DECODE_BYTES_PER_PIXEL.
+DECODE_COST = {"WEBP": 20, "AVIF": 12, "APNG": 12, "ICO-BMP": 9}
 TMP_MAX_AGE = 3600.0            # tmp/ leftovers older than this are from dead uploads
 COUNT_FLUSH_SECONDS = 2.0       # access counts reach the database this often
 CLEANUP_BATCH = 500

@@ -6,7 +6,7 @@ space capped at 3 GB), which reports the verdict and how much its peak RSS
 (VmHWM) grew over the decode; the bound is DECODE_BYTES_PER_PIXEL x max_pixels
 + the file + DECODE_SLACK (264 MB + the file for the default 50 megapixels).
 
-    python3 bench/decode_memory.py [--base DIR]
+    python3 bench/decode_memory.py [--base DIR] [--only TEXT]
 
 --base DIR runs the same files against another checkout's imgproxy.py too
 (e.g. `git archive <commit> | tar -x -C DIR`), for a before/after table.
@@ -50,6 +50,11 @@ CASES = {
     "50 MP RGBA PNG (7071x7071, at max_pixels)": lambda: encoded(photo((7071, 7071), "RGBA"), "PNG",
                                                                  compress_level=1),
     "12 MP WebP (4000x3000)": lambda: encoded(photo((4000, 3000)), "WEBP", quality=80),
+    "4 MP animated PNG, 3 frames (2000x2000)": lambda: encoded(
+        photo((2000, 2000), "RGBA"), "PNG", save_all=True, compress_level=1,
+        append_images=[photo((2000, 2000), "RGBA").rotate(90), photo((2000, 2000), "RGBA").rotate(180)]),
+    "12 MP AVIF (4000x3000; needs Pillow's AVIF support)": lambda: encoded(photo((4000, 3000)), "AVIF",
+                                                                         quality=60, speed=10),
     "24 MP TIFF LZW (6000x4000)": lambda: encoded(photo((6000, 4000)), "TIFF", compression="tiff_lzw"),
     "bomb: GIF, 2nd frame 9000x9000 on a 16x16 screen": lambda: helpers.gif_with_large_second_frame(
         (16, 16), (9000, 9000)),
@@ -71,16 +76,20 @@ def row(name: str, data: bytes, result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, help="another checkout to measure the same files with")
+    parser.add_argument("--only", default="", help="only the cases whose name contains this")
     args = parser.parse_args(argv)
     budget = imgproxy.DECODE_BYTES_PER_PIXEL * MAX_PIXELS + imgproxy.DECODE_SLACK
     print(f"max_pixels {MAX_PIXELS:,}; budget {budget / 2**20:,.0f} MiB + the file\n")
     print("| file | size | verdict | peak RSS growth | CPU |" + (" before: verdict, growth, CPU |" if args.base else ""))
     print("|---|---|---|---|---|" + ("---|" if args.base else ""))
+    formats = (*imgproxy.DEFAULT_FORMATS, "AVIF")
     for name, make in CASES.items():
+        if args.only not in name:
+            continue
         data = make()
-        line = row(name, data, helpers.decode_in_child(data, MAX_PIXELS))
+        line = row(name, data, helpers.decode_in_child(data, MAX_PIXELS, formats=formats))
         if args.base:
-            before = helpers.decode_in_child(data, MAX_PIXELS, root=args.base)
+            before = helpers.decode_in_child(data, MAX_PIXELS, root=args.base, formats=formats)
             line += (f" {before['status']} {before.get('code') or ''}, {before['growth_kb'] / 1024:,.0f} MiB, "
                      f"{before['cpu']:.2f} s |")
         print(line, flush=True)
