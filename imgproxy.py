@@ -1500,8 +1500,8 @@ def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max
     guard = DecodeGuard(max_pixels, size)
     jpeg_frame = check_jpeg_headers(source) if "JPEG" in formats else None
     with _bytes_of(source) as view:
-        check_structure(view, formats, guard)
         try:
+            check_structure(view, formats, guard)
             with open_image() as im:
                 fmt = "JPEG" if im.format == "MPO" else im.format
                 width, height = im.size
