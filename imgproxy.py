@@ -55,6 +55,7 @@ import struct
 import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Optional
 
@@ -563,12 +564,15 @@ class UploadSink:
     Small uploads stay in memory and are written only when published (a
     duplicate then costs no disk write at all). Past FLUSH_BYTES the data goes
     to a tmp/ file through a worker thread, one write in flight at a time, so
-    hashing and disk work overlap with reading the network.
+    hashing and disk work overlap with reading the network. `observer`, if
+    given, sees every piece in order in that thread too (a streaming check).
     """
 
-    def __init__(self, storage: Storage, limit: int):
+    def __init__(self, storage: Storage, limit: int,
+                 observer: Optional[Callable[[bytes | bytearray], None]] = None):
         self.storage = storage
         self.limit = limit
+        self.observer = observer
         self.size = 0
         self.md5 = hashlib.md5()
         self.buf = bytearray()
@@ -597,6 +601,8 @@ class UploadSink:
             self._file = open(os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb")
         self.md5.update(data)
         self._file.write(data)
+        if self.observer is not None:
+            self.observer(data)
 
     async def drain(self) -> None:
         """Wait for the write in flight, if any."""
@@ -1447,6 +1453,133 @@ def check_webp_canvas(view: bytes | mmap.mmap, guard: DecodeGuard) -> None:
     guard.memory_for(DECODE_COST["WEBP"] * width * height, "WebP image")
 
 
+class PngStreamCheck:
+    """Checks a PNG while it is received, so a big one needs no decode afterwards.
+
+    Pillow's ImageFile.Parser cannot do it (PNG has its own reader, so the
+    parser buffers everything until close). Fed the upload's pieces in order
+    (`feed`, from the upload's writer thread), this checks every chunk's CRC
+    and inflates the IDAT stream in bounded pieces to exactly the rows the
+    IHDR promises, each starting with a valid filter type: what verify() and
+    a full decode would find. It vouches (`passed`) only for a plain image
+    within max_pixels: one frame, not interlaced, nothing but IDAT after the
+    first IDAT, ending with IEND. Anything else, damage included, leaves the
+    verdict to inspect_image, so no file is judged differently.
+    """
+    CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+    DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+    KNOWN_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+
+    def __init__(self, max_pixels: int):
+        self.max_pixels = max_pixels
+        self.buf = bytearray()
+        self.started = False
+        self.chunk: Optional[bytes] = None  # the chunk being read ...
+        self.left = 0                        # ... and how many of its data bytes are still to come
+        self.crc = 0
+        self.inflater = zlib.decompressobj()
+        self.row = self.expected = self.inflated = self.colour = 0
+        self.kinds: set[bytes] = set()
+        self.passed = self.gave_up = False
+
+    def feed(self, data: bytes | bytearray) -> None:
+        if self.passed or self.gave_up:
+            return
+        if not self.started and not self.buf and data[:8] != b"\x89PNG\r\n\x1a\n"[:len(data)]:
+            self.gave_up = True  # not a PNG: nothing to copy
+            return
+        try:
+            self.buf += data
+            self._run()
+        except (zlib.error, struct.error, ValueError):
+            self.gave_up = True
+        if self.gave_up:
+            self.buf = bytearray()
+
+    def _run(self) -> None:
+        if not self.started:
+            if len(self.buf) < 8:
+                return
+            if self.buf[:8] != b"\x89PNG\r\n\x1a\n":
+                self.gave_up = True
+                return
+            del self.buf[:8]
+            self.started = True
+        while not (self.passed or self.gave_up):
+            if self.chunk is None:
+                if len(self.buf) < 8:
+                    return
+                self.left, kind = struct.unpack_from(">I4s", self.buf)
+                del self.buf[:8]
+                self._begin(kind)
+                continue
+            if self.chunk == b"IDAT" and self.left:
+                piece = bytes(self.buf[:self.left])
+                if not piece:
+                    return
+                del self.buf[:len(piece)]
+                self.left -= len(piece)
+                self.crc = zlib.crc32(piece, self.crc)
+                self._inflate(piece)
+                continue
+            if len(self.buf) < self.left + 4:
+                return
+            body = bytes(self.buf[:self.left])
+            (crc,) = struct.unpack_from(">I", self.buf, self.left)
+            del self.buf[:self.left + 4]
+            if zlib.crc32(body, self.crc) != crc:
+                self.gave_up = True
+                return
+            self._end(self.chunk, body)
+            self.chunk = None
+
+    def _begin(self, kind: bytes) -> None:
+        ihdr_first = bool(self.kinds) or kind == b"IHDR"
+        after_idat = b"IDAT" in self.kinds and kind not in (b"IDAT", b"IEND")
+        critical = 65 <= kind[0] <= 90
+        if (not ihdr_first or after_idat or kind in (b"acTL", b"fcTL", b"fdAT")
+                or (critical and kind not in self.KNOWN_CRITICAL)
+                or (kind != b"IDAT" and self.left > 1 << 20)
+                or (kind == b"IDAT" and (not self.expected or (self.colour == 3 and b"PLTE" not in self.kinds)))):
+            self.gave_up = True
+            return
+        self.kinds.add(kind)
+        self.chunk = kind
+        self.crc = zlib.crc32(kind)
+
+    def _end(self, kind: bytes, body: bytes) -> None:
+        if kind == b"IHDR":
+            if len(body) != 13:
+                self.gave_up = True
+                return
+            width, height, depth, self.colour, compression, filters, interlace = struct.unpack(">IIBBBBB", body)
+            if (not 0 < width * height <= self.max_pixels or depth not in self.DEPTHS.get(self.colour, ())
+                    or compression or filters or interlace):
+                self.gave_up = True
+                return
+            self.row = (width * self.CHANNELS[self.colour] * depth + 7) // 8 + 1
+            self.expected = height * self.row
+        elif kind == b"IEND":
+            self.passed = (self.inflater.eof and not self.inflater.unused_data
+                           and self.inflated == self.expected)
+            self.gave_up = not self.passed
+
+    def _inflate(self, data: bytes) -> None:
+        piece = 1 << 20  # bounded output whatever the ratio: a zlib bomb costs CPU, not memory
+        while not self.gave_up:
+            out = self.inflater.decompress(data, piece)
+            data = self.inflater.unconsumed_tail
+            if out:
+                first_row = -self.inflated % self.row
+                if out[first_row::self.row] and max(out[first_row::self.row]) > 4:
+                    self.gave_up = True  # not a PNG filter type
+                self.inflated += len(out)
+                if self.inflated > self.expected:
+                    self.gave_up = True
+            if not data and len(out) < piece:
+                return
+
+
 def check_structure(view: bytes | mmap.mmap, formats: tuple[str, ...], guard: DecodeGuard) -> None:
     """The per-format checks that must run before Pillow opens the file."""
     try:
@@ -1481,13 +1614,16 @@ def _bytes_of(source: bytes | Path):
             yield view
 
 
-def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max_pixels: int) -> ImageFacts:
+def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max_pixels: int, *,
+                  png_checked: bool = False) -> ImageFacts:
     """Decide from the bytes what the image is; raise UploadRejected if we refuse it.
 
     Blocking and CPU-bound: run in a worker thread. Order matters: every
     frame, page and embedded image is measured before any pixel is decoded
     (bombs, see DecodeGuard), then verify() catches broken chunk CRCs and a
     full decode of every frame catches truncated data that verify() misses (JPEG).
+    `png_checked`: a PngStreamCheck passed these bytes, which stands for
+    verify() and the decode of a PNG.
     """
     pillow_formats = list(formats)  # JPEG's opener also yields MPO, reported as JPEG below
 
@@ -1518,8 +1654,12 @@ def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max
                 if fmt == "JPEG":
                     check_jpeg_work(view, jpeg_frame, im, guard,
                                     held=0 if scaled else DECODE_BYTES_PER_PIXEL * width * height)
-                im.verify()
-            if fmt == "GIF":
+                streamed = png_checked and fmt == "PNG"
+                if not streamed:
+                    im.verify()
+            if streamed:
+                frames = 1
+            elif fmt == "GIF":
                 frames = decode_gif_frames(view, guard)
             else:
                 with open_image() as im:
@@ -1916,7 +2056,9 @@ async def handle_upload(request: web.Request) -> web.Response:
     user = await require_user(request)
     check_declared_length(request)
     config, store = request.app[CONFIG], request.app[STORE]
-    sink = UploadSink(store.storage, config.server.max_upload_bytes)
+    png_check = PngStreamCheck(config.server.max_pixels) if "PNG" in config.server.formats else None
+    sink = UploadSink(store.storage, config.server.max_upload_bytes,
+                      observer=png_check.feed if png_check is not None else None)
     try:
         raw_name = await receive_upload(request, sink)
         if sink.size == 0:
@@ -1928,7 +2070,8 @@ async def handle_upload(request: web.Request) -> web.Response:
             # digest, and the decode check (from memory when they fit there).
             md5, small = sink.complete()
             return md5, inspect_image(small if small is not None else sink.tmp_path, sink.size,
-                                      config.server.formats, config.server.max_pixels)
+                                      config.server.formats, config.server.max_pixels,
+                                      png_checked=png_check is not None and png_check.passed)
 
         async with store.decode_slots:
             md5, facts = await asyncio.to_thread(hash_and_inspect)
