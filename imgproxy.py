@@ -1485,53 +1485,53 @@ class PngStreamCheck:
     def feed(self, data: bytes | bytearray) -> None:
         if self.passed or self.gave_up:
             return
-        if not self.started and not self.buf and data[:8] != b"\x89PNG\r\n\x1a\n"[:len(data)]:
-            self.gave_up = True  # not a PNG: nothing to copy
-            return
+        if self.buf:  # a header or a small chunk cut by the piece boundary
+            data, self.buf = bytes(self.buf + data), bytearray()
         try:
-            self.buf += data
-            self._run()
+            rest = self._run(memoryview(data))
+            if not (self.passed or self.gave_up):
+                self.buf += rest
         except (zlib.error, struct.error, ValueError):
             self.gave_up = True
-        if self.gave_up:
-            self.buf = bytearray()
 
-    def _run(self) -> None:
+    def _run(self, view: memoryview) -> memoryview:
+        """Consume what can be judged of view; returns the rest (an incomplete unit)."""
+        pos, end = 0, len(view)
         if not self.started:
-            if len(self.buf) < 8:
-                return
-            if self.buf[:8] != b"\x89PNG\r\n\x1a\n":
+            if end < 8:
+                return view
+            if view[:8] != b"\x89PNG\r\n\x1a\n":
                 self.gave_up = True
-                return
-            del self.buf[:8]
-            self.started = True
+                return view[:0]
+            pos, self.started = 8, True
         while not (self.passed or self.gave_up):
             if self.chunk is None:
-                if len(self.buf) < 8:
-                    return
-                self.left, kind = struct.unpack_from(">I4s", self.buf)
-                del self.buf[:8]
+                if end - pos < 8:
+                    break
+                self.left, kind = struct.unpack_from(">I4s", view, pos)
+                pos += 8
                 self._begin(kind)
-                continue
-            if self.chunk == b"IDAT" and self.left:
-                piece = bytes(self.buf[:self.left])
-                if not piece:
-                    return
-                del self.buf[:len(piece)]
-                self.left -= len(piece)
+            elif self.chunk == b"IDAT" and self.left:
+                take = min(self.left, end - pos)
+                if not take:
+                    break
+                piece = view[pos:pos + take]  # IDAT data is judged as it comes, never buffered
+                pos += take
+                self.left -= take
                 self.crc = zlib.crc32(piece, self.crc)
                 self._inflate(piece)
-                continue
-            if len(self.buf) < self.left + 4:
-                return
-            body = bytes(self.buf[:self.left])
-            (crc,) = struct.unpack_from(">I", self.buf, self.left)
-            del self.buf[:self.left + 4]
-            if zlib.crc32(body, self.crc) != crc:
-                self.gave_up = True
-                return
-            self._end(self.chunk, body)
-            self.chunk = None
+            else:
+                if end - pos < self.left + 4:
+                    break
+                body = view[pos:pos + self.left]
+                (crc,) = struct.unpack_from(">I", view, pos + self.left)
+                pos += self.left + 4
+                if zlib.crc32(body, self.crc) != crc:
+                    self.gave_up = True
+                    break
+                self._end(self.chunk, bytes(body))
+                self.chunk = None
+        return view[pos:]
 
     def _begin(self, kind: bytes) -> None:
         ihdr_first = bool(self.kinds) or kind == b"IHDR"
