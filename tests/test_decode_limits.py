@@ -168,3 +168,86 @@ def test_camera_jpeg_with_a_preview_picture_is_accepted_and_its_pictures_measure
                              patches={"DECODE_SLACK": 0})
     assert (costly["status"], costly["code"]) == (413, "too_many_pixels"), costly
     assert costly["growth_kb"] < 8 * 1024, costly
+
+
+# ---- PNG checked while it is received -----------------------------------------------
+
+def _png_with_valid_crcs(data: bytes) -> bytes:
+    """The same chunks with their CRCs recomputed: damage that only a decode can see."""
+    import struct
+    import zlib
+    out, pos = bytearray(data[:8]), 8
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        body = data[pos + 4:pos + 8 + length]
+        out += data[pos:pos + 4] + body + struct.pack(">I", zlib.crc32(body))
+        pos += 12 + length
+    return bytes(out)
+
+
+def _streamed(data: bytes, piece: int) -> imgproxy.PngStreamCheck:
+    check = imgproxy.PngStreamCheck(MAX_PIXELS)
+    for start in range(0, len(data), piece):
+        check.feed(data[start:start + piece])
+    return check
+
+
+@pytest.fixture(scope="module")
+def big_png() -> bytes:
+    return _encoded(_noise((1200, 900)), "PNG", compress_level=1)  # about 3 MB: streamed to tmp/
+
+
+def test_png_stream_check_vouches_for_a_whole_png_in_any_pieces(big_png):
+    small = _encoded(_noise((60, 40), "RGBA"), "PNG")
+    assert _streamed(small, 1).passed
+    for piece in (4093, 1 << 20):
+        check = _streamed(big_png, piece)
+        assert check.passed and check.inflated == 900 * (1200 * 3 + 1)
+    assert not _streamed(big_png[:-12], 4093).passed  # without IEND
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda d: d[:len(d) // 2], id="truncated"),
+    pytest.param(lambda d: d[:len(d) // 2] + bytes([d[len(d) // 2] ^ 0x40]) + d[len(d) // 2 + 1:], id="bad-crc"),
+    pytest.param(lambda d: _png_with_valid_crcs(d[:len(d) // 2] + b"\xff" * 64 + d[len(d) // 2 + 64:]),
+                 id="corrupt-idat-valid-crc"),
+    pytest.param(lambda d: d[:16] + (99999).to_bytes(4, "big") + d[20:], id="ihdr-over-limit-bad-crc"),
+    pytest.param(lambda d: _png_with_valid_crcs(d[:16] + (5000).to_bytes(4, "big") + d[20:]), id="ihdr-over-limit"),
+])
+async def test_damaged_big_png_gets_the_same_verdict_through_the_stream_check(make_client, big_png, damage):
+    """The check vouches only for what it saw whole; everything else goes to
+    Pillow as before, so the upload is refused as before."""
+    data = damage(big_png)
+    assert not _streamed(data, 1 << 20).passed
+    with pytest.raises(imgproxy.UploadRejected) as before:
+        imgproxy.inspect_image(data, len(data), imgproxy.DEFAULT_FORMATS, MAX_PIXELS)
+    client = await make_client(server={"max_pixels": MAX_PIXELS})
+    resp = await client.put("/upload/big.png", data=data, headers=ALICE)
+    assert (resp.status, (await resp.json())["code"]) == (before.value.status, before.value.code)
+    assert store_problems(client.data_dir) == []
+
+
+async def test_big_png_checked_while_received_is_stored_with_its_facts(make_client, big_png):
+    client = await make_client(server={"max_pixels": MAX_PIXELS})
+    resp = await client.put("/upload/big.png", data=big_png, headers=ALICE)
+    assert resp.status == 201, await resp.text()
+    info = await resp.json()
+    assert (info["format"], info["width"], info["height"], info["size"]) == ("PNG", 1200, 900, len(big_png))
+    assert store_problems(client.data_dir) == []
+
+
+def test_png_stream_check_agrees_with_pillow_on_the_corpus(corpus):
+    """Wherever the check vouches for a corpus PNG (and Pillow can open it),
+    Pillow's verify() and decode accept it too."""
+    vouched = 0
+    for path in sorted(corpus.glob("*.png")):
+        data = path.read_bytes()
+        if not _streamed(data, 4093).passed:
+            continue
+        try:
+            Image.open(io.BytesIO(data), formats=["PNG"]).close()
+        except Exception:  # refused at open, which runs on the streamed path too
+            continue
+        vouched += 1
+        imgproxy.inspect_image(data, len(data), imgproxy.DEFAULT_FORMATS, 50_000_000)
+    assert vouched >= 10
