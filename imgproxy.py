@@ -102,6 +102,14 @@ MULTIPART_SLACK = 64 * 1024     # boundaries and part headers around the file
 MAX_FRAMES = 10_000             # animated images: frames decoded at most
 JPEG_MAX_SEGMENTS = 4096        # JPEG marker segments before the scan data ...
 JPEG_MAX_METADATA = 16 * 1024 * 1024  # ... and bytes of APPn/COM metadata in them
+TIFF_MAX_ENTRIES = 100_000      # tags in all the IFDs of a TIFF together
+JPEG_MAX_SCANS = 100            # scans in a whole JPEG file (each one walks every block again)
+DECODE_BYTES_PER_PIXEL = 4      # one decode may hold this many bytes x max_pixels ...
+DECODE_SLACK = 64 * 1024 * 1024  # ... plus the file itself and this much for decoder buffers
+DECODE_CPU_SECONDS = 20.0       # CPU time one upload's decode may use (checked between frames)
+# Peak bytes a pixel costs while Pillow decodes these (measured with bench/decode_memory.py;
+# an ICO's BMP entry: image, its RGBA copy and the mask); others hold DECODE_BYTES_PER_PIXEL.
+DECODE_COST = {"WEBP": 20, "AVIF": 12, "APNG": 12, "ICO-BMP": 9}
 TMP_MAX_AGE = 3600.0            # unlocked tmp/ files other than .part are leftovers past this age
 COUNT_FLUSH_SECONDS = 2.0       # access counts reach the database this often
 CLEANUP_BATCH = 500
@@ -629,6 +637,11 @@ class Storage:
                 raise
             os.close(fd)
 
+    def release_tmp(self, path: Path, fd: int) -> None:
+        """Drop the lock create_tmp took (closing its descriptor): after publish or removal."""
+        os.close(fd)
+        self.in_flight.discard(path.name)
+
     def place(self, md5: str, ext: str, tmp_path: Path) -> Path:
         """Move a validated upload from tmp/ to its final path (blocking; run in a thread).
 
@@ -708,11 +721,15 @@ class UploadSink:
     write in flight at a time, so hashing and disk work overlap with reading
     the network. An upload smaller than that is written once, by complete(),
     and its bytes are also handed to inspection so it need not read them back.
+    `observer`, if given, sees every piece in order in that thread too (a
+    streaming check).
     """
 
-    def __init__(self, storage: Storage, limit: int):
+    def __init__(self, storage: Storage, limit: int,
+                 observer: Optional[Callable[[bytes | bytearray], None]] = None):
         self.storage = storage
         self.limit = limit
+        self.observer = observer
         self.size = 0
         self.md5 = hashlib.md5()
         self.buf = bytearray()
@@ -743,6 +760,8 @@ class UploadSink:
             self._file = open(fd, "wb")
         self.md5.update(data)
         self._file.write(data)
+        if self.observer is not None:
+            self.observer(data)
 
     async def drain(self) -> None:
         """Wait for the write in flight, if any."""
@@ -1426,23 +1445,94 @@ class ImageStore:
 # ==== image inspection ==========================================================
 
 
-def check_jpeg_headers(source: bytes | Path) -> None:
+class DecodeGuard:
+    """The limits one decode stays within: pixels, memory, frames and CPU time.
+
+    Pillow checks only what a header declares, and only the first frame's
+    header at that; every frame, page, tile and embedded image is measured
+    here before any of its pixels are decoded, so that whatever the file says
+    a decode holds at most DECODE_BYTES_PER_PIXEL x max_pixels plus the file and
+    DECODE_SLACK, and stops after DECODE_CPU_SECONDS of CPU.
+    """
+
+    def __init__(self, max_pixels: int, file_size: int):
+        self.max_pixels = max_pixels
+        self.memory = DECODE_BYTES_PER_PIXEL * max_pixels + file_size + DECODE_SLACK
+        self.pixels_left = max_pixels * 10  # all frames together
+        self.frames = 0
+        self.started = time.thread_time()  # this thread's CPU, not the other uploads'
+
+    def pixels(self, width: int, height: int, what: str = "image") -> None:
+        if width * height > self.max_pixels:
+            raise UploadRejected(413, "too_many_pixels",
+                                 f"{what} is {width}x{height} = {width * height} pixels; "
+                                 f"the limit is {self.max_pixels}")
+
+    def memory_for(self, nbytes: int, what: str = "image") -> None:
+        if nbytes > self.memory:
+            raise UploadRejected(413, "too_many_pixels",
+                                 f"{what} needs about {nbytes // 2**20} MB to decode; "
+                                 f"the limit is {self.memory // 2**20} MB")
+
+    def frame(self, width: int, height: int) -> None:
+        """Called before each frame or page is decoded."""
+        self.frames += 1
+        self.pixels_left -= width * height
+        if self.frames > MAX_FRAMES or self.pixels_left < 0:
+            raise UploadRejected(413, "too_many_pixels",
+                                 "animation is too large to check (too many frames or pixels)")
+        self.clock()
+
+    def clock(self) -> None:
+        if time.thread_time() - self.started > DECODE_CPU_SECONDS:
+            raise UploadRejected(413, "too_complex",
+                                 f"image takes more than {DECODE_CPU_SECONDS:g} s of CPU to check")
+
+
+@dataclasses.dataclass(frozen=True)
+class JpegFrame:
+    """A JPEG's first frame header (SOFn) and where its scan data starts."""
+    marker: int
+    width: int
+    height: int
+    sampling: tuple[tuple[int, int], ...]  # (horizontal, vertical) per component
+    scan_start: int
+
+    @property
+    def progressive(self) -> bool:
+        return self.marker in (0xC2, 0xC6, 0xCA, 0xCE)
+
+    def coefficient_bytes(self) -> int:
+        """What libjpeg holds for a progressive or multi-scan image: every
+        block's 64 coefficients of 2 bytes, whatever scale the output is."""
+        hmax = max(h for h, _ in self.sampling)
+        vmax = max(v for _, v in self.sampling)
+        blocks = sum(math.ceil(self.width * h / hmax / 8) * math.ceil(self.height * v / vmax / 8)
+                     for h, v in self.sampling)
+        return blocks * 128
+
+
+def check_jpeg_headers(source: bytes | Path, start: int = 0) -> Optional[JpegFrame]:
     """Refuse JPEGs whose header segments would make Pillow slow or greedy.
 
     Pillow keeps every APPn segment in memory and joins split Exif with
     repeated concatenation, and it steps through fill bytes one at a time, so
     millions of tiny segments (about 1.5 GB and 20 s for a 20 MB file), a 60 MB
     Exif (45 s) or 20 MB of fill bytes (15 s) cost far more than their size.
-    Walking the segment lengths first bounds that work.
+    Walking the segment lengths first bounds that work. Returns the frame
+    header when the walk reaches the scan data. `start`: where the JPEG
+    begins (a later frame of an MPO).
     """
     with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as f:
+        f.seek(start)
         if f.read(2) != b"\xff\xd8":
-            return
+            return None
         segments = metadata = steps = 0
+        frame: Optional[JpegFrame] = None
         while True:
             head = f.read(4)
             if len(head) < 4 or head[0] != 0xFF:
-                return  # not ours to judge: Pillow reports the damage
+                return None  # not ours to judge: Pillow reports the damage
             marker = head[1]
             steps += 1
             if steps > JPEG_MAX_SEGMENTS * 4:  # fill bytes and bare markers advance 1-2 bytes a step
@@ -1450,14 +1540,16 @@ def check_jpeg_headers(source: bytes | Path) -> None:
             if marker == 0xFF:
                 f.seek(-3, os.SEEK_CUR)  # fill byte before the marker
                 continue
-            if marker in (0xD9, 0xDA):
-                return  # end of image or start of the scan data
+            if marker == 0xDA:
+                return None if frame is None else dataclasses.replace(frame, scan_start=f.tell() - 4)
+            if marker == 0xD9:
+                return None  # end of image before any scan
             if marker == 0x01 or 0xD0 <= marker <= 0xD8:
                 f.seek(-2, os.SEEK_CUR)  # markers without a length
                 continue
             length = int.from_bytes(head[2:4], "big")
             if length < 2:
-                return  # broken: Pillow reports it
+                return None  # broken: Pillow reports it
             segments += 1
             if 0xE0 <= marker <= 0xEF or marker == 0xFE:
                 metadata += length
@@ -1465,16 +1557,383 @@ def check_jpeg_headers(source: bytes | Path) -> None:
                 raise UploadRejected(413, "too_large",
                                      f"JPEG header is too large (more than {JPEG_MAX_SEGMENTS} segments "
                                      f"or {JPEG_MAX_METADATA // (1024 * 1024)} MB of metadata)")
+            if frame is None and 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                body = f.read(length - 2)
+                if len(body) >= 6 and len(body) >= 6 + 3 * body[5] and body[5]:
+                    height, width = struct.unpack_from(">HH", body, 1)
+                    sampling = tuple((max(1, body[7 + 3 * i] >> 4), max(1, body[7 + 3 * i] & 15))
+                                     for i in range(body[5]))
+                    frame = JpegFrame(marker, width, height, sampling, 0)
+                continue
             f.seek(length - 2, os.SEEK_CUR)
 
 
-def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max_pixels: int) -> ImageFacts:
+def _count(view: bytes | mmap.mmap, needle: bytes, start: int, end: int, stop_after: int) -> int:
+    """Occurrences of needle in view[start:end], counting no further than stop_after."""
+    found = 0
+    while found < stop_after:
+        start = view.find(needle, start, end)
+        if start < 0:
+            break
+        found += 1
+        start += len(needle)
+    return found
+
+
+def check_jpeg_work(view: bytes | mmap.mmap, frame: Optional[JpegFrame], im: Image.Image,
+                    guard: DecodeGuard, held: int = 0) -> None:
+    """Bound what the scans cost: their number (each walks the whole image
+    again, so a few bytes of scan cost as much as the pixels) and the
+    coefficient buffer that progressive and multi-scan images need.
+
+    Inside scan data a 0xFF byte is always followed by 0x00 or a restart
+    marker, so every FF DA is a real start of scan. Without a frame header
+    (Pillow skips junk our walk stops at) the whole file is counted and the
+    coefficients are charged as if no component were subsampled. `held`:
+    the bytes of the output image, which libjpeg's buffer comes on top of.
+    """
+    start = frame.scan_start if frame is not None else 0
+    scans = _count(view, b"\xff\xda", start, len(view), JPEG_MAX_SCANS + 1)
+    if scans > JPEG_MAX_SCANS:
+        raise UploadRejected(413, "too_complex",
+                             f"JPEG has more than {JPEG_MAX_SCANS} scans; each one costs a pass over the image")
+    image_end = view.find(b"\xff\xd9", start)
+    own_scans = _count(view, b"\xff\xda", start, len(view) if image_end < 0 else image_end, 2)
+    if frame is None:
+        if own_scans > 1:
+            width, height = im.size
+            guard.memory_for(held + 128 * math.ceil(width / 8) * math.ceil(height / 8) * len(im.getbands()),
+                             "progressive JPEG")
+    elif frame.progressive or own_scans > 1:
+        guard.memory_for(held + frame.coefficient_bytes(), "progressive JPEG")
+
+
+def decode_gif_frames(view: bytes | mmap.mmap, guard: DecodeGuard) -> int:
+    """Decode every frame of a GIF on its own; returns the number of frames.
+
+    Pillow composes each frame onto a full-size RGB(A) canvas and keeps the
+    previous one (about 13 bytes a pixel), and it grows that canvas to fit
+    any frame, however far it reaches past the logical screen. Cut out, each
+    frame is checked against the limits first and then decoded as a one-frame
+    GIF of its own size: 1 byte a pixel, and the same LZW decoder.
+    """
+    screen_w, screen_h, flags = struct.unpack_from("<HHB", view, 6)
+    pos = 13 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0)
+    global_table = bytes(view[13:pos])
+    canvas_w, canvas_h = screen_w, screen_h
+    frames, end = 0, len(view)
+    while pos < end:
+        kind = view[pos]
+        if kind == 0x3B:
+            break
+        if kind == 0x21:
+            pos += 2
+            while pos < end and view[pos]:
+                pos += view[pos] + 1
+            pos += 1
+        elif kind == 0x2C:
+            x, y, width, height, local = struct.unpack_from("<HHHHB", view, pos + 1)
+            start = pos
+            pos += 10 + ((3 << ((local & 7) + 1)) if local & 0x80 else 0) + 1  # + LZW code size
+            while pos < end and view[pos]:
+                pos += view[pos] + 1
+            pos += 1
+            canvas_w, canvas_h = max(canvas_w, x + width), max(canvas_h, y + height)
+            guard.pixels(canvas_w, canvas_h, f"GIF frame {frames + 1} (with the canvas it needs)")
+            guard.frame(width, height)
+            frames += 1
+            if width and height:
+                alone = (b"GIF89a" + struct.pack("<HHBBB", width, height, flags, 0, 0) + global_table
+                         + b"\x2c" + struct.pack("<HHHH", 0, 0, width, height) + view[start + 9:pos] + b"\x3b")
+                with Image.open(io.BytesIO(alone), formats=["GIF"]) as im:
+                    im.load()
+        else:
+            pos += 1  # as Pillow does: stray bytes between blocks are skipped
+    return frames
+
+
+def _tiff_pages(view: bytes | mmap.mmap) -> Iterable[tuple[dict[int, list[int]], int]]:
+    """(tags with their first values, number of tile/strip offsets) for each IFD of the chain."""
+    order = "<" if view[:2] == b"II" else ">"
+    big = struct.unpack_from(order + "H", view, 2)[0] == 43
+    widths = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 13: "I", 16: "Q", 17: "q", 18: "Q"}
+    entry_size, count_fmt, offset_fmt = (20, "Q", "Q") if big else (12, "H", "I")
+    value_room = 8 if big else 4
+    offset = struct.unpack_from(order + offset_fmt, view, 8 if big else 4)[0]
+    seen: set[int] = set()
+    entries_left = TIFF_MAX_ENTRIES
+    while offset and offset not in seen and len(seen) <= MAX_FRAMES:
+        seen.add(offset)
+        (entries,) = struct.unpack_from(order + count_fmt, view, offset)
+        entries_left -= entries
+        if entries_left < 0:  # overlapping IFDs can make a small file look like millions of tags
+            raise UploadRejected(413, "too_complex", "TIFF structure is too large to check")
+        first = offset + (8 if big else 2)
+        tags: dict[int, list[int]] = {}
+        blocks = 0
+        for i in range(entries):
+            at = first + i * entry_size
+            tag, kind = struct.unpack_from(order + "HH", view, at)
+            count = struct.unpack_from(order + ("Q" if big else "I"), view, at + 4)[0]
+            code = widths.get(kind)
+            if code is None or count == 0:
+                continue
+            if tag in (273, 324):
+                blocks += count
+            if tag not in (256, 257, 258, 259, 262, 277, 278, 322, 323):
+                continue
+            n = min(count, 8)
+            where = at + (12 if big else 8)
+            if n * struct.calcsize(code) > value_room:
+                where = struct.unpack_from(order + offset_fmt, view, where)[0]
+            tags[tag] = list(struct.unpack_from(order + code * n, view, where))
+        yield tags, blocks
+        offset = struct.unpack_from(order + offset_fmt, view, first + entries * entry_size)[0]
+
+
+def check_tiff_pages(view: bytes | mmap.mmap, guard: DecodeGuard) -> None:
+    """Measure every page of a TIFF, and the tile or strip buffer libtiff
+    allocates for it, before Pillow decodes any: a later page or a single
+    tile can be far larger than the first page's header says."""
+    total_blocks, jpeg_inside = 0, False
+    for number, (tags, blocks) in enumerate(_tiff_pages(view), 1):
+        def first(tag: int, default: int) -> int:
+            return tags.get(tag, [default])[0]
+        width, height = first(256, 0), first(257, 0)
+        if number > MAX_FRAMES:
+            raise UploadRejected(413, "too_many_pixels", f"TIFF has more than {MAX_FRAMES} pages")
+        guard.pixels(width, height, f"TIFF page {number}")
+        compression = first(259, 1)
+        jpeg_inside = jpeg_inside or compression in (6, 7)
+        sample_bytes = math.ceil(first(277, 1) * max(tags.get(258, [1])) / 8)
+        if compression in (6, 7) or first(262, 0) == 6:
+            sample_bytes = max(sample_bytes, 4)  # libtiff's RGBA conversion of YCbCr
+        if 322 in tags or 323 in tags:
+            block = first(322, 0) * first(323, 0)
+        elif compression != 1:  # libtiff decodes one whole strip at a time
+            block = width * min(first(278, height) or height, height)
+        else:
+            block = 0  # Pillow's own reader streams uncompressed strips
+        guard.memory_for(DECODE_BYTES_PER_PIXEL * width * height + block * sample_bytes, f"TIFF page {number}")
+        total_blocks += blocks
+    if jpeg_inside:
+        # Each tile or strip is its own JPEG, with one scan per component at most when baseline.
+        scans = _count(view, b"\xff\xda", 0, len(view), 4 * total_blocks + JPEG_MAX_SCANS + 1)
+        if scans > 4 * total_blocks + JPEG_MAX_SCANS:
+            raise UploadRejected(413, "too_complex", "the JPEG data in this TIFF has too many scans")
+
+
+def check_ico_entries(view: bytes | mmap.mmap, guard: DecodeGuard) -> None:
+    """Measure every image inside an ICO by its own header: the directory's
+    sizes are only claims, and Pillow decodes the largest entry while opening."""
+    (count,) = struct.unpack_from("<H", view, 4)
+    for i in range(count):
+        offset = struct.unpack_from("<I", view, 6 + 16 * i + 12)[0]
+        head = view[offset:offset + 24]
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
+            width, height = struct.unpack_from(">II", head, 16)
+            cost = DECODE_BYTES_PER_PIXEL
+        elif len(head) >= 12:
+            if struct.unpack_from("<I", head)[0] == 12:
+                width, height = struct.unpack_from("<HH", head, 4)
+            else:
+                width, height = (abs(v) for v in struct.unpack_from("<ii", head, 4))
+            height //= 2  # the colour image and its transparency mask
+            cost = DECODE_COST["ICO-BMP"]
+        else:
+            continue  # truncated: Pillow reports it
+        guard.pixels(width, height, f"image {i + 1} inside the ICO")
+        guard.memory_for(cost * width * height, f"image {i + 1} inside the ICO")
+
+
+def check_webp_canvas(view: bytes | mmap.mmap, guard: DecodeGuard) -> None:
+    """libwebp allocates the canvas as Pillow opens the file: measure it first."""
+    chunk = view[12:16]
+    if chunk == b"VP8X":
+        width = int.from_bytes(view[24:27], "little") + 1
+        height = int.from_bytes(view[27:30], "little") + 1
+    elif chunk == b"VP8 " and view[23:26] == b"\x9d\x01\x2a":
+        width, height = (v & 0x3FFF for v in struct.unpack_from("<HH", view, 26))
+    elif chunk == b"VP8L" and view[20:21] == b"\x2f":
+        bits = struct.unpack_from("<I", view, 21)[0]
+        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    else:
+        return
+    guard.pixels(width, height)
+    guard.memory_for(DECODE_COST["WEBP"] * width * height, "WebP image")
+
+
+class PngStreamCheck:
+    """Checks a PNG while it is received, so a big one needs no decode afterwards.
+
+    Pillow's ImageFile.Parser cannot do it (PNG has its own reader, so the
+    parser buffers everything until close). Fed the upload's pieces in order
+    (`feed`, from the upload's writer thread), this checks every chunk's CRC
+    and inflates the IDAT stream in bounded pieces to exactly the rows the
+    IHDR promises, each starting with a valid filter type: what verify() and
+    a full decode would find. It vouches (`passed`) only for a plain image
+    within max_pixels: one frame, not interlaced, nothing but IDAT after the
+    first IDAT, ending with IEND. Anything else, damage included, leaves the
+    verdict to inspect_image, so no file is judged differently.
+    """
+    CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+    DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+    KNOWN_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+
+    def __init__(self, max_pixels: int):
+        self.max_pixels = max_pixels
+        self.buf = bytearray()
+        self.started = False
+        self.chunk: Optional[bytes] = None  # the chunk being read ...
+        self.left = 0                        # ... and how many of its data bytes are still to come
+        self.crc = 0
+        self.inflater = zlib.decompressobj()
+        self.row = self.expected = self.inflated = self.colour = 0
+        self.kinds: set[bytes] = set()
+        self.passed = self.gave_up = False
+
+    def feed(self, data: bytes | bytearray) -> None:
+        if self.passed or self.gave_up:
+            return
+        if self.buf:  # a header or a small chunk cut by the piece boundary
+            data, self.buf = bytes(self.buf + data), bytearray()
+        try:
+            rest = self._run(memoryview(data))
+            if not (self.passed or self.gave_up):
+                self.buf += rest
+        except (zlib.error, struct.error, ValueError):
+            self.gave_up = True
+
+    def _run(self, view: memoryview) -> memoryview:
+        """Consume what can be judged of view; returns the rest (an incomplete unit)."""
+        pos, end = 0, len(view)
+        if not self.started:
+            if end < 8:
+                return view
+            if view[:8] != b"\x89PNG\r\n\x1a\n":
+                self.gave_up = True
+                return view[:0]
+            pos, self.started = 8, True
+        while not (self.passed or self.gave_up):
+            if self.chunk is None:
+                if end - pos < 8:
+                    break
+                self.left, kind = struct.unpack_from(">I4s", view, pos)
+                pos += 8
+                self._begin(kind)
+            elif self.chunk == b"IDAT" and self.left:
+                take = min(self.left, end - pos)
+                if not take:
+                    break
+                piece = view[pos:pos + take]  # IDAT data is judged as it comes, never buffered
+                pos += take
+                self.left -= take
+                self.crc = zlib.crc32(piece, self.crc)
+                self._inflate(piece)
+            else:
+                if end - pos < self.left + 4:
+                    break
+                body = view[pos:pos + self.left]
+                (crc,) = struct.unpack_from(">I", view, pos + self.left)
+                pos += self.left + 4
+                if zlib.crc32(body, self.crc) != crc:
+                    self.gave_up = True
+                    break
+                self._end(self.chunk, bytes(body))
+                self.chunk = None
+        return view[pos:]
+
+    def _begin(self, kind: bytes) -> None:
+        ihdr_first = bool(self.kinds) or kind == b"IHDR"
+        after_idat = b"IDAT" in self.kinds and kind not in (b"IDAT", b"IEND")
+        critical = 65 <= kind[0] <= 90
+        if (not ihdr_first or after_idat or kind in (b"acTL", b"fcTL", b"fdAT")
+                or (critical and kind not in self.KNOWN_CRITICAL)
+                or (kind != b"IDAT" and self.left > 1 << 20)
+                or (kind == b"IDAT" and (not self.expected or (self.colour == 3 and b"PLTE" not in self.kinds)))):
+            self.gave_up = True
+            return
+        self.kinds.add(kind)
+        self.chunk = kind
+        self.crc = zlib.crc32(kind)
+
+    def _end(self, kind: bytes, body: bytes) -> None:
+        if kind == b"IHDR":
+            if len(body) != 13:
+                self.gave_up = True
+                return
+            width, height, depth, self.colour, compression, filters, interlace = struct.unpack(">IIBBBBB", body)
+            if (not 0 < width * height <= self.max_pixels or depth not in self.DEPTHS.get(self.colour, ())
+                    or compression or filters or interlace):
+                self.gave_up = True
+                return
+            self.row = (width * self.CHANNELS[self.colour] * depth + 7) // 8 + 1
+            self.expected = height * self.row
+        elif kind == b"IEND":
+            self.passed = (self.inflater.eof and not self.inflater.unused_data
+                           and self.inflated == self.expected)
+            self.gave_up = not self.passed
+
+    def _inflate(self, data: bytes) -> None:
+        piece = 1 << 20  # bounded output whatever the ratio: a zlib bomb costs CPU, not memory
+        while not self.gave_up:
+            out = self.inflater.decompress(data, piece)
+            data = self.inflater.unconsumed_tail
+            if out:
+                first_row = -self.inflated % self.row
+                if out[first_row::self.row] and max(out[first_row::self.row]) > 4:
+                    self.gave_up = True  # not a PNG filter type
+                self.inflated += len(out)
+                if self.inflated > self.expected:
+                    self.gave_up = True
+            if not data and len(out) < piece:
+                return
+
+
+def check_structure(view: bytes | mmap.mmap, formats: tuple[str, ...], guard: DecodeGuard) -> None:
+    """The per-format checks that must run before Pillow opens the file."""
+    try:
+        if view[:4] == b"\0\0\1\0" and "ICO" in formats:
+            check_ico_entries(view, guard)
+        elif view[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+") and "TIFF" in formats:
+            check_tiff_pages(view, guard)
+        elif view[:4] == b"RIFF" and view[8:12] == b"WEBP" and "WEBP" in formats:
+            check_webp_canvas(view, guard)
+    except struct.error:
+        pass  # the structure ends early: Pillow reports the damage
+
+
+def decode_cost(fmt: str, im: Image.Image) -> int:
+    """Peak bytes a pixel of this image's canvas costs while Pillow decodes it."""
+    if fmt == "PNG" and getattr(im, "n_frames", 1) > 1:
+        return DECODE_COST["APNG"]
+    return DECODE_COST.get(fmt, DECODE_BYTES_PER_PIXEL)
+
+
+@contextlib.contextmanager
+def _bytes_of(source: bytes | Path):
+    """The file's bytes for the structure checks: mapped, not read, when on disk."""
+    if isinstance(source, (bytes, bytearray)):
+        yield source
+        return
+    with open(source, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            yield view
+
+
+def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max_pixels: int, *,
+                  png_checked: bool = False) -> ImageFacts:
     """Decide from the bytes what the image is; raise UploadRejected if we refuse it.
 
-    Blocking and CPU-bound: run in a worker thread. Order matters: the pixel
-    limit is checked from the header before any pixel is decoded (bombs), then
-    verify() catches broken chunk CRCs and a full decode of every frame catches
-    truncated data that verify() misses (JPEG).
+    Blocking and CPU-bound: run in a worker thread. Order matters: every
+    frame, page and embedded image is measured before any pixel is decoded
+    (bombs, see DecodeGuard), then verify() catches broken chunk CRCs and a
+    full decode of every frame catches truncated data that verify() misses (JPEG).
+    `png_checked`: a PngStreamCheck passed these bytes, which stands for
+    verify() and the decode of a PNG.
     """
     pillow_formats = list(formats)  # JPEG's opener also yields MPO, reported as JPEG below
 
@@ -1484,10 +1943,11 @@ def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max
 
     unsupported = ("not an image in an accepted format ("
                    + ", ".join(formats) + "); SVG and other formats are refused")
-    check_jpeg_headers(source)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    guard = DecodeGuard(max_pixels, size)
+    jpeg_frame = check_jpeg_headers(source) if "JPEG" in formats else None
+    with _bytes_of(source) as view:
         try:
+            check_structure(view, formats, guard)
             with open_image() as im:
                 fmt = "JPEG" if im.format == "MPO" else im.format
                 width, height = im.size
@@ -1495,30 +1955,45 @@ def inspect_image(source: bytes | Path, size: int, formats: tuple[str, ...], max
                     raise UploadRejected(415, "unsupported_image", unsupported)
                 if width <= 0 or height <= 0:
                     raise UploadRejected(415, "unsupported_image", "image has no pixels")
-                if width * height > max_pixels:
-                    raise UploadRejected(413, "too_many_pixels",
-                                         f"image is {width}x{height} = {width * height} pixels; "
-                                         f"the limit is {max_pixels}")
-                im.verify()
-            with open_image() as im:
+                guard.pixels(width, height)
+                cost = decode_cost(fmt, im)
+                guard.memory_for(cost * width * height)
+                # Pillow cannot seek past a scaled first picture of an MPO (camera
+                # JPEGs with a preview): those are checked at full size.
+                scaled = im.format == "JPEG"
                 if fmt == "JPEG":
-                    # DCT scaling still entropy-decodes the whole stream (so
-                    # truncation is caught) at a fraction of the memory and time.
-                    im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
-                im.load()
-                frames, budget = 1, max_pixels * 10 - width * height
-                while True:
-                    try:
-                        im.seek(frames)
-                    except EOFError:
-                        break
-                    frames += 1
-                    w, h = im.size
-                    budget -= w * h
-                    if frames > MAX_FRAMES or budget < 0:
-                        raise UploadRejected(413, "too_many_pixels",
-                                             "animation is too large to check (too many frames or pixels)")
+                    check_jpeg_work(view, jpeg_frame, im, guard,
+                                    held=0 if scaled else DECODE_BYTES_PER_PIXEL * width * height)
+                streamed = png_checked and fmt == "PNG"
+                if not streamed:
+                    im.verify()
+            if streamed:
+                frames = 1
+            elif fmt == "GIF":
+                frames = decode_gif_frames(view, guard)
+            else:
+                with open_image() as im:
+                    if scaled:
+                        # DCT scaling still entropy-decodes the whole stream (so
+                        # truncation is caught) at a fraction of the memory and time.
+                        im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
+                    guard.frame(width, height)
                     im.load()
+                    frames = 1
+                    while True:
+                        try:
+                            im.seek(frames)
+                        except EOFError:
+                            break
+                        frames += 1
+                        w, h = im.size
+                        guard.pixels(w, h, f"frame {frames}")
+                        guard.memory_for(cost * w * h, f"frame {frames}")
+                        if fmt == "JPEG" and im.tile:  # an MPO's next picture: a JPEG of its own, full size
+                            check_jpeg_work(view, check_jpeg_headers(source, im.tile[0].offset), im, guard,
+                                            held=DECODE_BYTES_PER_PIXEL * w * h)
+                        guard.frame(w, h)
+                        im.load()
         except UploadRejected:
             raise
         except Image.UnidentifiedImageError:
@@ -1806,7 +2281,8 @@ def _write_pieces(buf, pieces: list, path: Path) -> tuple[str, int]:
     digest, size = hashlib.md5(), 0
     view = memoryview(buf)  # ranges of the source without copying them
     try:
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as out:
+        # Normally made already, empty and locked, by Storage.create_tmp.
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as out:
             for piece in pieces:
                 chunk = view[piece[0]:piece[1]] if isinstance(piece, tuple) else piece
                 digest.update(chunk)
@@ -1913,7 +2389,8 @@ def heif_support() -> bool:
     return True
 
 
-def inspect_upload(source: bytes | Path, size: int, formats: tuple[str, ...], max_pixels: int) -> ImageFacts:
+def inspect_upload(source: bytes | Path, size: int, formats: tuple[str, ...], max_pixels: int,
+                   png_checked: bool = False) -> ImageFacts:
     """inspect_image over the formats this Pillow can open; a HEIC the server
     cannot read gets a 415 that says how to enable it."""
     openable = tuple(f for f in formats if _pillow_has(f))
@@ -1923,7 +2400,7 @@ def inspect_upload(source: bytes | Path, size: int, formats: tuple[str, ...], ma
                 raise UploadRejected(415, "unsupported_image", HEIF_HOWTO)
     if not openable:
         raise UploadRejected(415, "unsupported_image", HEIF_HOWTO)
-    return inspect_image(source, size, openable, max_pixels)
+    return inspect_image(source, size, openable, max_pixels, png_checked=png_checked)
 
 
 def prepare_stored(source: bytes | Path, facts: ImageFacts, tmp: Callable[[], Path],
@@ -3061,8 +3538,19 @@ async def handle_upload(request: web.Request) -> web.Response:
     user = await require_user(request)
     check_declared_length(request)
     config, store = request.app[CONFIG], request.app[STORE]
-    sink = UploadSink(store.storage, config.server.max_upload_bytes)
+    png_check = PngStreamCheck(config.server.max_pixels) if "PNG" in config.server.formats else None
+    sink = UploadSink(store.storage, config.server.max_upload_bytes,
+                      observer=png_check.feed if png_check is not None else None)
     stripped_path: Optional[Path] = None
+    stripped_locks: list[tuple[Path, int]] = []
+
+    def locked_tmp() -> Path:
+        # The stripped copy is locked like the upload itself, so no leftover
+        # sweep (another worker starting, a cleanup pass) takes it before publish.
+        path, fd = store.storage.create_tmp("strip")
+        stripped_locks.append((path, fd))
+        return path
+
     try:
         raw_name = await receive_upload(request, sink)
         if sink.size == 0:
@@ -3075,9 +3563,9 @@ async def handle_upload(request: web.Request) -> web.Response:
             # the metadata removal or HEIC conversion when they change the bytes.
             md5, small = sink.complete()
             source = small if small is not None else sink.tmp_path
-            facts = inspect_upload(source, sink.size, config.server.formats, config.server.max_pixels)
-            return md5, facts, prepare_stored(source, facts, store.storage.new_tmp_path,
-                                              config.server.strip_metadata)
+            facts = inspect_upload(source, sink.size, config.server.formats, config.server.max_pixels,
+                                   png_checked=png_check is not None and png_check.passed)
+            return md5, facts, prepare_stored(source, facts, locked_tmp, config.server.strip_metadata)
 
         async with store.decode_slots:
             md5, facts, stored = await asyncio.to_thread(hash_inspect_strip)
@@ -3098,6 +3586,8 @@ async def handle_upload(request: web.Request) -> web.Response:
         if sink.tmp_path is not None:
             await sink.discard()
         sink.release()
+        for path, fd in stripped_locks:
+            store.storage.release_tmp(path, fd)
     log.debug("%s %s.%s (%d bytes) for %s", "stored" if created else "renewed", md5,
              FORMATS[facts.format][0], facts.size, user.username)
     status = 201 if created else 200
@@ -3604,8 +4094,13 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
     app.on_cleanup.append(lambda app: _close_auth(app))
     app[CLOCK] = clock or time.time
     app[STREAMING] = {}
-    if config.server.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
-        Image.MAX_IMAGE_PIXELS = config.server.max_pixels
+    # Pillow's own bomb check, a backstop behind DecodeGuard, refuses at twice
+    # this value, i.e. at max_pixels. Its warnings (this check's, odd metadata)
+    # are about untrusted files we judge ourselves: silenced once here, as
+    # warnings.catch_warnings in the decode threads would race on global state.
+    Image.MAX_IMAGE_PIXELS = (config.server.max_pixels + 1) // 2
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    warnings.filterwarnings("ignore", module=r"PIL\.")
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_background_ctx)
     app.on_response_prepare.append(on_prepare)

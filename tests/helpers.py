@@ -512,3 +512,138 @@ def metadata_leaks(data: bytes) -> list[str]:
         if needle in data:
             found.append(f"bytes {needle!r}")
     return found
+
+
+# ---- decode bombs: files whose later parts break the limits the header keeps ----
+
+def _gif_parts(im: Image.Image) -> tuple[bytes, bytes, bytes]:
+    """(logical screen flags, global colour table, image block) of a one-frame GIF by Pillow."""
+    buf = io.BytesIO()
+    im.save(buf, "GIF")
+    data = buf.getvalue()
+    flags = data[10]
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    gct = data[13:pos]
+    while data[pos] == 0x21:  # extensions before the image
+        pos += 2
+        while data[pos]:
+            pos += data[pos] + 1
+        pos += 1
+    assert data[pos] == 0x2C and data[-1] == 0x3B
+    return bytes([flags]), gct, data[pos:-1]
+
+
+def gif_with_large_second_frame(screen=(16, 16), frame=(3000, 3000)) -> bytes:
+    """A GIF whose logical screen is small and whose second frame is `frame` large."""
+    flags, gct, first = _gif_parts(Image.new("P", screen, 0))
+    _, _, second = _gif_parts(Image.new("P", frame, 0))
+    head = b"GIF89a" + struct.pack("<HH", *screen) + flags + b"\0\0" + gct
+    return head + first + second + b"\x3b"
+
+
+def tiff_with_huge_later_page(small=(16, 16), huge=(3000, 3000)) -> bytes:
+    """A two-page TIFF: a small first page, then a deflated page of `huge` size."""
+    buf = io.BytesIO()
+    Image.new("L", small, 0).save(buf, "TIFF", save_all=True, compression="tiff_adobe_deflate",
+                                  append_images=[Image.new("L", huge, 0)])
+    return buf.getvalue()
+
+
+def tiff_with_huge_tile(size=(64, 64), tile=(4096, 4096)) -> bytes:
+    """A small grey TIFF (written by hand) stored as one deflated tile of `tile` size."""
+    tile_data = zlib.compress(b"\0" * (tile[0] * tile[1]), 9)
+    entries = [(256, 4, size[0]), (257, 4, size[1]), (258, 3, 8), (259, 3, 8), (262, 3, 1),
+               (277, 3, 1), (322, 4, tile[0]), (323, 4, tile[1]), (324, 4, 0), (325, 4, len(tile_data))]
+    ifd_at = 8
+    data_at = ifd_at + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = data_at if tag == 324 else value
+        ifd += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3
+                                                     else struct.pack("<I", value))
+    return b"II*\0" + struct.pack("<I", ifd_at) + ifd + b"\0\0\0\0" + tile_data
+
+
+def ico_understating_png(declared=(16, 16), actual=(3000, 3000)) -> bytes:
+    """An ICO whose directory says `declared` while the PNG inside is `actual` large."""
+    buf = io.BytesIO()
+    Image.new("RGBA", actual, (0, 0, 0, 0)).save(buf, "PNG")
+    png = buf.getvalue()
+    entry = struct.pack("<BBBBHHII", declared[0] % 256, declared[1] % 256, 0, 0, 1, 32, len(png), 22)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def animated_gif(size=(500, 500), frames: int = 40) -> bytes:
+    """A GIF of `frames` copies of one frame of noise (which LZW cannot shrink)."""
+    flags, gct, block = _gif_parts(Image.effect_noise(size, 100).convert("P"))
+    return b"GIF89a" + struct.pack("<HH", *size) + flags + b"\0\0" + gct + block * frames + b"\x3b"
+
+
+def progressive_jpeg_with_many_scans(size=(1024, 1024), scans: int = 600) -> bytes:
+    """A progressive JPEG whose last scan is repeated until it has `scans` scans.
+
+    Each repeat is a few bytes, but the decoder walks every block of the image
+    for each one: the CPU cost grows with scans x pixels, not with the file size.
+    """
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 30)).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    last = data.rfind(b"\xff\xda")
+    assert data.endswith(b"\xff\xd9") and last > 0
+    have = data.count(b"\xff\xda")
+    return data[:-2] + data[last:-2] * max(0, scans - have) + b"\xff\xd9"
+
+
+def decode_in_child(data: bytes, max_pixels: int, *, address_space: int = 3 << 30,
+                    formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO"),
+                    patches: Optional[dict] = None, root: Path = ROOT) -> dict:
+    """Run imgproxy.inspect_image on `data` in a child process, its address space capped.
+
+    Returns {"status": 200 or the rejection's status, "code", "growth_kb": peak RSS the
+    decode added, "cpu": CPU seconds}. `patches` sets module constants first; `root` is
+    the folder whose imgproxy.py runs (bench/ compares commits). The cap turns a runaway allocation into a
+    MemoryError in the child (a wrong verdict here) instead of a machine out of memory.
+    """
+    import json
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".img") as f:
+        f.write(data)
+        f.flush()
+        code = f"""
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, ({address_space}, {address_space}))
+sys.path.insert(0, {str(root)!r})
+import imgproxy
+from pathlib import Path
+from PIL import Image
+{"".join(f"imgproxy.{k} = {v!r}; " for k, v in (patches or {}).items())}
+
+def status_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+path = Path({f.name!r})
+warm = Path({f.name!r} + ".warm.png")
+Image.new("RGB", (8, 8)).save(warm)
+imgproxy.inspect_image(warm, warm.stat().st_size, ("PNG",), 64)  # imports and first-use costs
+warm.unlink()
+with open("/proc/self/clear_refs", "w") as clear:
+    clear.write("5")  # restart the peak (VmHWM) from the current RSS
+before = status_kb("VmRSS")
+cpu = time.process_time()
+out = {{"status": 200, "code": None}}
+try:
+    facts = imgproxy.inspect_image(path, path.stat().st_size, {tuple(formats)!r}, {max_pixels})
+    out["frames"] = facts.frames
+except imgproxy.UploadRejected as exc:
+    out = {{"status": exc.status, "code": exc.code, "message": str(exc)}}
+except MemoryError:
+    out = {{"status": 500, "code": "MemoryError"}}
+out["cpu"] = time.process_time() - cpu
+out["growth_kb"] = status_kb("VmHWM") - before
+print(json.dumps(out))
+"""
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
