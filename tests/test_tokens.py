@@ -15,7 +15,7 @@ import pytest
 
 import imgproxy
 from conftest import ALICE, BOB
-from helpers import call_url, png_bytes
+from helpers import http_call, png_bytes
 
 TOKEN_RE = re.compile(r"imgp_[0-9A-Za-z]{43}")
 
@@ -183,21 +183,21 @@ async def test_wrong_tokens_count_toward_the_sign_in_limiter(make_client):
 def test_revocation_holds_at_once_in_every_worker(make_config, server_process):
     proc = server_process(make_config(server={"workers": 2}))
     base = proc.base_url
-    status, body = call_url(base + "/api/tokens", "POST", json.dumps({"name": "script"}).encode(),
-                            {**BOB, "Content-Type": "application/json"})
+    status, body = http_call("POST", base + "/api/tokens", json.dumps({"name": "script"}).encode(),
+                              {**BOB, "Content-Type": "application/json"})
     assert status == 201
     made = json.loads(body)
     # a new connection each time: both workers answer some of these
     for i in range(30):
-        status, _ = call_url(base + f"/upload/{i}.png", "PUT", png_bytes(color=(i, 1, 2)), bearer(made["token"]))
+        status, _ = http_call("PUT", base + f"/upload/{i}.png", png_bytes(color=(i, 1, 2)), bearer(made["token"]))
         assert status == 201
-    status, _ = call_url(base + f"/api/tokens/{made['id']}", "DELETE", headers=BOB)
+    status, _ = http_call("DELETE", base + f"/api/tokens/{made['id']}", headers=BOB)
     assert status == 204
     # fewer than the limiter's ten failures, so every answer is the token's verdict
-    answers = {call_url(base + "/api/images", headers=bearer(made["token"]))[0]
+    answers = {http_call("GET", base + "/api/images", headers=bearer(made["token"]))[0]
                for _ in range(imgproxy.AUTH_FAIL_LIMIT - 1)}
     assert answers == {401}
-    status, body = call_url(base + "/api/images?limit=1000", headers=BOB)
+    status, body = http_call("GET", base + "/api/images?limit=1000", headers=BOB)
     assert json.loads(body)["total"] == 30  # what the token uploaded stays bob's
     assert proc.terminate() == 0
     assert made["token"] not in proc.log and "Traceback" not in proc.log
@@ -233,12 +233,12 @@ async def test_wrong_token_timing_does_not_depend_on_how_close_it_is(make_client
 def test_only_a_digest_is_stored_and_nothing_secret_is_logged(make_config, server_process):
     config = make_config(server={"access_log": True, "log_level": "DEBUG"})
     proc = server_process(config)
-    status, body = call_url(proc.base_url + "/api/tokens", "POST", b'{"name": "editor"}',
-                            {**ALICE, "Content-Type": "application/json"})
+    status, body = http_call("POST", proc.base_url + "/api/tokens", b'{"name": "editor"}',
+                              {**ALICE, "Content-Type": "application/json"})
     token = json.loads(body)["token"]
-    assert call_url(proc.base_url + "/upload/a.png", "PUT", png_bytes(), bearer(token))[0] == 201
-    assert call_url(proc.base_url + "/api/images", headers=bearer(token[:-2] + "xx"))[0] == 401
-    status, snapshot = call_url(proc.base_url + "/api/db", headers=ALICE)
+    assert http_call("PUT", proc.base_url + "/upload/a.png", png_bytes(), bearer(token))[0] == 201
+    assert http_call("GET", proc.base_url + "/api/images", headers=bearer(token[:-2] + "xx"))[0] == 401
+    status, snapshot = http_call("GET", proc.base_url + "/api/db", headers=ALICE)
     assert status == 200
     time.sleep(0.3)
     assert proc.terminate() == 0
@@ -261,10 +261,10 @@ def test_an_existing_database_gains_the_tokens_table(make_config, live_server):
     old.executescript(imgproxy.SCHEMA)
     old.close()
     server = live_server(config)
-    status, body = call_url(server.base_url + "/api/tokens", "POST", b'{"name": "x"}',
-                            {**BOB, "Content-Type": "application/json"})
+    status, body = http_call("POST", server.base_url + "/api/tokens", b'{"name": "x"}',
+                              {**BOB, "Content-Type": "application/json"})
     assert status == 201
-    assert call_url(server.base_url + "/api/images", headers=bearer(json.loads(body)["token"]))[0] == 200
+    assert http_call("GET", server.base_url + "/api/images", headers=bearer(json.loads(body)["token"]))[0] == 200
 
 
 def test_client_token_is_accepted_in_the_server_config(make_config):
@@ -296,14 +296,14 @@ def password_free_config(tmp_path, base_url: str, **client: str):
 
 
 def make_token_over_http(base_url: str, who: dict) -> dict:
-    status, body = call_url(base_url + "/api/tokens", "POST", b'{"name": "client.py"}',
-                            {**who, "Content-Type": "application/json"})
+    status, body = http_call("POST", base_url + "/api/tokens", b'{"name": "client.py"}',
+                              {**who, "Content-Type": "application/json"})
     assert status == 201
     return json.loads(body)
 
 
 def held_by(base_url: str, who: dict) -> set[str]:
-    return {img["url"] for img in json.loads(call_url(base_url + "/api/images", headers=who)[1])["images"]}
+    return {img["url"] for img in json.loads(http_call("GET", base_url + "/api/images", headers=who)[1])["images"]}
 
 
 def test_client_cli_with_imgproxy_token_and_no_password_on_disk(make_config, live_server, tmp_path):
@@ -347,9 +347,9 @@ def test_client_create_token_prints_only_the_token(make_config, live_server, tmp
     token = out.stdout.strip()
     assert TOKEN_RE.fullmatch(token)
     assert "bob123" not in out.stdout + out.stderr + config.read_text()
-    listed = json.loads(call_url(server.base_url + "/api/tokens", headers=BOB)[1])["tokens"]
+    listed = json.loads(http_call("GET", server.base_url + "/api/tokens", headers=BOB)[1])["tokens"]
     assert [t["name"] for t in listed] == ["Typora on laptop"]
-    assert call_url(server.base_url + "/api/images", headers=bearer(token))[0] == 200
+    assert http_call("GET", server.base_url + "/api/images", headers=bearer(token))[0] == 200
     wrong = run_client(tmp_path, "--create-token", "x", "--user", "bob",
                        IMGPROXY_CONFIG=str(config), IMGPROXY_PASSWORD="nope")
     assert wrong.returncode == 1 and not wrong.stdout
@@ -365,6 +365,6 @@ def test_client_api_with_a_revoked_token_is_an_error_dict(make_config, live_serv
     image.write_bytes(png_bytes(color=(8, 8, 9)))
     assert app.upload_or_get(image)["status"] == "uploaded"
     assert made["token"] not in repr(app)
-    assert call_url(server.base_url + f"/api/tokens/{made['id']}", "DELETE", headers=ALICE)[0] == 204
+    assert http_call("DELETE", server.base_url + f"/api/tokens/{made['id']}", headers=ALICE)[0] == 204
     assert app.upload_or_get(image) == {"error": imgproxy.DENIED_MESSAGE, "code": "unauthorized"}
     assert "error" in app.create_token("needs a password")  # a token cannot make tokens
