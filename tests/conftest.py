@@ -236,11 +236,13 @@ def live_server():
 
 @pytest.fixture
 def server_process():
-    """server_process(config_path, *extra_args) -> ServerProcess (killed at teardown)."""
+    """server_process(config_path, *extra_args, env=None, patches=None, prefix=()) -> ServerProcess
+    (killed at teardown); `patches` and `prefix` as for ServerProcess."""
     procs: list[ServerProcess] = []
 
-    def start(config_path: Path, *extra_args: str, env: Optional[dict] = None) -> ServerProcess:
-        p = ServerProcess(config_path, extra_args, env)
+    def start(config_path: Path, *extra_args: str, env: Optional[dict] = None, patches: Optional[dict] = None,
+              prefix: Sequence[str] = ()) -> ServerProcess:
+        p = ServerProcess(config_path, extra_args, env, patches=patches, prefix=tuple(prefix))
         procs.append(p)
         return p
 

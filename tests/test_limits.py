@@ -14,70 +14,34 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 import imgproxy
 from conftest import ALICE, ROOT
-from helpers import PatchedServer, noise_png, open_fds, png_bytes
+from helpers import http_call, noise_png, open_fds, png_bytes, poll
 
 SERVER_FD_LIMIT = 1024  # systemd's default LimitNOFILE
 
 
-def http(method: str, url: str, data: bytes | None = None, headers: dict | None = None,
-         timeout: float = 10) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def upload(base_url: str, data: bytes) -> str:
-    status, body = http("PUT", f"{base_url}/upload/x.png", data, ALICE, timeout=60)
+    status, body = http_call("PUT", f"{base_url}/upload/x.png", data, ALICE, timeout=60)
     assert status == 201, body
     return json.loads(body)["md5"]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def started():
-    """started(config_path, patches=None, prefix=()) -> PatchedServer, killed at teardown."""
-    servers: list[PatchedServer] = []
-
-    def start(config_path: Path, patches: dict | None = None, prefix: tuple[str, ...] = ()) -> PatchedServer:
-        server = PatchedServer(config_path, patches, prefix)
-        servers.append(server)
-        return server
-
-    yield start
-    for s in servers:
-        s.kill()
 
 
 # ---- a thousand idle and half-sent connections -------------------------------------------
 
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux) to cap the server's fds")
-def test_a_thousand_idle_connections_leave_room_for_an_image_and_healthz(make_config, started):
+def test_a_thousand_idle_connections_leave_room_for_an_image_and_healthz(make_config, server_process):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 4096
     if hard != resource.RLIM_INFINITY and hard < wanted:
         pytest.skip(f"the test needs {wanted} descriptors; the hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     try:
-        server = started(make_config(), prefix=("prlimit", f"--nofile={SERVER_FD_LIMIT}:{SERVER_FD_LIMIT}"))
+        server = server_process(make_config(), prefix=("prlimit", f"--nofile={SERVER_FD_LIMIT}:{SERVER_FD_LIMIT}"))
         data = png_bytes((50, 50))
         md5 = upload(server.base_url, data)
 
@@ -89,7 +53,7 @@ def test_a_thousand_idle_connections_leave_room_for_an_image_and_healthz(make_co
                     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
                 held.append(writer)
             await asyncio.sleep(0.5)
-            answers = await asyncio.gather(*(asyncio.to_thread(http, "GET", f"{server.base_url}{path}")
+            answers = await asyncio.gather(*(asyncio.to_thread(http_call, "GET", f"{server.base_url}{path}")
                                              for path in (f"/i/{md5}.png", "/healthz", f"/i/{md5}.png")))
             fds = open_fds(server.proc.pid)
             for writer in held:
@@ -106,17 +70,17 @@ def test_a_thousand_idle_connections_leave_room_for_an_image_and_healthz(make_co
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_when_every_connection_is_busy_a_new_one_gets_503(make_config, started):
-    server = started(make_config(server={"max_connections": 16}), {"RESPONSE_STALL_TIMEOUT": 3.0})
+def test_when_every_connection_is_busy_a_new_one_gets_503(make_config, server_process):
+    server = server_process(make_config(server={"max_connections": 16}), patches={"RESPONSE_STALL_TIMEOUT": 3.0})
     data = noise_png(6 * 1024 * 1024)
     md5 = upload(server.base_url, data)
     stalled = [non_reading_get(server.port, f"/i/{md5}.png") for _ in range(16)]
     try:
         time.sleep(0.5)
-        status, body = http("GET", f"{server.base_url}/healthz")
+        status, body = http_call("GET", f"{server.base_url}/healthz")
         assert status == 503 and json.loads(body)["code"] == "unavailable"
         # the stall watch frees them: then there is room again
-        wait_for(lambda: http("GET", f"{server.base_url}/healthz")[0] == 200, 15, "room after the stalls")
+        poll(lambda: http_call("GET", f"{server.base_url}/healthz")[0] == 200, 15, "room after the stalls")
     finally:
         for s in stalled:
             s.close()
@@ -156,15 +120,15 @@ def event_loop_prefix(request, tmp_path):
     return ("env", f"PYTHONPATH={blocker}")
 
 
-def test_a_reader_that_takes_nothing_is_dropped_and_the_file_closed(make_config, started, event_loop_prefix):
-    server = started(make_config(), {"RESPONSE_STALL_TIMEOUT": 2.0}, event_loop_prefix)
+def test_a_reader_that_takes_nothing_is_dropped_and_the_file_closed(make_config, server_process, event_loop_prefix):
+    server = server_process(make_config(), patches={"RESPONSE_STALL_TIMEOUT": 2.0}, prefix=event_loop_prefix)
     data = noise_png(8 * 1024 * 1024)
     md5 = upload(server.base_url, data)
     sock = non_reading_get(server.port, f"/i/{md5}.png")
     try:
-        wait_for(lambda: image_fds(server.proc.pid, md5), 5, "the image file to be open for the reader")
+        poll(lambda: image_fds(server.proc.pid, md5), 5, "the image file to be open for the reader")
         started_at = time.monotonic()
-        wait_for(lambda: not image_fds(server.proc.pid, md5), 15, "the stalled response to be dropped")
+        poll(lambda: not image_fds(server.proc.pid, md5), 15, "the stalled response to be dropped")
         assert time.monotonic() - started_at < 10
         sock.settimeout(10)
         received = 0
@@ -177,11 +141,11 @@ def test_a_reader_that_takes_nothing_is_dropped_and_the_file_closed(make_config,
     finally:
         sock.close()
     assert "dropped a response" in server.log and "Traceback" not in server.log
-    assert http("GET", f"{server.base_url}/healthz")[0] == 200
+    assert http_call("GET", f"{server.base_url}/healthz")[0] == 200
 
 
-def test_a_slow_reader_that_keeps_reading_gets_everything(make_config, started):
-    server = started(make_config(), {"RESPONSE_STALL_TIMEOUT": 2.0})
+def test_a_slow_reader_that_keeps_reading_gets_everything(make_config, server_process):
+    server = server_process(make_config(), patches={"RESPONSE_STALL_TIMEOUT": 2.0})
     data = noise_png(6 * 1024 * 1024)
     md5 = upload(server.base_url, data)
     sock = non_reading_get(server.port, f"/i/{md5}.png")
@@ -227,11 +191,10 @@ def test_crash_leftovers_go_at_the_next_start_but_a_live_writers_file_stays(make
     data_dir = config_path.parent / "data"
     doomed, alive = server_process(config_path), server_process(config_path)
     data, sent = noise_png(3 * imgproxy.FLUSH_BYTES), 2 * imgproxy.FLUSH_BYTES
-    port_of = lambda s: int(s.base_url.rsplit(":", 1)[1])  # noqa: E731
-    doomed_upload = stalled_upload(port_of(doomed), data, sent)
-    leftover = wait_for(lambda: part_files(data_dir), 10, "the doomed upload's temp file")
-    live_upload = stalled_upload(port_of(alive), data, sent)
-    live_file = wait_for(lambda: part_files(data_dir) - leftover, 10, "the live upload's temp file")
+    doomed_upload = stalled_upload(doomed.port, data, sent)
+    leftover = poll(lambda: part_files(data_dir), 10, "the doomed upload's temp file")
+    live_upload = stalled_upload(alive.port, data, sent)
+    live_file = poll(lambda: part_files(data_dir) - leftover, 10, "the live upload's temp file")
     os.kill(doomed.proc.pid, signal.SIGKILL)
     doomed.proc.wait(10)
     doomed_upload.close()
