@@ -159,6 +159,23 @@ def http_call(method: str, url: str, data: Optional[bytes] = None, headers: Opti
     return status, body
 
 
+# ---- timing of refusals ----------------------------------------------------------
+
+async def median_refusal_seconds(client, headers: dict, n: int = 150,
+                                 path: str = "/api/images/" + "0" * 32) -> float:
+    """The median time of `n` requests that must each be refused with 401: a
+    median, so that a few requests slowed by other work on the machine do not count."""
+    import statistics
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        resp = await client.get(path, headers=headers)
+        await resp.read()
+        assert resp.status == 401
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 # ---- raw HTTP -------------------------------------------------------------------
 
 class RawResponse:
