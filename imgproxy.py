@@ -1355,10 +1355,20 @@ def render_variant(source: Path, width: Optional[int], fmt: str, max_pixels: int
         flat = Image.new("RGB", frame.size, (255, 255, 255))
         flat.paste(frame, mask=frame.getchannel("A"))
         frame = flat
+    if pillow_format == "GIF" and frame.mode in ("RGBA", "LA"):
+        # GIF has one see-through palette entry: pixels under half opacity get it.
+        frame = frame.convert("RGBA")
+        clear = frame.getchannel("A").point(lambda a: 255 if a < 128 else 0)
+        frame = frame.convert("RGB").quantize(255)
+        frame.paste(255, mask=clear)
+        frame.info["transparency"] = 255
+    transparency = frame.info.get("transparency") if pillow_format == "GIF" else None
     frame.info = {}  # no EXIF, XMP, comments or text chunks from the original
     options: dict[str, Any] = {}
     if icc and pillow_format != "GIF":
         options["icc_profile"] = icc
+    if transparency is not None:
+        options["transparency"] = transparency
     if pillow_format == "JPEG":
         options.update(quality=85)
     elif pillow_format == "WEBP":
