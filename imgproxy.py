@@ -52,6 +52,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -1372,7 +1373,7 @@ def render_variant(source: Path, width: Optional[int], fmt: str, max_pixels: int
     if pillow_format == "JPEG":
         options.update(quality=85)
     elif pillow_format == "WEBP":
-        options.update(quality=80, method=4)
+        options.update(quality=80, method=2)  # method 4+ doubles the encode time for ~3% smaller files
     elif pillow_format == "AVIF":
         options.update(quality=60, speed=8)  # speed 8: a 640 px render in tens of ms
     elif pillow_format == "PNG":
@@ -1404,7 +1405,8 @@ class VariantCache:
         Image.init()
         self.formats = tuple(f for f, (pil, _) in VARIANT_FORMATS.items() if pil in Image.SAVE)
         cores = os.cpu_count() or 1
-        self.pool = concurrent.futures.ThreadPoolExecutor(cores, thread_name_prefix="imgproxy-render")
+        self.pool = concurrent.futures.ThreadPoolExecutor(cores, thread_name_prefix="imgproxy-render",
+                                                          initializer=_lower_thread_priority)
         self.queue_limit = cores * VARIANT_QUEUE_PER_CORE
         self.inflight: dict[str, asyncio.Future] = {}
         self.rendering = 0
@@ -1476,6 +1478,7 @@ class VariantCache:
                 raise json_error(503, "too many images are being resized right now; try again shortly",
                                  "unavailable", {"Retry-After": "2"})
             self.rendering += 1
+            started = time.perf_counter()
             try:
                 data, rendered = await asyncio.get_running_loop().run_in_executor(
                     self.pool, self._render_once, path, image.path, width, fmt)
@@ -1486,6 +1489,7 @@ class VariantCache:
                 self.rendering -= 1
             if rendered:
                 self.renders += 1
+                log.debug("rendered variant %s in %.0f ms", key, (time.perf_counter() - started) * 1000)
                 if self.disk_bytes is not None:
                     self.disk_bytes += len(data)
                 self._maybe_sweep()
@@ -1563,6 +1567,13 @@ class VariantCache:
         self.touched.pop(key, None)
         if old is not None and old.body is not None:
             self.memory_bytes -= len(old.body)
+
+
+def _lower_thread_priority() -> None:
+    # Renders run at nice 10 (Linux sets it per thread): while they fill every
+    # core, the event loop still gets the CPU at once for cached images.
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _touch_quietly(path: Path) -> None:
