@@ -481,3 +481,63 @@ async def test_a_restarted_server_serves_the_variant_from_disk_without_rendering
     status, headers2, body2 = await fetch(again, f"/i/{md5}/320.webp")
     assert status == 200 and body2 == body and headers2["ETag"] == headers["ETag"]
     assert renders(again) == 0
+
+
+# ---- client.py -------------------------------------------------------------------
+
+def test_client_gives_variant_urls_without_an_extra_request(make_config, live_server, tmp_path):
+    import client as imgclient
+    server = live_server(make_config())
+    picture = tmp_path / "holiday.jpg"
+    picture.write_bytes(photo((900, 600)))
+    cache = tmp_path / "cache.db"
+    c = imgclient.Client(server.base_url, "alice", "alice123", cache_path=cache)
+    url = c.get_image_url(picture, size=640, fmt="webp")
+    md5 = hashlib.md5(picture.read_bytes()).hexdigest()
+    assert url == f"{server.base_url}/i/{md5}/640.webp"
+    assert c.get_image_url(picture, size=320) == f"{server.base_url}/i/{md5}/320"
+    assert c.get_image_url(picture, fmt="avif") == f"{server.base_url}/i/{md5}/full.avif"
+    with urllib_get(url) as resp:
+        assert resp.headers["Content-Type"] == "image/webp"
+        assert decoded(resp.read()).size == (640, 427)
+    server.stop()  # cached: the variant URL needs no request at all
+    offline = imgclient.Client(server.base_url, "alice", "alice123", cache_path=cache)
+    assert offline.get_image_url(picture, size=640, fmt="webp") == url
+    with pytest.raises(ValueError):
+        imgclient.variant_url(url, size="huge")
+    with pytest.raises(ValueError):
+        imgclient.variant_url(url, fmt="bmp")
+
+
+def test_client_cli_size_and_format(make_config, live_server, tmp_path):
+    import subprocess
+    import sys
+    server = live_server(make_config())
+    picture = tmp_path / "holiday.jpg"
+    picture.write_bytes(photo((900, 600)))
+    md5 = hashlib.md5(picture.read_bytes()).hexdigest()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPROXY_")}
+    env.update(IMGPROXY_URL=server.base_url, IMGPROXY_USER="alice", IMGPROXY_PASSWORD="alice123",
+               IMGPROXY_CONFIG=str(server.config_path), XDG_CACHE_HOME=str(tmp_path / "xdg"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(imgproxy_root() / "client.py"), *args], env=env,
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    done = cli("--size", "640", "--format", "webp", str(picture))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{server.base_url}/i/{md5}/640.webp"
+    assert cli("--size", "320", str(picture)).stdout.strip() == f"{server.base_url}/i/{md5}/320"
+    bad = cli("--size", "big", str(picture))
+    assert bad.returncode == 2 and "--size" in bad.stderr
+    with urllib_get(done.stdout.strip()) as resp:
+        assert decoded(resp.read()).size == (640, 427)
+
+
+def imgproxy_root() -> Path:
+    return Path(imgproxy.__file__).resolve().parent
+
+
+def urllib_get(url: str):
+    import urllib.request
+    return urllib.request.urlopen(url, timeout=30)
