@@ -2910,6 +2910,25 @@ OPENAPI: dict = {
                         "304": {"description": "not modified (If-None-Match)"},
                         **_errors(400, 404, 416)}},
         },
+        "/i/{md5}/{variant}": {
+            "parameters": [
+                _MD5_PARAM,
+                {"name": "variant", "in": "path", "required": True,
+                 "description": "{size}.{fmt} or {size}: size is a width from server.variant_widths "
+                                "(default 160, 320, 640, 1280, 2048) or 'full'; fmt is jpg, png, webp, "
+                                "gif or avif (where the server can write it). Without .{fmt} the "
+                                "Accept header chooses (AVIF, WebP, else JPEG or PNG) and Vary: Accept "
+                                "is sent.",
+                 "schema": {"type": "string", "pattern": "^(full|[1-9][0-9]{0,4})(\\.(jpg|png|webp|gif|avif))?$"}}],
+            "get": {"summary": "a size and format of the image, rendered once (public)", "security": [],
+                    "responses": {
+                        "200": {"description": "the variant",
+                                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                        "206": {"description": "a byte range",
+                                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                        "304": {"description": "not modified (If-None-Match)"},
+                        **_errors(400, 404, 416, 503)}},
+        },
         "/healthz": {
             "get": {"summary": "database and data folder answer", "security": [],
                     "responses": {"200": _json("Health", "healthy"), "503": _json("Health", "unhealthy")}},
