@@ -175,7 +175,7 @@ def main(argv=None) -> int:
                      for i in range(max(1, args.flood // 5))]
             targets = [f"/i/{m}/{w}.jpg" for m in small for w in (160, 320, 640, 1280, 2048)][:args.flood]
             seen: dict[str, int] = {}
-            busy, during = [], []
+            during: list[float] = []
             done = threading.Event()
 
             def flood(path: str) -> None:
