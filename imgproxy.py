@@ -3011,7 +3011,7 @@ PAGE_HTML = r"""<!doctype html>
         <button type="button" class="btn btn-quiet" id="mine-refresh">Refresh</button>
       </div>
       <p id="mine-status" class="hint" role="status"></p>
-      <ul id="mine" class="cards"></ul>
+      <ul id="mine" class="cards grid"></ul>
       <nav class="pager" id="mine-pager" aria-label="My images pages" hidden>
         <button type="button" class="btn" id="mine-prev">← Newer</button>
         <span id="mine-range"></span>
@@ -3251,6 +3251,15 @@ kbd {
 .thumb img { max-width: 100%; max-height: 100%; object-fit: contain; }
 .thumb-label { color: var(--muted); font-size: 12px; padding: 4px; text-align: center; }
 
+/* "My images": a grid of 320 px thumbnails, the links under each */
+.cards.grid { grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); }
+.grid .card { grid-template-columns: minmax(0, 1fr); gap: 10px; }
+.grid .thumb { width: 100%; height: 180px; }
+.grid .thumb img { width: 100%; height: 100%; object-fit: cover; }
+.grid .no-preview .thumb-label { font-size: 14px; }
+.size-pick { font: inherit; font-size: 13px; padding: 3px 4px; border: 1px solid var(--line);
+  border-radius: 6px; background: var(--panel); color: inherit; }
+
 progress {
   width: 100%;
   height: 8px;
@@ -3339,6 +3348,8 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
   var AUTH_KEY = "imgproxy.auth";   // sessionStorage: lives as long as this tab
   var USER_KEY = "imgproxy.user";
   var PAGE_SIZE = 12;
+  var COPY_SIZES = [null, 1280, 640, 320];   // widths offered for copying; null: the original
+  var GRID_WIDTH = 320;                      // "My images" shows this size, never the original
   var PARALLEL_UPLOADS = 3;
   var AUTH_MESSAGE = "该用户权限不足，请联系管理员";
 
@@ -3615,9 +3626,52 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     return button;
   }
 
+  // A size of an image: /i/{md5}/{width}, the format chosen by the browser's
+  // Accept header (AVIF or WebP where it can show them). Null: the original.
+  function variantUrl(url, width) {
+    var match = /^(.*\/)([0-9a-f]{32})\.[a-z0-9]+$/.exec(String(url));
+    return width && match ? match[1] + match[2] + "/" + width : url;
+  }
+
+  // The snippets for one size; HTML offers the double width to sharp screens.
+  function sizedSnippets(info, width) {
+    var url = variantUrl(info.url, width);
+    var parts = snippets({ name: info.name, md5: info.md5, url: url });
+    if (width && COPY_SIZES.indexOf(width * 2) >= 0) {
+      var sharp = variantUrl(info.url, width * 2);
+      parts.forEach(function (part) {
+        if (part.key !== "html") return;
+        part.text = '<img src="' + escapeHtml(url) + '" srcset="' + escapeHtml(url) + " 1x, " +
+          escapeHtml(sharp) + ' 2x" alt="' + escapeHtml(info.name || info.md5 || "image") + '">';
+      });
+    }
+    return parts;
+  }
+
+  // "My images": the link block with a size picker in front of the copy buttons.
+  function sizedLinkBlock(info) {
+    var parts = sizedSnippets(info, null);
+    var nodes = linkBlock(info, parts);
+    var row = nodes[1];
+    var open = row.querySelector("a.open");
+    var pick = el("select", { className: "size-pick", "aria-label": "Size to copy" },
+      COPY_SIZES.map(function (width) {
+        return el("option", { value: width || "", text: width ? width + " px" : "Original" });
+      }));
+    pick.addEventListener("change", function () {
+      var width = parseInt(pick.value, 10) || null;
+      var fresh = sizedSnippets(info, width);
+      parts.forEach(function (part, i) { part.text = fresh[i].text; });
+      nodes[0].value = variantUrl(info.url, width);
+      open.setAttribute("href", safeUrl(nodes[0].value) || "");
+    });
+    row.insertBefore(pick, row.children[1]);
+    return nodes;
+  }
+
   // The link block every image card shows: URL, copy buttons, expiry.
-  function linkBlock(info) {
-    var parts = snippets(info);
+  function linkBlock(info, parts) {
+    parts = parts || snippets(info);
     var url = el("input", {
       type: "text", className: "url", readonly: true, value: info.url,
       "aria-label": "Image URL", spellcheck: "false"
@@ -3899,7 +3953,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
 
   function mineCard(info) {
     var name = info.name || info.md5;
-    var thumb = preview(info.url, name, info.format || "no preview");
+    var thumb = preview(variantUrl(info.url, GRID_WIDTH), name, info.format || "no preview");
     thumb.img.setAttribute("loading", "lazy");
     var del = el("button", {
       type: "button", className: "btn btn-small btn-danger-quiet delete",
@@ -3909,7 +3963,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     var body = el("div", { className: "card-body" }, [
       el("p", { className: "name", text: name, title: name }),
       el("p", { className: "meta", text: metaLine(info) + viewsText(info.access_count) })
-    ].concat(linkBlock(info), [expiryLine(info), el("div", { className: "card-actions" }, [del])]));
+    ].concat(sizedLinkBlock(info), [expiryLine(info), el("div", { className: "card-actions" }, [del])]));
     return el("li", { className: "card", "data-md5": info.md5 || "" }, [thumb.box, body]);
   }
 
