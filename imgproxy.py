@@ -1419,7 +1419,11 @@ class VariantCache:
         self.last_sweep = 0.0
         self.sweeper: Optional[asyncio.Task] = None
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.sweeper
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def size_width(self, size: str) -> Optional[int]:
@@ -2516,7 +2520,7 @@ async def _store_ctx(app: web.Application):
     app[STORE] = store
     app[VARIANTS] = VariantCache(app[CONFIG], store.storage)
     yield
-    app[VARIANTS].close()
+    await app[VARIANTS].close()
     await store.close()
 
 

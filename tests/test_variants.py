@@ -541,3 +541,43 @@ def imgproxy_root() -> Path:
 def urllib_get(url: str):
     import urllib.request
     return urllib.request.urlopen(url, timeout=30)
+
+
+async def test_a_render_past_its_time_budget_answers_503_and_is_kept(make_client, monkeypatch):
+    client = await make_client()
+    md5 = await put(client, photo((3000, 2000), fmt="PNG"), name="x.png")
+    monkeypatch.setattr(imgproxy, "VARIANT_RENDER_SECONDS", 0.001)
+    status, headers, body = await fetch(client, f"/i/{md5}/full.png")
+    assert status == 503 and headers["Retry-After"] == "5"
+    assert decoded_json(body)["code"] == "unavailable"
+    monkeypatch.setattr(imgproxy, "VARIANT_RENDER_SECONDS", 30.0)
+    status, _, body = await fetch(client, f"/i/{md5}/full.png")
+    assert status == 200 and decoded(body).size == (3000, 2000)
+    assert renders(client) == 1  # the first render finished and was kept
+
+
+def test_concurrent_first_requests_render_once_across_workers(make_config, server_process):
+    import concurrent.futures
+    import urllib.request
+    proc = server_process(make_config(server={"workers": 2, "log_level": "DEBUG"}))
+    req = urllib.request.Request(proc.base_url + "/upload/big.jpg", data=photo((3000, 2000)), method="PUT",
+                                 headers=ALICE)
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        md5 = json_loads(resp.read())["md5"]
+
+    def get(_: int) -> tuple[int, bytes]:
+        with urllib.request.urlopen(f"{proc.base_url}/i/{md5}/640.webp", timeout=60) as resp:
+            return resp.status, resp.read()
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:  # a connection each: both workers answer
+        results = list(pool.map(get, range(64)))
+    assert {status for status, _ in results} == {200}
+    assert len({body for _, body in results}) == 1
+    assert proc.terminate() == 0
+    assert proc.log.count("rendered variant") == 1, proc.log[-3000:]
+    assert "Traceback" not in proc.log
+
+
+def json_loads(data: bytes) -> dict:
+    import json
+    return json.loads(data)
