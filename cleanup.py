@@ -19,7 +19,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import imgproxy  # noqa: E402
+import imgproxy
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -16,6 +16,7 @@ headers, and removed after ``cleanup.expire_days`` by a daily in-process pass.
 
 Run:   python3 imgproxy.py [--config config.json] [--host H] [--port P]
 Hash:  python3 imgproxy.py hash-password
+Check: python3 imgproxy.py check-config [--config PATH] [--print KEY ...]
 
 Chapters, top-down: constants · passwords · config · errors · storage · database ·
 image inspection · auth · middlewares · handlers · cleanup · create_app · main ·
@@ -87,7 +88,7 @@ DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO")
 
 MD5_RE = re.compile(r"[0-9a-f]{32}")
 CHUNK = 256 * 1024              # network read size
-FLUSH_BYTES = 1024 * 1024       # uploads below this stay in memory until published
+FLUSH_BYTES = 1024 * 1024       # uploads reach tmp/ in writes of this size (and /api/db is sent in such reads)
 MULTIPART_SLACK = 64 * 1024     # boundaries and part headers around the file
 MAX_FRAMES = 10_000             # animated images: frames decoded at most
 JPEG_MAX_SEGMENTS = 4096        # JPEG marker segments before the scan data ...
@@ -99,11 +100,23 @@ CLEANUP_PAUSE = 0.005           # seconds between expiry batches (100,000 images
 BODY_CACHE_MAX_FILE = 512 * 1024
 META_CACHE_ENTRIES = 100_000
 AUTH_FAIL_LIMIT = 10            # failed sign-ins per address ...
-AUTH_FAIL_WINDOW = 60.0         # ... within this many seconds block that address this long
+AUTH_FAIL_WINDOW = 60.0         # ... within this many seconds block that address ...
+AUTH_BLOCK_SECONDS = 60.0       # ... for this long from the failure that tripped it (= Retry-After)
 AUTH_FAIL_TABLE = 10_000        # addresses the limiter remembers at most
+AUTH_CHECKS_PER_ADDRESS = 2     # password checks one address may have running at once
+AUTH_HASH_THREADS = 2           # password hashing's own threads (file reads never wait on them)
+AUTH_FAILED_CHECK_FACTOR = 1.5  # a failed check lasts this times the costliest hash at least
 UPLOAD_IDLE_TIMEOUT = 60.0      # an upload body that sends nothing for this long is dropped (408)
 KEEPALIVE_TIMEOUT = 75.0        # idle connections and unfinished request heads are closed
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+# App tokens: "imgp_" + 43 base62 characters = 256 bits; the fixed prefix lets
+# secret scanners (GitHub's, gitleaks) recognise a leaked one.
+TOKEN_PREFIX = "imgp_"
+TOKEN_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+TOKEN_CHARS = 43
+TOKEN_ID_RE = re.compile(r"[0-9a-f]{16}")
+TOKEN_NAME_MAX = 100
+TOKENS_PER_USER = 100
 IMAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 # Variants (/i/{md5}/{size}.{fmt}): output extension -> (Pillow format, MIME type).
 VARIANT_FORMATS: dict[str, tuple[str, str]] = {
@@ -123,6 +136,18 @@ VARIANT_SOURCE_CACHE = 10_000   # images whose "has transparency" answer is reme
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
             "img-src 'self' blob: data:; connect-src 'self'; form-action 'self'; "
             "base-uri 'none'; frame-ancestors 'none'")
+
+# HTTP cache policies, named once. Errors, API answers and the database copy are
+# never kept (they change or are private); the page, its assets and the API
+# description are revalidated (an upgrade changes them under the same URL).
+CACHE_NO_STORE = "no-store"
+CACHE_NO_CACHE = "no-cache"
+
+
+def image_cache_control(seconds_left: float) -> str:
+    """An image's bytes never change under its URL, but a cache must not outlive
+    the image: max-age is what is left of its life."""
+    return f"public, max-age={int(seconds_left)}, immutable"
 
 
 # Shared state of the running application (typed keys: aiohttp 3.9+).
@@ -230,6 +255,7 @@ class ClientConfig:
     username: Optional[str] = None
     password: Optional[str] = dataclasses.field(default=None, repr=False)
     cache_path: Optional[str] = None
+    token: Optional[str] = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +264,6 @@ class Config:
     cleanup: CleanupConfig = CleanupConfig()
     users: tuple[UserConfig, ...] = ()
     client: ClientConfig = ClientConfig()
-    path: Optional[Path] = None
 
     @property
     def base_url(self) -> str:
@@ -297,7 +322,7 @@ def _optional_path(key: str, value: Any, base: Path) -> Optional[Path]:
     return p if p.is_absolute() else base / p
 
 
-def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Config:
+def parse_config(raw: Any, base_dir: Path) -> Config:
     """Validate a decoded config.json into a Config; raises ConfigError naming the key."""
     _expect("config", raw, "object")
     _only_keys("", raw, ("server", "cleanup", "users", "client"))
@@ -357,7 +382,7 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
         port=port,
         host=_expect("server.host", s.get("host", d.host), "str"),
         base_url=base_url,
-        data_dir=_optional_path("server.data_dir", s.get("data_dir", "data"), base_dir),
+        data_dir=_optional_path("server.data_dir", s.get("data_dir", str(d.data_dir)), base_dir),
         max_upload_mb=max_mb,
         max_pixels=max_pixels,
         formats=tuple(dict.fromkeys(wanted_formats)),
@@ -373,14 +398,15 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
 
     c = _expect("cleanup", raw.get("cleanup", {}), "object")
     _only_keys("cleanup", c, ("enable", "expire_days", "cleanup_time"))
-    days = _expect("cleanup.expire_days", c.get("expire_days", 30), "number")
+    dc = CleanupConfig()
+    days = _expect("cleanup.expire_days", c.get("expire_days", dc.expire_days), "number")
     if days < 0:
         raise ConfigError(f"cleanup.expire_days: must be 0 or more, got {days}")
     cleanup = CleanupConfig(
-        enable=_expect("cleanup.enable", c.get("enable", True), "bool"),
+        enable=_expect("cleanup.enable", c.get("enable", dc.enable), "bool"),
         expire_days=days,
-        cleanup_time=parse_cleanup_time(_expect("cleanup.cleanup_time",
-                                                c.get("cleanup_time", "03:00:00"), "str")),
+        cleanup_time=dc.cleanup_time if "cleanup_time" not in c else
+        parse_cleanup_time(_expect("cleanup.cleanup_time", c["cleanup_time"], "str")),
     )
 
     users = []
@@ -397,7 +423,7 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
         if name in seen:
             raise ConfigError(f"{key}.username: {name!r} appears twice")
         seen.add(name)
-        role = _expect(f"{key}.role", u.get("role", "uploader"), "str")
+        role = _expect(f"{key}.role", u.get("role", UserConfig.role), "str")
         if role not in ROLES:
             raise ConfigError(f"{key}.role: expected 'uploader' or 'admin', got {role!r}")
         pw = u.get("password")
@@ -421,13 +447,14 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
         users.append(UserConfig(username=name, role=role, password=pw, password_hash=ph))
 
     cl = _expect("client", raw.get("client", {}) or {}, "object")
-    _only_keys("client", cl, ("username", "password", "cache_path"))
+    _only_keys("client", cl, ("username", "password", "cache_path", "token"))
     client = ClientConfig(
         username=None if cl.get("username") is None else _expect("client.username", cl["username"], "str"),
         password=None if cl.get("password") is None else _expect("client.password", cl["password"], "str"),
         cache_path=None if cl.get("cache_path") is None else _expect("client.cache_path", cl["cache_path"], "str"),
+        token=None if cl.get("token") is None else _expect("client.token", cl["token"], "str"),
     )
-    return Config(server=server, cleanup=cleanup, users=tuple(users), client=client, path=path)
+    return Config(server=server, cleanup=cleanup, users=tuple(users), client=client)
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -445,7 +472,7 @@ def load_config(path: str | os.PathLike) -> Config:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     try:
-        return parse_config(raw, path.parent, path)
+        return parse_config(raw, path.parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -479,15 +506,18 @@ def check_safe_to_listen(config: Config, host: str) -> None:
 # ==== errors ====================================================================
 
 class ApiError(web.HTTPException):
-    """An HTTP error carrying API.md's JSON error object."""
+    """An HTTP error carrying the JSON error object {"error", "code"} (README, openapi.json)."""
 
     def __init__(self, status: int, body: str, headers: Optional[dict] = None):
-        self.status_code = status  # HTTPException reads the status from here
+        # aiohttp internals (checked against 3.9.5 and 3.14.5): HTTPException.__init__
+        # takes the status from self.status_code, a class attribute meant for the
+        # fixed subclasses; an instance value lets one class carry any status.
+        self.status_code = status
         super().__init__(text=body, content_type="application/json", headers=headers)
 
 
 def json_error(status: int, message: str, code: str, headers: Optional[dict] = None) -> web.HTTPException:
-    """An exception that renders as API.md's error object; raise it from handlers."""
+    """An exception that renders as the JSON error object; raise it from handlers."""
     return ApiError(status, json.dumps({"error": message, "code": code}, ensure_ascii=False), headers)
 
 
@@ -554,19 +584,17 @@ class Storage:
     def new_tmp_path(self, kind: str = "upload") -> Path:
         return self.tmp / f"{kind}-{secrets.token_hex(8)}.part"
 
-    def place(self, md5: str, ext: str, data: Optional[bytes], tmp_path: Optional[Path]) -> Path:
-        """Put the validated bytes at their final path (blocking; run in a thread).
+    def place(self, md5: str, ext: str, tmp_path: Path) -> Path:
+        """Move a validated upload from tmp/ to its final path (blocking; run in a thread).
 
-        Bytes are written under tmp/ and renamed: the rename is atomic on one
-        file system, so a reader or a crash never sees a half-written image.
+        The rename is atomic on one file system, so a reader or a crash never
+        sees a half-written image.
         """
         final = self.image_path(md5, ext)
         if final.parent not in self._made_dirs:
             final.parent.mkdir(parents=True, exist_ok=True)
             if len(self._made_dirs) < 70_000:  # at most 65,536 leaf folders exist
                 self._made_dirs.add(final.parent)
-        if tmp_path is None:
-            tmp_path = self.write_tmp(data or b"")
         try:
             os.replace(tmp_path, final)
         except FileNotFoundError:
@@ -575,14 +603,6 @@ class Storage:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp_path, final)
         return final
-
-    def write_tmp(self, data: bytes) -> Path:
-        """Bytes to a new file under tmp/ (blocking), world-readable like the rest of uploads/."""
-        path = self.new_tmp_path()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with open(fd, "wb") as f:
-            f.write(data)
-        return path
 
 
 def _unlink_quietly(path: Optional[Path]) -> int:
@@ -598,12 +618,12 @@ def _unlink_quietly(path: Optional[Path]) -> int:
 
 
 class UploadSink:
-    """Receives an upload's bytes: hashes them and keeps them in memory or in tmp/.
+    """Receives an upload's bytes: hashes them and writes them to a tmp/ file.
 
-    Small uploads stay in memory and are written only when published (a
-    duplicate then costs no disk write at all). Past FLUSH_BYTES the data goes
-    to a tmp/ file through a worker thread, one write in flight at a time, so
-    hashing and disk work overlap with reading the network.
+    Every FLUSH_BYTES the data goes to the file through a worker thread, one
+    write in flight at a time, so hashing and disk work overlap with reading
+    the network. An upload smaller than that is written once, by complete(),
+    and its bytes are also handed to inspection so it need not read them back.
     """
 
     def __init__(self, storage: Storage, limit: int):
@@ -699,6 +719,20 @@ CREATE INDEX IF NOT EXISTS holds_user ON holds(username, held_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 IMAGE_COLUMNS = "md5, ext, format, mime, name, size, width, height, access_count, created_at, expire_at"
+# App tokens, kept apart from the image tables: an older database gains this
+# table on its next open and nothing else changes. Only the SHA-256 of a secret
+# is stored; requests find their token by that digest through the unique index.
+TOKENS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    id           TEXT PRIMARY KEY,
+    username     TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    secret_sha256 BLOB NOT NULL UNIQUE,
+    created_at   REAL NOT NULL,
+    last_used_at REAL
+);
+CREATE INDEX IF NOT EXISTS tokens_user ON tokens(username, created_at);
+"""
 
 
 def open_write_db(path: Path) -> sqlite3.Connection:
@@ -719,6 +753,7 @@ def open_write_db(path: Path) -> sqlite3.Connection:
                 time.sleep(0.1)
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(SCHEMA)
+        db.executescript(TOKENS_SCHEMA)
     except BaseException:
         db.close()
         raise
@@ -802,6 +837,7 @@ class ImageStore:
         self._writer: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._wdb: Optional[sqlite3.Connection] = None
         self.pending_counts: collections.Counter[str] = collections.Counter()
+        self.pending_token_use: dict[str, float] = {}
         self.served: collections.OrderedDict[str, ServedImage] = collections.OrderedDict()
         self.body_bytes = 0
         self.body_budget = int(config.server.cache_mb * 1024 * 1024)
@@ -831,6 +867,8 @@ class ImageStore:
         if self._wdb is not None:
             with contextlib.suppress(Exception):
                 await self.flush_counts()
+            with contextlib.suppress(Exception):
+                await self.flush_token_use()
         if self.db_read is not None:
             with contextlib.suppress(Exception):
                 await self.db_read.close()
@@ -960,7 +998,7 @@ class ImageStore:
 
     # -- writing --
     async def publish(self, user: str, md5: str, facts: "ImageFacts", name: str,
-                      data: Optional[bytes], tmp_path: Optional[Path]) -> tuple[dict, bool]:
+                      tmp_path: Path) -> tuple[dict, bool]:
         """Store an inspected upload or renew the copy we have; returns (info, created)."""
         ext, mime = FORMATS[facts.format]
         storage = self.storage
@@ -976,7 +1014,7 @@ class ImageStore:
             else:
                 # New bytes, or a row whose file went missing: (re)place the file
                 # before the row commits, so the row never points at nothing.
-                storage.place(md5, ext, data, tmp_path)
+                storage.place(md5, ext, tmp_path)
                 placed = True
                 if row is None:
                     txn.db.execute(
@@ -998,7 +1036,7 @@ class ImageStore:
         try:
             row, created, placed = await self.write(txn_publish)
         finally:
-            if tmp_path is not None and not placed:
+            if not placed:
                 await asyncio.to_thread(_unlink_quietly, tmp_path)
         self.forget(md5)
         return self.info(row, "uploaded" if created else "exists"), created
@@ -1065,6 +1103,65 @@ class ImageStore:
         except BaseException:
             self.pending_counts.update(counts)  # keep them for the next attempt
             raise
+
+    # -- app tokens --
+    # Every request reads its token's row (one indexed lookup): a revocation
+    # committed by any process, on any machine sharing the database, holds for
+    # the very next request, with no cache to invalidate.
+    async def token_owner(self, secret_sha256: bytes) -> Optional[tuple[str, str]]:
+        """(token id, username) for a token's digest, or None."""
+        async with self.db_read.execute("SELECT id, username FROM tokens WHERE secret_sha256 = ?",
+                                        (secret_sha256,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else (row["id"], row["username"])
+
+    def note_token_use(self, token_id: str) -> None:
+        self.pending_token_use[token_id] = self.clock()
+
+    async def flush_token_use(self) -> None:
+        if not self.pending_token_use or self._wdb is None:
+            return
+        uses, self.pending_token_use = self.pending_token_use, {}
+        try:
+            await self.write(lambda txn: txn.db.executemany(
+                "UPDATE tokens SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
+                [(at, token_id) for token_id, at in uses.items()]))
+        except BaseException:
+            for token_id, at in uses.items():
+                self.pending_token_use.setdefault(token_id, at)
+            raise
+
+    def _token_info(self, row: sqlite3.Row) -> dict:
+        last = max(row["last_used_at"] or 0.0, self.pending_token_use.get(row["id"], 0.0))
+        return {"id": row["id"], "name": row["name"], "created_at": iso(row["created_at"]),
+                "last_used_at": iso(last) if last else None}
+
+    async def create_token(self, user: str, name: str, secret_sha256: bytes) -> Optional[dict]:
+        """A new token row for `user`; None when the user already has TOKENS_PER_USER."""
+        now = self.clock()
+        token_id = secrets.token_hex(8)
+
+        def txn_create(txn: Txn) -> Optional[sqlite3.Row]:
+            held = txn.db.execute("SELECT COUNT(*) FROM tokens WHERE username = ?", (user,)).fetchone()[0]
+            if held >= TOKENS_PER_USER:
+                return None
+            txn.db.execute("INSERT INTO tokens (id, username, name, secret_sha256, created_at) "
+                           "VALUES (?, ?, ?, ?, ?)", (token_id, user, name, secret_sha256, now))
+            return txn.db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+
+        row = await self.write(txn_create)
+        return None if row is None else self._token_info(row)
+
+    async def list_tokens(self, user: str) -> list[dict]:
+        async with self.db_read.execute("SELECT * FROM tokens WHERE username = ? ORDER BY created_at DESC, id",
+                                        (user,)) as cur:
+            return [self._token_info(row) for row in await cur.fetchall()]
+
+    async def revoke_token(self, user: str, token_id: str) -> bool:
+        found = await self.write(lambda txn: txn.db.execute(
+            "DELETE FROM tokens WHERE id = ? AND username = ?", (token_id, user)).rowcount > 0)
+        self.pending_token_use.pop(token_id, None)
+        return found
 
     # -- serving cache --
     async def served_image(self, md5: str) -> Optional[ServedImage]:
@@ -1621,13 +1718,44 @@ def _evict_variants(storage: Storage, budget: int) -> tuple[int, list[str]]:
 
 # ==== auth ======================================================================
 
+class SignInWait(Exception):
+    """The limiter refused to run a check now; retry after `seconds`."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class _Attempts:
+    """What the limiter knows of one address."""
+    __slots__ = ("failures", "blocked_until", "pending", "slots")
+
+    def __init__(self) -> None:
+        self.failures: collections.deque[float] = collections.deque()  # recent, oldest first
+        self.blocked_until = 0.0
+        self.pending = 0  # admitted checks without a verdict yet
+        self.slots: Optional[asyncio.Semaphore] = None
+
+
 class Authenticator:
     """HTTP Basic against the config's users, with a limiter for guessing.
 
-    Timing does not tell a missing user from a wrong password: both run the
-    same kind of check (a plain compare of digests, or scrypt when the config
-    uses hashes). A successful (user, password) pair is remembered as an HMAC
-    under a per-process key, so scrypt runs once per client, not per request.
+    The limiter admits a check only while the address's recent failures plus
+    its undecided checks stay under AUTH_FAIL_LIMIT, so a burst of concurrent
+    guesses gets that many verdicts and 429 for the rest, not a verdict each.
+    AUTH_FAIL_LIMIT failures within AUTH_FAIL_WINDOW block the address for
+    AUTH_BLOCK_SECONDS from the last of them, exactly what Retry-After says;
+    after that it starts from zero.
+
+    Timing does not tell which users exist, whatever the config mixes: when any
+    user has a password_hash, every check runs one scrypt in the password
+    threads (the user's own hash, or for a plain or missing user an
+    unmatchable hash with the costliest configured settings), and a failed
+    check is held back to a floor measured from that costliest hash, so users
+    whose hash is cheaper fail no faster. With plain passwords only, every
+    check is one compare of digests. A successful (user, password) pair is
+    remembered as an HMAC under a per-process key, so scrypt runs once per
+    client, not per request; identical checks running at once share one.
     """
 
     def __init__(self, users: Iterable[UserConfig], clock: Callable[[], float] = time.monotonic):
@@ -1636,14 +1764,22 @@ class Authenticator:
                        for u in self.users.values() if u.password is not None}
         self._key = secrets.token_bytes(32)
         hashes = [u.password_hash for u in self.users.values() if u.password_hash]
-        # A missing user costs one scrypt with the same parameters as a real
-        # one (a hash made with other settings would time differently).
-        self._dummy_hash = _unmatchable_hash_like(hashes[0]) if hashes else None
+        costliest = max(hashes, key=lambda h: math.prod(_parse_scrypt_hash(h)[:3]), default=None)
+        self._dummy_hash = _unmatchable_hash_like(costliest) if costliest else None
         self._dummy_plain = hashlib.sha256(secrets.token_bytes(16)).digest()
+        self._failed_check_floor: Optional[float] = None  # seconds, measured on first use
+        self._hash_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._accepted: collections.OrderedDict[bytes, str] = collections.OrderedDict()
-        self._failures: dict[str, list[float]] = {}
+        self._checking: dict[bytes, asyncio.Future] = {}
+        self._failures: collections.OrderedDict[str, _Attempts] = collections.OrderedDict()
         self.clock = clock
 
+    def close(self) -> None:
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=False, cancel_futures=True)
+            self._hash_pool = None
+
+    # -- the limiter --
     @staticmethod
     def _limiter_key(address: str) -> str:
         """One IPv6 client owns a whole /64: count its failures together."""
@@ -1657,74 +1793,192 @@ class Authenticator:
             return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
+    @staticmethod
+    def _recent_failures(entry: _Attempts, now: float) -> int:
+        while entry.failures and now - entry.failures[0] >= AUTH_FAIL_WINDOW:
+            entry.failures.popleft()
+        return len(entry.failures)
+
     def blocked_for(self, address: str) -> float:
-        address = self._limiter_key(address)
-        entry = self._failures.get(address)
+        """Seconds this address must wait before its next check (0: go ahead)."""
+        entry = self._failures.get(self._limiter_key(address))
         if entry is None:
             return 0.0
-        count, start = entry
-        elapsed = self.clock() - start
-        if elapsed > AUTH_FAIL_WINDOW:
-            if count < AUTH_FAIL_LIMIT or elapsed > 2 * AUTH_FAIL_WINDOW:
-                del self._failures[address]
-            return 0.0 if count < AUTH_FAIL_LIMIT or elapsed > 2 * AUTH_FAIL_WINDOW \
-                else 2 * AUTH_FAIL_WINDOW - elapsed
-        return AUTH_FAIL_WINDOW - elapsed if count >= AUTH_FAIL_LIMIT else 0.0
+        now = self.clock()
+        if entry.blocked_until > now:
+            return entry.blocked_until - now
+        if entry.pending and self._recent_failures(entry, now) + entry.pending >= AUTH_FAIL_LIMIT:
+            return 1.0  # checks already running may use up the allowance; ask again then
+        return 0.0
+
+    def admit(self, address: str) -> float:
+        """Reserve a check for this address before it runs: 0.0, or the seconds to wait."""
+        wait = self.blocked_for(address)
+        if wait > 0:
+            return wait
+        key = self._limiter_key(address)
+        entry = self._failures.get(key)
+        if entry is None:
+            entry = self._failures[key] = _Attempts()
+            self._bound_table()
+        entry.pending += 1
+        return 0.0
+
+    def settle(self, address: str, failed: bool) -> None:
+        """The verdict of a check that admit() reserved."""
+        key = self._limiter_key(address)
+        entry = self._failures.get(key)
+        if entry is not None:
+            entry.pending = max(0, entry.pending - 1)
+        if failed:
+            self.record_failure(address)
+        elif entry is not None and not entry.pending and not entry.failures \
+                and entry.blocked_until <= self.clock():
+            del self._failures[key]
+
+    def _check_slots(self, address: str) -> asyncio.Semaphore:
+        """At most AUTH_CHECKS_PER_ADDRESS checks of one address run at once;
+        its other admitted checks wait their turn (there are few: see admit)."""
+        entry = self._failures.get(self._limiter_key(address))
+        if entry is None:  # dropped from a full table meanwhile: do not hold it up
+            return asyncio.Semaphore(AUTH_CHECKS_PER_ADDRESS)
+        if entry.slots is None:
+            entry.slots = asyncio.Semaphore(AUTH_CHECKS_PER_ADDRESS)
+        return entry.slots
 
     def record_failure(self, address: str) -> None:
-        address = self._limiter_key(address)
+        key = self._limiter_key(address)
         now = self.clock()
-        entry = self._failures.get(address)
-        if entry is None or now - entry[1] > AUTH_FAIL_WINDOW and entry[0] < AUTH_FAIL_LIMIT:
-            self._failures[address] = [1, now]
+        entry = self._failures.get(key)
+        if entry is None:
+            entry = self._failures[key] = _Attempts()
         else:
-            entry[0] += 1
-            if entry[0] == AUTH_FAIL_LIMIT:
-                entry[1] = now  # the block runs from the failure that tripped it
-        if len(self._failures) > AUTH_FAIL_TABLE:
-            # Many addresses at once (a botnet): drop stale entries, then the
-            # oldest, down to 90% so that one scan pays for many failures and
-            # the table never outgrows its cap.
-            for addr in [a for a, (_, t) in self._failures.items() if now - t > 2 * AUTH_FAIL_WINDOW]:
-                del self._failures[addr]
-            for addr in list(itertools.islice(self._failures, len(self._failures) - AUTH_FAIL_TABLE * 9 // 10)):
-                del self._failures[addr]
+            self._failures.move_to_end(key)
+        self._recent_failures(entry, now)
+        entry.failures.append(now)
+        if len(entry.failures) >= AUTH_FAIL_LIMIT:
+            entry.blocked_until = now + AUTH_BLOCK_SECONDS
+            entry.failures.clear()  # after the block the address starts from zero
+        self._bound_table()
 
-    async def check(self, header: Optional[str]) -> Optional[UserConfig]:
-        """The user for an Authorization header, or None."""
+    def _bound_table(self) -> None:
+        if len(self._failures) <= AUTH_FAIL_TABLE:
+            return
+        # Many addresses at once (a botnet): drop entries that no longer
+        # matter, then the least recently failed, down to 90%, so that one scan
+        # pays for many failures and the table never outgrows its cap.
+        now = self.clock()
+        for key in [k for k, e in self._failures.items() if not e.pending and e.blocked_until <= now
+                    and (not e.failures or now - e.failures[-1] >= AUTH_FAIL_WINDOW)]:
+            del self._failures[key]
+        for key in list(itertools.islice(self._failures, max(0, len(self._failures) - AUTH_FAIL_TABLE * 9 // 10))):
+            del self._failures[key]
+
+    # -- checking a password --
+    def _hash_job(self, user: Optional[UserConfig], password: str) -> tuple[bool, float]:
+        """(matches, seconds spent): one scrypt, whoever `user` is. Runs in the
+        password threads."""
+        if self._failed_check_floor is None:
+            started = time.perf_counter()
+            verify_password_hash("", self._dummy_hash)
+            self._failed_check_floor = AUTH_FAILED_CHECK_FACTOR * (time.perf_counter() - started)
+        started = time.perf_counter()
+        if user is not None and user.password_hash is not None:
+            ok = verify_password_hash(password, user.password_hash)
+        else:
+            verify_password_hash(password, self._dummy_hash)
+            expected = self._plain.get(user.username) if user is not None else None
+            ok = hmac.compare_digest(hashlib.sha256(password.encode()).digest(), expected or self._dummy_plain) \
+                and expected is not None
+        return ok, time.perf_counter() - started
+
+    async def _verify(self, username: str, password: str) -> bool:
+        user = self.users.get(username)
+        if self._dummy_hash is None:  # plain passwords only: one compare of digests, like it or not
+            expected = self._plain.get(username)
+            same = hmac.compare_digest(hashlib.sha256(password.encode()).digest(), expected or self._dummy_plain)
+            return same and expected is not None
+        if self._hash_pool is None:
+            self._hash_pool = concurrent.futures.ThreadPoolExecutor(
+                AUTH_HASH_THREADS, thread_name_prefix="imgproxy-password")
+        ok, spent = await asyncio.get_running_loop().run_in_executor(self._hash_pool, self._hash_job, user, password)
+        if not ok:
+            # Held back on the event loop, not in a password thread.
+            await asyncio.sleep(max(0.0, (self._failed_check_floor or 0.0) - spent))
+        return ok
+
+    async def _limited_verify(self, username: str, password: str, address: Optional[str]) -> bool:
+        if address is None:
+            return await self._verify(username, password)
+        ok = False
+        try:
+            async with self._check_slots(address):
+                ok = await self._verify(username, password)
+        finally:
+            self.settle(address, failed=not ok)
+        return ok
+
+    def _malformed(self, address: Optional[str]) -> None:
+        if address is not None:
+            self.record_failure(address)
+
+    async def check(self, header: Optional[str], address: Optional[str] = None) -> Optional[UserConfig]:
+        """The user for an Authorization header, or None. With `address`, the
+        limiter admits the check first (or raises SignInWait) and counts it."""
         if not header:
             return None
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "basic":
-            return None
+            return self._malformed(address)
         try:
             decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
         except (binascii.Error, ValueError):
-            return None
+            return self._malformed(address)
         username, sep, password = decoded.partition(":")
         if not sep:
-            return None
+            return self._malformed(address)
         memo = hmac.new(self._key, decoded.encode(), hashlib.sha256).digest()
         if memo in self._accepted:
             self._accepted.move_to_end(memo)
             return self.users.get(self._accepted[memo])
-        user = self.users.get(username)
-        if user is not None and user.password_hash is not None:
-            ok = await asyncio.to_thread(verify_password_hash, password, user.password_hash)
-        elif user is not None:
-            ok = hmac.compare_digest(hashlib.sha256(password.encode()).digest(), self._plain[username])
-        elif self._dummy_hash is not None:
-            await asyncio.to_thread(verify_password_hash, password, self._dummy_hash)
-            ok = False
-        else:
-            hmac.compare_digest(hashlib.sha256(password.encode()).digest(), self._dummy_plain)
-            ok = False
-        if not ok:
+        running = self._checking.get(memo)
+        if running is None:
+            # Only a new guess costs an attempt: requests repeating one already
+            # being checked wait for its verdict (a client opening many
+            # connections at once with the right password is not refused).
+            if address is not None:
+                wait = self.admit(address)
+                if wait > 0:
+                    raise SignInWait(wait)
+            # Its own task: the verdict is recorded even if the client leaves.
+            running = self._checking[memo] = asyncio.ensure_future(
+                self._limited_verify(username, password, address))
+            running.add_done_callback(lambda _: self._checking.pop(memo, None))
+        if not await asyncio.shield(running):
             return None
         self._accepted[memo] = username
         if len(self._accepted) > 1024:
             self._accepted.popitem(last=False)
-        return user
+        return self.users.get(username)
+
+
+def new_token_secret() -> str:
+    return TOKEN_PREFIX + "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(TOKEN_CHARS))
+
+
+def token_digest(token: str) -> bytes:
+    """What the database keeps of a token. A fast hash is enough: a 256-bit
+    random secret cannot be guessed from its digest (slow hashes exist for
+    low-entropy passwords), and a fast digest keeps every request cheap."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def bearer_token(header: Optional[str]) -> Optional[str]:
+    """The token of an `Authorization: Bearer ...` header, else None."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
 
 
 def client_address(request: web.Request) -> str:
@@ -1739,24 +1993,64 @@ def denied(status: int, request: web.Request) -> web.HTTPException:
     headers = {}
     # The upload page asks without the browser's own login dialog.
     if status == 401 and "X-Requested-With" not in request.headers:
-        headers["WWW-Authenticate"] = 'Basic realm="imgproxy", charset="UTF-8"'
+        if bearer_token(request.headers.get(hdrs.AUTHORIZATION)) is not None:
+            # RFC 6750: the app's token was refused; no login dialog makes sense.
+            headers["WWW-Authenticate"] = 'Bearer realm="imgproxy", error="invalid_token"'
+        else:
+            headers["WWW-Authenticate"] = 'Basic realm="imgproxy", charset="UTF-8"'
     return json_error(status, DENIED_MESSAGE, "unauthorized" if status == 401 else "forbidden", headers)
 
 
-async def require_user(request: web.Request, role: str = "uploader") -> UserConfig:
+def rate_limited(wait: float) -> web.HTTPException:
+    seconds = math.ceil(wait)
+    return json_error(429, f"too many failed sign-ins from this address; try again in {seconds} s",
+                      "rate_limited", {"Retry-After": str(seconds)})
+
+
+async def _token_user(request: web.Request, token: str) -> Optional[UserConfig]:
+    """The user an app token acts for, or None (unknown, revoked, or its user
+    no longer in the config)."""
+    store = request.app[STORE]
+    owner = await store.token_owner(token_digest(token))
+    if owner is None:
+        return None
+    token_id, username = owner
+    user = request.app[AUTH].users.get(username)
+    if user is not None:
+        store.note_token_use(token_id)
+    return user
+
+
+async def require_user(request: web.Request, role: str = "uploader",
+                       password_only: bool = False) -> UserConfig:
+    """The signed-in user (Basic password, or an app's Bearer token), else 401/403/429.
+
+    `password_only`: managing tokens and downloading the database need the
+    person's password; a token that is valid gets 403 there."""
     auth = request.app[AUTH]
     address = client_address(request)
-    wait = auth.blocked_for(address)
-    if wait > 0:
-        raise json_error(429, f"too many failed sign-ins from this address; try again in {math.ceil(wait)} s",
-                         "rate_limited", {"Retry-After": str(math.ceil(wait))})
     header = request.headers.get(hdrs.AUTHORIZATION)
-    user = await auth.check(header)
+    token = bearer_token(header)
+    # Every attempt is reserved before it is checked and settled after.
+    wait = auth.admit(address) if token is not None else auth.blocked_for(address)
+    if wait > 0:
+        raise rate_limited(wait)
+    if token is not None:
+        user = None
+        try:
+            user = await _token_user(request, token)
+        finally:
+            # A check cut short (the client left) counts as failed: leaving
+            # must not buy an attacker extra guesses.
+            auth.settle(address, failed=user is None)
+    else:
+        try:
+            user = await auth.check(header, address)
+        except SignInWait as exc:
+            raise rate_limited(exc.seconds) from None
     if user is None:
-        if header:
-            auth.record_failure(address)
         raise denied(401, request)
-    if role == "admin" and user.role != "admin":
+    if (role == "admin" and user.role != "admin") or (password_only and token is not None):
         raise denied(403, request)
     return user
 
@@ -1765,7 +2059,7 @@ async def require_user(request: web.Request, role: str = "uploader") -> UserConf
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    """Every error leaves as API.md's JSON object; surprises are logged, never shown."""
+    """Every error leaves as the JSON error object; surprises are logged, never shown."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -1812,7 +2106,7 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     headers = response.headers
     headers.setdefault("X-Content-Type-Options", "nosniff")
     if "Cache-Control" not in headers:
-        headers["Cache-Control"] = "no-store"
+        headers["Cache-Control"] = CACHE_NO_STORE
     headers.setdefault("Referrer-Policy", "no-referrer")
 
 
@@ -1849,6 +2143,9 @@ async def upload_expect(request: web.Request) -> None:
     await require_user(request)
     check_declared_length(request)
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    # aiohttp internals (checked against 3.9.5 and 3.14.5): the interim 100 counts
+    # in writer.output_size, and aiohttp's own error path (handle_error) refuses to
+    # answer once that is above 0; the final response has not started yet.
     request.writer.output_size = 0
 
 
@@ -1983,7 +2280,7 @@ async def handle_upload(request: web.Request) -> web.Response:
         async with store.decode_slots:
             md5, facts = await asyncio.to_thread(hash_and_inspect)
         name = sanitize_name(raw_name, FORMATS[facts.format][0])
-        info, created = await store.publish(user.username, md5, facts, name, None, sink.tmp_path)
+        info, created = await store.publish(user.username, md5, facts, name, sink.tmp_path)
         sink.tmp_path = None
     finally:
         if sink.tmp_path is not None:
@@ -2050,7 +2347,7 @@ async def handle_list(request: web.Request) -> web.Response:
 
 
 async def handle_db(request: web.Request) -> web.StreamResponse:
-    await require_user(request, "admin")
+    await require_user(request, "admin", password_only=True)
     store = request.app[STORE]
     snapshot = await store.snapshot()
 
@@ -2070,7 +2367,7 @@ async def handle_db(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={
             "Content-Type": "application/vnd.sqlite3",
             "Content-Disposition": 'attachment; filename="images_server.db"',
-            "Cache-Control": "no-store",
+            "Cache-Control": CACHE_NO_STORE,
         })
         resp.content_length = size
         await resp.prepare(request)
@@ -2078,6 +2375,44 @@ async def handle_db(request: web.Request) -> web.StreamResponse:
             await resp.write(chunk)
         await resp.write_eof()
         return resp
+
+
+async def _token_name(request: web.Request) -> str:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise json_error(400, 'the body must be JSON like {"name": "laptop ShareX"}', "bad_request") from None
+    name = body.get("name") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= TOKEN_NAME_MAX or not name.isprintable():
+        raise json_error(400, f"name: 1 to {TOKEN_NAME_MAX} printable characters, naming the app",
+                         "bad_request")
+    return name.strip()
+
+
+async def handle_token_create(request: web.Request) -> web.Response:
+    user = await require_user(request, password_only=True)
+    name = await _token_name(request)
+    secret = new_token_secret()
+    info = await request.app[STORE].create_token(user.username, name, token_digest(secret))
+    if info is None:
+        raise json_error(409, f"you already have {TOKENS_PER_USER} tokens; revoke one first", "too_many_tokens")
+    log.info("token %s created for %s", info["id"], user.username)
+    # The only time the secret leaves the server; it is not kept here.
+    return web.json_response({**info, "token": secret}, status=201, dumps=_dumps)
+
+
+async def handle_token_list(request: web.Request) -> web.Response:
+    user = await require_user(request, password_only=True)
+    return web.json_response({"tokens": await request.app[STORE].list_tokens(user.username)}, dumps=_dumps)
+
+
+async def handle_token_revoke(request: web.Request) -> web.Response:
+    user = await require_user(request, password_only=True)
+    token_id = request.match_info["token_id"]
+    if not TOKEN_ID_RE.fullmatch(token_id) or not await request.app[STORE].revoke_token(user.username, token_id):
+        raise json_error(404, "you have no token with this id", "not_found")
+    log.info("token %s revoked by %s", token_id, user.username)
+    return web.Response(status=204)
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -2088,7 +2423,12 @@ async def handle_health(request: web.Request) -> web.Response:
 
 
 class _ImageFileResponse(web.FileResponse):
-    """sendfile for large images, keeping our content-derived ETag."""
+    """sendfile for large images, keeping our content-derived ETag.
+
+    aiohttp internals (checked against 3.9.5 and 3.14.5): FileResponse.prepare
+    assigns self.etag from the file's mtime and size (which would replace ours),
+    and reports 304/403/412/416 through set_status; the two overrides rely on that.
+    """
 
     @property
     def etag(self):  # type: ignore[override]
@@ -2101,7 +2441,7 @@ class _ImageFileResponse(web.FileResponse):
     def set_status(self, status: int, reason: Optional[str] = None) -> None:
         super().set_status(status, reason)
         if status >= 400:  # e.g. the file vanished: never let a cache keep the error
-            self.headers["Cache-Control"] = "no-store"
+            self.headers["Cache-Control"] = CACHE_NO_STORE
             self.headers.pop("ETag", None)
 
 
@@ -2130,7 +2470,7 @@ async def handle_image(request: web.Request) -> web.StreamResponse:
     headers = {
         "Content-Type": entry.mime,
         "ETag": f'"{md5}"',
-        "Cache-Control": f"public, max-age={int(entry.expire_at - now)}, immutable",
+        "Cache-Control": image_cache_control(entry.expire_at - now),
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": IMAGE_CSP,
         "Access-Control-Allow-Origin": "*",
@@ -2202,7 +2542,7 @@ async def handle_variant(request: web.Request) -> web.StreamResponse:
     headers = {
         "Content-Type": entry.mime,
         "ETag": f'"{entry.md5}"',
-        "Cache-Control": f"public, max-age={int(image.expire_at - now)}, immutable",
+        "Cache-Control": image_cache_control(image.expire_at - now),
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": IMAGE_CSP,
         "Access-Control-Allow-Origin": "*",
@@ -2217,7 +2557,7 @@ async def handle_variant(request: web.Request) -> web.StreamResponse:
 
 async def handle_page(request: web.Request) -> web.Response:
     return web.Response(text=PAGE_HTML, content_type="text/html", charset="utf-8",
-                        headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache",
+                        headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": CACHE_NO_CACHE,
                                  "X-Frame-Options": "DENY"})
 
 
@@ -2225,15 +2565,15 @@ async def handle_asset(request: web.Request) -> web.Response:
     name = request.match_info["asset"]
     if name == "app.js":
         return web.Response(text=PAGE_JS, content_type="text/javascript", charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
+                            headers={"Cache-Control": CACHE_NO_CACHE})
     if name == "app.css":
         return web.Response(text=PAGE_CSS, content_type="text/css", charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
+                            headers={"Cache-Control": CACHE_NO_CACHE})
     raise json_error(404, "not found", "not_found")
 
 
 async def handle_openapi(request: web.Request) -> web.Response:
-    return web.json_response(OPENAPI, headers={"Cache-Control": "no-cache"})
+    return web.json_response(OPENAPI, headers={"Cache-Control": CACHE_NO_CACHE})
 
 
 # ==== cleanup ===================================================================
@@ -2539,6 +2879,7 @@ async def _background_ctx(app: web.Application):
             try:
                 await store.notice_other_writers()
                 await store.flush_counts()
+                await store.flush_token_use()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -2564,11 +2905,16 @@ async def _background_ctx(app: web.Application):
             await t
 
 
+async def _close_auth(app: web.Application) -> None:
+    app[AUTH].close()
+
+
 def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> web.Application:
     """The aiohttp application for `config`; nothing starts until it runs."""
     app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
     app[CONFIG] = config
     app[AUTH] = Authenticator(config.users)
+    app.on_cleanup.append(lambda app: _close_auth(app))
     app[CLOCK] = clock or time.time
     if config.server.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
         Image.MAX_IMAGE_PIXELS = config.server.max_pixels
@@ -2586,6 +2932,9 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
     r.add_delete("/api/images/{md5}", handle_delete)
     r.add_post("/api/images/{md5}/renew", handle_renew)
     r.add_get("/api/db", handle_db)
+    r.add_post("/api/tokens", handle_token_create)
+    r.add_get("/api/tokens", handle_token_list)
+    r.add_delete("/api/tokens/{token_id}", handle_token_revoke)
     r.add_get("/healthz", handle_health)
     r.add_get("/", handle_page)
     r.add_get("/static/{asset}", handle_asset)
@@ -2598,7 +2947,11 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
 class _MalformedRequestFilter(logging.Filter):
     """aiohttp logs each request its parser refuses at ERROR with a traceback
     whose message quotes the offending bytes (an overlong Authorization header
-    included). That is the client's fault: one INFO line, no bytes quoted."""
+    included). That is the client's fault: one INFO line, no bytes quoted.
+
+    aiohttp internals (checked against 3.9.5 and 3.14.5): the record comes from
+    the "aiohttp.server" logger with the HttpProcessingError as exc_info; 3.14
+    passes the peer address as the first argument, 3.9 passes none ("?" here)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -2683,7 +3036,7 @@ def run_workers(config: Config, sock: socket.socket, count: int) -> int:
                 cfg = config if index == 0 else dataclasses.replace(
                     config, cleanup=dataclasses.replace(config.cleanup, enable=False))
                 asyncio.run(serve(cfg, sock, worker=index))
-            except BaseException:  # noqa: BLE001 - reported, then this process exits
+            except BaseException:  # reported, then this process exits
                 log.exception("worker %d failed", index)
                 code = 1
             finally:
@@ -2734,10 +3087,71 @@ def _hash_password_command(argv: list[str]) -> int:
     return 0
 
 
+def _config_value(config: Config, key: str) -> str:
+    """One value of `check-config --print`, as the server sees it (defaults applied).
+
+    A dotted config key, or a derived one: `base_url` (public URL prefix),
+    `local_url` (where this machine reaches the listener), `example_password`
+    (`yes` when the server would refuse a non-loopback host for it) and
+    `listen_problem` (why it refuses its own host, else empty).
+    """
+    if key == "base_url":
+        return config.base_url
+    if key == "local_url":
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(config.server.host, config.server.host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}"
+    if key in ("example_password", "listen_problem"):
+        try:
+            check_safe_to_listen(config, config.server.host if key == "listen_problem" else "0.0.0.0")
+        except ConfigError as exc:
+            return "yes" if key == "example_password" else str(exc)
+        return "no" if key == "example_password" else ""
+    section, _, name = key.partition(".")
+    part = getattr(config, section, None) if section in ("server", "cleanup", "client") else None
+    field = next((f for f in dataclasses.fields(part) if f.name == name), None) if part else None
+    if field is None:
+        raise ConfigError(f"{key}: not a config key (like server.host or cleanup.cleanup_time)")
+    if not field.repr:
+        raise ConfigError(f"{key}: a secret; check-config does not print it")
+    value = getattr(part, name)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    if isinstance(value, dt.time):
+        return value.isoformat()
+    return "" if value is None else str(value)
+
+
+def _check_config_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="imgproxy.py check-config",
+        description="Validate config.json as the server would; print values for scripts (units/install.sh).")
+    parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")),
+                        help="path of config.json (default: beside this file)")
+    parser.add_argument("--print", nargs="+", default=[], metavar="KEY", dest="keys",
+                        help="print these values, one a line: config keys (server.port) or base_url, "
+                             "local_url, example_password, listen_problem")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        values = [_config_value(config, key) for key in args.keys]
+    except ConfigError as exc:
+        print(f"imgproxy: {exc}", file=sys.stderr)
+        return 2
+    if not values:
+        print(f"{Path(args.config).absolute()}: ok")
+    for value in values:
+        print(value)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["hash-password"]:
         return _hash_password_command(argv[1:])
+    if argv[:1] == ["check-config"]:
+        return _check_config_command(argv[1:])
     parser = argparse.ArgumentParser(prog="imgproxy.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")),
                         help="path of config.json (default: beside this file)")
@@ -2779,13 +3193,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 # document and the upload page. Module-level, so defined before main() runs.
 
 # ---- openapi ------------------------------------------------------------------
-# The wire format of API.md as an OpenAPI 3 document, served at /openapi.json
+# The wire format (the README's "API" section) as an OpenAPI 3 document, served at /openapi.json
 # and shipped as openapi.json (tests keep the two equal and fuzz the server with
 # it). Error answers all share one schema; `_errors` lists which ones a route has.
 
 def _errors(*statuses: int) -> dict:
     words = {400: "bad input (malformed id, parameter or body)", 401: "no or wrong credentials",
-             403: "the user lacks the needed role", 404: "not found", 408: "the upload stalled",
+             403: "the user lacks the needed role, or an app token where a password is needed",
+             404: "not found", 408: "the upload stalled", 409: "too many tokens: revoke one first",
              413: "too large: bytes, pixels or header", 415: "not an accepted image",
              416: "range not satisfiable", 417: "unknown Expect", 429: "too many failed sign-ins",
              503: "database busy or data folder not writable", 507: "disk full"}
@@ -2820,7 +3235,10 @@ _UPLOADED = {
 }
 _RAW_BODY = {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}
-_BASIC = [{"basic": []}]
+_BASIC = [{"basic": []}, {"bearer": []}]  # a password, or an app token acting for its user
+_PASSWORD_ONLY = [{"basic": []}]
+_TOKEN_ID_PARAM = {"name": "token_id", "in": "path", "required": True, "description": "a token's id",
+                   "schema": {"type": "string", "pattern": "^[0-9a-f]{16}$"}}
 
 OPENAPI: dict = {
     "openapi": "3.0.3",
@@ -2828,7 +3246,9 @@ OPENAPI: dict = {
              "description": "Self-hosted image host: upload an image, get a public URL. "
                             "Errors are JSON {error, code}."},
     "components": {
-        "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
+        "securitySchemes": {"basic": {"type": "http", "scheme": "basic"},
+                            "bearer": {"type": "http", "scheme": "bearer",
+                                       "description": "an app token (imgp_...) from POST /api/tokens"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error", "code"],
                       "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
@@ -2855,6 +3275,22 @@ OPENAPI: dict = {
                           "properties": {"images": {"type": "array",
                                                     "items": {"$ref": "#/components/schemas/ImageInfo"}},
                                          "total": {"type": "integer", "minimum": 0}}},
+            "Token": {"type": "object", "required": ["id", "name", "created_at", "last_used_at"],
+                      "properties": {"id": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                                     "name": {"type": "string", "minLength": 1, "maxLength": TOKEN_NAME_MAX},
+                                     "created_at": {"type": "string", "format": "date-time"},
+                                     "last_used_at": {"type": "string", "format": "date-time",
+                                                      "nullable": True}}},
+            "NewToken": {"type": "object", "required": ["id", "name", "token", "created_at", "last_used_at"],
+                         "properties": {"id": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                                        "name": {"type": "string", "minLength": 1, "maxLength": TOKEN_NAME_MAX},
+                                        "token": {"type": "string", "pattern": "^imgp_[0-9A-Za-z]{43}$"},
+                                        "created_at": {"type": "string", "format": "date-time"},
+                                        "last_used_at": {"type": "string", "format": "date-time",
+                                                         "nullable": True}}},
+            "TokenList": {"type": "object", "required": ["tokens"],
+                          "properties": {"tokens": {"type": "array",
+                                                    "items": {"$ref": "#/components/schemas/Token"}}}},
             "Health": {"type": "object", "required": ["status"],
                        "properties": {"status": {"type": "string", "enum": ["ok", "error"]},
                                       "error": {"type": "string"}, "code": {"type": "string"}}},
@@ -2902,11 +3338,32 @@ OPENAPI: dict = {
                                    **_errors(400, 401, 404, 429, 503, 507)}},
         },
         "/api/db": {
-            "get": {"summary": "consistent snapshot of the server database (admin)", "security": _BASIC,
+            "get": {"summary": "consistent snapshot of the server database (admin)", "security": _PASSWORD_ONLY,
                     "responses": {"200": {"description": "SQLite database file",
                                           "content": {"application/vnd.sqlite3": {
                                               "schema": {"type": "string", "format": "binary"}}}},
                                   **_errors(401, 403, 429, 503, 507)}},
+        },
+        "/api/tokens": {
+            "post": {"summary": "create an app token (password only); the secret is in this answer only",
+                     "security": _PASSWORD_ONLY,
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                         "type": "object", "required": ["name"],
+                         "properties": {"name": {"type": "string", "minLength": 1,
+                                                 "maxLength": TOKEN_NAME_MAX}}}}}},
+                     "responses": {"201": _json("NewToken", "created"),
+                                   **_errors(400, 401, 403, 409, 413, 429, 503, 507)}},
+            "get": {"summary": "the caller's app tokens, without secrets (password only)",
+                    "security": _PASSWORD_ONLY,
+                    "responses": {"200": _json("TokenList", "the caller's tokens"),
+                                  **_errors(401, 403, 429, 503)}},
+        },
+        "/api/tokens/{token_id}": {
+            "parameters": [_TOKEN_ID_PARAM],
+            "delete": {"summary": "revoke one of the caller's tokens, in every process at once (password only)",
+                       "security": _PASSWORD_ONLY,
+                       "responses": {"204": {"description": "revoked"},
+                                     **_errors(401, 403, 404, 429, 503, 507)}},
         },
         "/i/{name}": {
             "parameters": [{"name": "name", "in": "path", "required": True, "description": "{md5}.{ext}",

@@ -804,7 +804,7 @@ def machine() -> dict:
             return (out.stdout + out.stderr).strip().splitlines()[0]
         return "?"
     try:
-        import uvloop  # noqa: F401
+        import uvloop
         loop = "uvloop " + uvloop.__version__
     except ImportError:
         loop = "asyncio (uvloop not installed)"
@@ -921,8 +921,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         splice(BENCH / "RESULTS.md", text, "# imgproxy benchmark results\n\nWritten by `bench/run.sh`; "
                "the latest run is between the markers.\n")
-        splice(REPO / "docs" / "readme-bench.md", text,
-               "## Benchmark\n\nRun `bench/run.sh` (details in bench/README.md).\n")
         readme = REPO / "README.md"
         if not args.no_readme and readme.exists() and RESULTS_BEGIN in readme.read_text():
             splice(readme, text, "")  # the README quotes the latest table between the same markers

@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     rc = server.wait(30)
     log = "".join(log_lines)
     if "Traceback" in log or " ERROR " in log:
-        soak.error("server log has errors: " + "".join(l for l in log_lines if "ERROR" in l)[:500])
+        soak.error("server log has errors: " + "".join(line for line in log_lines if "ERROR" in line)[:500])
     if rc != 0:
         soak.error(f"server exit status {rc} on SIGTERM")
 

@@ -1,21 +1,18 @@
-"""Shared fixtures: real configs in tmp_path, real servers, the shared image corpus."""
+"""Shared fixtures: real configs in tmp_path, real servers, the image corpus in tests/corpus."""
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
 import csv
 import dataclasses
 import json
 import os
-import signal
-import subprocess
+import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import pytest
 
@@ -23,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import imgproxy  # noqa: E402
+from helpers import ServerProcess, http_exchange  # noqa: E402
 
-CORPUS = Path(os.environ.get("IMGPROXY_CORPUS", ROOT.parent / "shared" / "corpus"))
+# The corpus ships with the tests; IMGPROXY_CORPUS points them at another copy.
+CORPUS = Path(os.environ.get("IMGPROXY_CORPUS", ROOT / "tests" / "corpus"))
 DEFAULT_USERS = [
     {"username": "alice", "password": "alice123", "role": "admin"},
     {"username": "bob", "password": "bob123", "role": "uploader"},
@@ -51,17 +50,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def read_manifest() -> list[dict[str, str]]:
+    """The corpus rows; a missing corpus is an error, never a silent skip."""
     path = CORPUS / "MANIFEST.tsv"
-    if not path.is_file():
-        return []
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
 @pytest.fixture(scope="session")
 def corpus() -> Path:
-    if not (CORPUS / "MANIFEST.tsv").is_file():
-        pytest.skip(f"image corpus not found at {CORPUS}")
     return CORPUS
 
 
@@ -73,7 +69,7 @@ def manifest(corpus) -> list[dict[str, str]]:
 def corpus_file(name: str) -> Path:
     path = CORPUS / name
     if not path.is_file():
-        pytest.skip(f"corpus file {name} not available")
+        raise FileNotFoundError(f"corpus file {name} is missing from {CORPUS}")
     return path
 
 
@@ -161,12 +157,18 @@ CAROL = basic("carol", "carol123")
 
 
 class LiveServer:
-    """The real app in a background thread on 127.0.0.1:<free port>, for blocking clients."""
+    """The real app in a background thread on 127.0.0.1:<free port>, for blocking clients.
 
-    def __init__(self, config_path: Path, clock: Optional[Callable[[], float]] = None):
+    `middlewares` run outside the app's own (the first sees every request,
+    even those auth turns away); `sock` is a listening socket bound already,
+    for a config that must name its port before the server starts.
+    """
+
+    def __init__(self, config_path: Path, clock: Optional[Callable[[], float]] = None, *,
+                 middlewares: Sequence[Callable] = (), sock: Optional[socket.socket] = None):
         from aiohttp import web
         config = imgproxy.load_config(config_path)
-        sock = imgproxy.bind_socket("127.0.0.1", 0)
+        sock = sock or imgproxy.bind_socket("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         self.config = dataclasses.replace(
             config, server=dataclasses.replace(config.server, host="127.0.0.1", port=self.port))
@@ -175,6 +177,7 @@ class LiveServer:
         self.config_path = config_path
         self.loop = asyncio.new_event_loop()
         self.app = imgproxy.create_app(self.config, clock=clock)
+        self.app.middlewares[:0] = middlewares
         self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
         ready = threading.Event()
         errors: list[BaseException] = []
@@ -187,7 +190,7 @@ class LiveServer:
             asyncio.set_event_loop(self.loop)
             try:
                 self.loop.run_until_complete(start())
-            except BaseException as exc:  # surfaced to the test below
+            except BaseException as exc:  # noqa: BLE001 - surfaced to the test below
                 errors.append(exc)
                 ready.set()
                 return
@@ -219,64 +222,17 @@ class LiveServer:
 
 @pytest.fixture
 def live_server():
-    """live_server(config_path, clock=None) -> LiveServer (stopped at teardown)."""
+    """live_server(config_path, clock=None, middlewares=(), sock=None) -> LiveServer (stopped at teardown)."""
     servers: list[LiveServer] = []
 
-    def start(config_path: Path, clock: Optional[Callable[[], float]] = None) -> LiveServer:
-        server = LiveServer(config_path, clock)
+    def start(config_path: Path, clock: Optional[Callable[[], float]] = None, **options: Any) -> LiveServer:
+        server = LiveServer(config_path, clock, **options)
         servers.append(server)
         return server
 
     yield start
     for s in servers:
         s.stop()
-
-
-class ServerProcess:
-    """`python3 imgproxy.py --config X --port 0` as a child process."""
-
-    def __init__(self, config_path: Path, extra_args: tuple[str, ...] = (), env: Optional[dict] = None):
-        self.config_path = config_path
-        self.log_lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "imgproxy.py"), "--config", str(config_path), "--port", "0",
-             *extra_args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.base_url = self._wait_for_listening()
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-
-    def _wait_for_listening(self) -> str:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.log_lines.append(line)
-            if "listening on " in line:
-                return line.split("listening on ", 1)[1].split()[0]
-        self.proc.kill()
-        raise RuntimeError("server did not start:\n" + "".join(self.log_lines))
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.log_lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.log_lines)
-
-    def terminate(self, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
-        self._reader.join(5)
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
 
 
 @pytest.fixture
@@ -317,17 +273,7 @@ else:
 def api(server, method: str, path: str, user=("bob", "bob123"), body: bytes | None = None,
         headers: dict | None = None):
     """A plain HTTP call beside the browser: seeding and checking server state."""
-    request = urllib.request.Request(server.base_url + path, data=body, method=method,
-                                     headers=dict(headers or {}))
-    if user:
-        token = base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()
-        request.add_header("Authorization", "Basic " + token)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            data = response.read()
-            return response.status, response.headers, data
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers, err.read()
+    return http_exchange(method, server.base_url + path, body, {**(basic(*user) if user else {}), **(headers or {})})
 
 
 def put_image(server, path: Path, user=("bob", "bob123")) -> dict:
@@ -389,6 +335,12 @@ class PageSession:
         page.fill("#signin-password", password)
         page.click("#signin-submit")
 
+    def enter(self, user="bob", password="bob123"):
+        """Sign in and wait for the app to show; returns the page."""
+        self.sign_in(user, password)
+        expect(self.page.locator("#app")).to_be_visible()
+        return self.page
+
     def upload(self, *files):
         self.page.set_input_files("#file-input", [str(f) if isinstance(f, Path) else f for f in files])
 
@@ -401,13 +353,10 @@ class PageSession:
 
 @pytest.fixture
 def open_page(browser, server):
-    sessions = []
+    with contextlib.ExitStack() as opened:
+        def open_(**kwargs) -> PageSession:
+            session = PageSession(browser, server, **kwargs)
+            opened.callback(session.close)
+            return session
 
-    def open_(**kwargs) -> PageSession:
-        session = PageSession(browser, server, **kwargs)
-        sessions.append(session)
-        return session
-
-    yield open_
-    for session in sessions:
-        session.close()
+        yield open_

@@ -1,25 +1,58 @@
-"""Helpers for the hostile-input, protocol and fault tests: generated bad files,
-raw HTTP over sockets, a server child process with patched constants, and the
-storage invariants every test checks after the dust settles."""
+"""Helpers shared by every test file: generated images and bad files, plain HTTP
+calls (urllib, never through a proxy) and raw HTTP over sockets, a server child
+process, and the storage invariants every test checks after the dust settles.
+Fixtures live in conftest.py; everything a test file imports lives here."""
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import io
 import os
+import signal
 import sqlite3
 import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
+import aiohttp
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- waiting without fixed sleeps -------------------------------------------------
+
+def _until(timeout: float, what: str) -> Iterator[None]:
+    """Yields until `timeout` seconds have passed, then fails naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        yield
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def poll(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.02):
+    """The first true value of `predicate()`, asked every `step` seconds."""
+    for _ in _until(timeout, what):
+        if value := predicate():
+            return value
+        time.sleep(step)
+
+
+async def apoll(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.02):
+    """poll() for a test on the event loop: the server keeps running while it waits."""
+    for _ in _until(timeout, what):
+        if value := predicate():
+            return value
+        await asyncio.sleep(step)
 
 
 # ---- generated files ----------------------------------------------------------
@@ -28,6 +61,11 @@ def png_bytes(size=(40, 30), color=(200, 10, 10)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, "PNG")
     return buf.getvalue()
+
+
+def seeded_png(seed: int, size: tuple[int, int] = (6, 4)) -> bytes:
+    """A small PNG whose bytes differ for every seed (up to 2**24)."""
+    return png_bytes(size, (seed & 255, (seed >> 8) & 255, (seed >> 16) & 255))
 
 
 def jpeg_bytes(size=(16, 16), color=(1, 2, 3)) -> bytes:
@@ -89,6 +127,35 @@ def multipart(parts: list[tuple[str, bytes]], boundary: str = "hostileBoundary7M
         out += f"--{boundary}\r\n{head}\r\n\r\n".encode("utf-8", "surrogateescape") + data + b"\r\n"
     out += f"--{boundary}--\r\n".encode()
     return out, f"multipart/form-data; boundary={boundary}"
+
+
+def file_form(data: bytes, name: str = "x.png", field: str = "file") -> aiohttp.FormData:
+    """A multipart form as a browser sends it, the way the aiohttp test client posts it."""
+    form = aiohttp.FormData()
+    form.add_field(field, data, filename=name, content_type="application/octet-stream")
+    return form
+
+
+# ---- plain HTTP from blocking code ------------------------------------------------
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via http_proxy
+
+
+def http_exchange(method: str, url: str, data: Optional[bytes] = None, headers: Optional[dict] = None,
+                  timeout: float = 30.0) -> tuple[int, "http.client.HTTPMessage", bytes]:
+    """One request with urllib; an HTTP error status is an answer, not an exception."""
+    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    try:
+        with _DIRECT.open(request, timeout=timeout) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def http_call(method: str, url: str, data: Optional[bytes] = None, headers: Optional[dict] = None,
+              timeout: float = 30.0) -> tuple[int, bytes]:
+    status, _, body = http_exchange(method, url, data, headers, timeout)
+    return status, body
 
 
 # ---- raw HTTP -------------------------------------------------------------------
@@ -196,47 +263,69 @@ async def raw_request(port: int, method: str, target: str, headers: Optional[dic
     return responses[0]
 
 
-# ---- a server process with patched constants ------------------------------------
+# ---- the server as a child process -----------------------------------------------
 
-class PatchedServer:
-    """`imgproxy.main()` in a child process, after setting module constants.
+class ServerProcess:
+    """`python3 imgproxy.py --config X --port 0` as a child process.
 
-    `prefix` runs the interpreter under another command (setpriv, to drop root).
+    `patches` sets module constants first (then `imgproxy.main()` runs under
+    `python3 -c`); `prefix` runs the interpreter under another command
+    (setpriv, to drop root).
     """
 
-    def __init__(self, config_path: Path, patches: Optional[dict] = None, prefix: tuple[str, ...] = (),
-                 cwd: Optional[Path] = None):
-        sets = "".join(f"imgproxy.{k} = {v!r}; " for k, v in (patches or {}).items())
-        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import imgproxy; {sets}"
-                f"sys.exit(imgproxy.main(['--config', {str(config_path)!r}, '--port', '0']))")
+    def __init__(self, config_path: Path, extra_args: tuple[str, ...] = (), env: Optional[dict] = None, *,
+                 patches: Optional[dict] = None, prefix: tuple[str, ...] = (), cwd: Optional[Path] = None):
+        self.config_path = config_path
+        args = ["--config", str(config_path), "--port", "0", *extra_args]
+        if patches:
+            sets = "".join(f"imgproxy.{k} = {v!r}; " for k, v in patches.items())
+            command = ["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import imgproxy; {sets}"
+                             f"sys.exit(imgproxy.main({args!r}))"]
+        else:
+            command = [str(ROOT / "imgproxy.py"), *args]
         self.log_lines: list[str] = []
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-c", code], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, cwd=cwd)
+        self.proc = subprocess.Popen([*prefix, sys.executable, *command], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+        self.base_url = self._wait_for_listening()
+        self.port = int(self.base_url.rsplit(":", 1)[1])
+        self._reader = threading.Thread(target=lambda: self.log_lines.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
+
+    def _wait_for_listening(self) -> str:
         deadline = time.monotonic() + 30
-        self.base_url = None
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 break
             self.log_lines.append(line)
             if "listening on " in line:
-                self.base_url = line.split("listening on ", 1)[1].split()[0]
-                break
-        if self.base_url is None:
-            self.kill()
-            raise RuntimeError("server did not start:\n" + "".join(self.log_lines))
-        self.port = int(self.base_url.rsplit(":", 1)[1])
-        self._reader = threading.Thread(target=lambda: self.log_lines.extend(self.proc.stdout), daemon=True)
-        self._reader.start()
+                return line.split("listening on ", 1)[1].split()[0]
+        self.kill()
+        raise RuntimeError("server did not start:\n" + "".join(self.log_lines))
 
     @property
     def log(self) -> str:
         return "".join(self.log_lines)
 
+    def terminate(self, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self._reader.join(5)
+        return rc
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+class PatchedServer(ServerProcess):
+    """A ServerProcess with module constants set first, e.g. {"KEEPALIVE_TIMEOUT": 1.0}."""
+
+    def __init__(self, config_path: Path, patches: Optional[dict] = None, prefix: tuple[str, ...] = (),
+                 cwd: Optional[Path] = None):
+        super().__init__(config_path, patches=patches, prefix=prefix, cwd=cwd)
 
 
 def proc_status_kb(pid: int, field: str) -> int:
@@ -252,6 +341,23 @@ def open_fds(pid: int) -> int:
 
 
 # ---- storage invariants ----------------------------------------------------------
+
+def stored_files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in (data_dir / "uploads").rglob("*") if p.is_file())
+
+
+def tmp_leftovers(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "tmp").iterdir())
+
+
+def db_rows(data_dir: Path, sql: str = "SELECT md5 FROM images", args: tuple = ()) -> list[tuple]:
+    """A query on the live database from a connection of the test's own."""
+    con = sqlite3.connect(data_dir / "images.db", timeout=15)
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
 
 def store_problems(data_dir: Path, *, rows_need_files: bool = True, files_need_rows: bool = True) -> list[str]:
     """What is wrong with the store at data_dir: the lifecycle invariants.
@@ -289,3 +395,18 @@ def store_problems(data_dir: Path, *, rows_need_files: bool = True, files_need_r
     if files_need_rows:
         problems += [f"file without row: {m}.{e}" for m, e in files.items() if rows.get(m) != e]
     return problems
+
+
+# ---- blocking HTTP (for servers in other processes) ------------------------------
+
+def call_url(url: str, method: str = "GET", data: Optional[bytes] = None,
+             headers: Optional[dict] = None, timeout: float = 30) -> tuple[int, bytes]:
+    """(status, body) of one urllib request; HTTP errors are answers, not exceptions."""
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()

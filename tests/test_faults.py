@@ -24,23 +24,8 @@ import pytest
 
 import imgproxy
 from conftest import ALICE, BOB, CAROL, ROOT
-from helpers import PatchedServer, noise_png, png_bytes, store_problems
-
-
-def stored(data_dir) -> list:
-    return sorted(p for p in (data_dir / "uploads").rglob("*") if p.is_file())
-
-
-def leftovers(data_dir) -> list:
-    return sorted((data_dir / "tmp").iterdir())
-
-
-def rows(data_dir) -> list:
-    con = sqlite3.connect(data_dir / "images.db")
-    try:
-        return con.execute("SELECT md5 FROM images").fetchall()
-    finally:
-        con.close()
+from helpers import (PatchedServer, db_rows, http_call, noise_png, png_bytes, store_problems, stored_files,
+                     tmp_leftovers)
 
 
 async def seed(client) -> dict:
@@ -60,7 +45,7 @@ async def test_disk_full_is_507_and_nothing_half_stored(make_client, monkeypatch
     client = await make_client()
     kept = await seed(client)
     if where == "publish":
-        data = png_bytes(color=(1, 1, 1))  # small: stays in memory until Storage.place
+        data = png_bytes(color=(1, 1, 1))  # small: one write to tmp/, then the move into uploads/ fails
         monkeypatch.setattr(imgproxy.Storage, "place", enospc)
     else:
         data = noise_png(3 * 1024 * 1024)  # big: streamed into tmp/ by UploadSink._write
@@ -82,9 +67,9 @@ async def test_disk_full_is_507_and_nothing_half_stored(make_client, monkeypatch
     assert body["code"] == "insufficient_storage" and "disk is full" in body["error"]
     assert resp.headers["Cache-Control"] == "no-store"
     md5 = hashlib.md5(data).hexdigest()
-    assert not any(md5 in p.name for p in stored(client.data_dir))
-    assert (md5,) not in rows(client.data_dir)
-    assert leftovers(client.data_dir) == []
+    assert not any(md5 in p.name for p in stored_files(client.data_dir))
+    assert (md5,) not in db_rows(client.data_dir)
+    assert tmp_leftovers(client.data_dir) == []
     assert store_problems(client.data_dir) == []
     # serving goes on during the fault ...
     assert (await client.get(f"/i/{kept['md5']}.png")).status == 200
@@ -101,7 +86,7 @@ async def test_disk_full_while_placing_a_multipart_upload(make_client, monkeypat
     monkeypatch.setattr(imgproxy.Storage, "place", enospc)
     resp = await client.post("/upload", data={"file": io.BytesIO(png_bytes())}, headers=ALICE)
     assert resp.status == 507
-    assert stored(client.data_dir) == [] and rows(client.data_dir) == [] and leftovers(client.data_dir) == []
+    assert stored_files(client.data_dir) == [] and db_rows(client.data_dir) == [] and tmp_leftovers(client.data_dir) == []
 
 
 @pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES])
@@ -117,7 +102,7 @@ async def test_unwritable_storage_is_503_and_serving_goes_on(make_client, monkey
     assert resp.status == 503
     assert (await resp.json())["code"] == "storage_unavailable"
     assert (await client.get(f"/i/{kept['md5']}.png")).status == 200
-    assert len(rows(client.data_dir)) == 1 and store_problems(client.data_dir) == []
+    assert len(db_rows(client.data_dir)) == 1 and store_problems(client.data_dir) == []
 
 
 async def test_database_error_is_503_with_retry_after(make_client, monkeypatch):
@@ -132,7 +117,7 @@ async def test_database_error_is_503_with_retry_after(make_client, monkeypatch):
     assert resp.status == 503
     assert resp.headers["Retry-After"]
     assert (await resp.json())["code"] == "unavailable"
-    assert leftovers(client.data_dir) == [] and store_problems(client.data_dir) == []
+    assert tmp_leftovers(client.data_dir) == [] and store_problems(client.data_dir) == []
     assert (await client.get(f"/i/{kept['md5']}.png")).status == 200
 
 
@@ -187,19 +172,10 @@ async def test_database_locked_by_another_process_makes_writers_wait(make_client
         assert con.execute("SELECT value FROM meta WHERE key = 'locker'").fetchone() == ("was here",)
     finally:
         con.close()
-    assert store_problems(client.data_dir) == [] and len(rows(client.data_dir)) == 2
+    assert store_problems(client.data_dir) == [] and len(db_rows(client.data_dir)) == 2
 
 
 # ---- an unwritable data folder, for real ----------------------------------------------------
-
-def _http(method: str, url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
 
 def _set_immutable(folders: list[Path], on: bool) -> subprocess.CompletedProcess:
     return subprocess.run(["chattr", "+i" if on else "-i", *map(str, folders)], capture_output=True, text=True)
@@ -234,7 +210,7 @@ async def test_unwritable_data_folder_refuses_uploads_and_keeps_serving(make_cli
         assert resp.status == 503 and "not writable" in (await resp.json())["error"]
     finally:
         assert _set_immutable(folders, False).returncode == 0
-    assert store_problems(data_dir) == [] and leftovers(data_dir) == []
+    assert store_problems(data_dir) == [] and tmp_leftovers(data_dir) == []
     assert (await client.put("/upload/b.png", data=png_bytes(color=(3, 4, 5)), headers=ALICE)).status == 201
 
 
@@ -277,7 +253,7 @@ class Load:
                     md5 = hashlib.md5(data).hexdigest()
                     self.state["bytes"][md5] = data
                     self.state["uncertain"].add(md5)  # until the answer arrives
-                    status, body = _http("PUT", f"{self.base}/upload/k{i}.png", data, rng.choice(users)[1])
+                    status, body = http_call("PUT", f"{self.base}/upload/k{i}.png", data, rng.choice(users)[1])
                     if status in (200, 201):
                         info = json.loads(body)
                         acked[md5] = _ts(info["expire_at"])
@@ -287,7 +263,7 @@ class Load:
                 elif op == "renew" and acked:
                     md5 = rng.choice(list(acked))
                     self.state["uncertain"].add(md5)
-                    status, body = _http("POST", f"{self.base}/api/images/{md5}/renew", headers=BOB)
+                    status, body = http_call("POST", f"{self.base}/api/images/{md5}/renew", headers=BOB)
                     if status == 200:
                         acked[md5] = max(acked.get(md5, 0), _ts(json.loads(body)["expire_at"]))
                     if status in (200, 404):
@@ -295,7 +271,7 @@ class Load:
                 elif op == "delete" and acked:
                     md5 = rng.choice(list(acked))
                     self.state["uncertain"].add(md5)
-                    status, _ = _http("DELETE", f"{self.base}/api/images/{md5}", headers=ALICE)
+                    status, _ = http_call("DELETE", f"{self.base}/api/images/{md5}", headers=ALICE)
                     if status in (204, 404):
                         acked.pop(md5, None)
                         self.state["uncertain"].discard(md5)
@@ -303,7 +279,7 @@ class Load:
                             self.state["deleted"].add(md5)
                 elif op == "get" and acked:
                     md5 = rng.choice(list(acked))
-                    status, _ = _http("GET", f"{self.base}/i/{md5}.png")
+                    status, _ = http_call("GET", f"{self.base}/i/{md5}.png")
                     if status >= 500:
                         self.errors.append(f"GET {status}")
             except (OSError, urllib.error.URLError):
@@ -349,13 +325,13 @@ def check_after_restart(base: str, data_dir: Path, state: dict) -> None:
         path = imgproxy.Storage(data_dir).image_path(md5, "png")
         if not path.is_file():
             assert md5 in expired_or_uncertain or db_rows[md5] <= now + 0.5, f"row {md5} lost its file"
-    for path in stored(data_dir):
+    for path in stored_files(data_dir):
         md5 = path.name.split(".")[0]
         assert md5 in db_rows or md5 in state["uncertain"], f"file {md5} without row"
     for md5, expire_at in list(state["acked"].items()):
         if md5 in state["uncertain"]:
             continue
-        status, body = _http("GET", f"{base}/i/{md5}.png")
+        status, body = http_call("GET", f"{base}/i/{md5}.png")
         # expire_at comes in whole seconds, rounded down: the truth is up to 1 s later
         if expire_at > time.time() + 0.5:
             assert status == 200, f"acknowledged {md5} not served: {status}"

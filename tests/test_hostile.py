@@ -11,28 +11,13 @@ import socket
 import time
 import urllib.parse
 
-import aiohttp
 import pytest
 
 import imgproxy
 from conftest import ALICE
-from helpers import (PatchedServer, gif_with_frames, jpeg_bytes, jpeg_with_app_segments, multipart,
-                          noise_png, png_bytes, png_claiming, polyglot_jpeg_zip, proc_status_kb,
-                          store_problems)
-
-
-def file_form(data: bytes, name: str = "x.png") -> aiohttp.FormData:
-    fd = aiohttp.FormData()
-    fd.add_field("file", data, filename=name, content_type="application/octet-stream")
-    return fd
-
-
-def stored(data_dir) -> list:
-    return sorted(p for p in (data_dir / "uploads").rglob("*") if p.is_file())
-
-
-def leftovers(data_dir) -> list:
-    return sorted((data_dir / "tmp").iterdir())
+from helpers import (PatchedServer, file_form, gif_with_frames, jpeg_bytes, jpeg_with_app_segments, multipart,
+                     noise_png, png_bytes, png_claiming, polyglot_jpeg_zip, proc_status_kb, store_problems,
+                     stored_files, tmp_leftovers)
 
 
 async def assert_refused(client, resp, status: int, code: str | None = None) -> dict:
@@ -41,7 +26,7 @@ async def assert_refused(client, resp, status: int, code: str | None = None) -> 
     assert body["error"]
     if code:
         assert body["code"] == code
-    assert stored(client.data_dir) == [] and leftovers(client.data_dir) == []
+    assert stored_files(client.data_dir) == [] and tmp_leftovers(client.data_dir) == []
     assert store_problems(client.data_dir) == []
     return body
 
@@ -133,7 +118,7 @@ async def test_jpeg_zip_polyglot_is_served_only_as_an_image(make_client):
     assert resp.status == 201
     info = await resp.json()
     assert info["format"] == "JPEG" and info["url"].endswith(".jpg")
-    assert [p.name for p in stored(client.data_dir)] == [f"{info['md5']}.jpg"]
+    assert [p.name for p in stored_files(client.data_dir)] == [f"{info['md5']}.jpg"]
     got = await client.get(f"/i/{info['md5']}.jpg")
     assert got.status == 200
     assert got.headers["Content-Type"] == "image/jpeg"
@@ -167,7 +152,7 @@ def check_name(info: dict, data_dir) -> None:
     assert name.isprintable() and "/" not in name and "\\" not in name and "\x00" not in name
     assert name not in (".", "..")
     assert info["url"].endswith(f"/i/{info['md5']}.png")
-    assert [p.name for p in stored(data_dir)] == [f"{info['md5']}.png"]
+    assert [p.name for p in stored_files(data_dir)] == [f"{info['md5']}.png"]
     assert store_problems(data_dir) == []
 
 
@@ -209,7 +194,7 @@ async def test_ten_thousand_character_names_are_refused_cleanly(make_client):
     resp = await client.post("/upload", data=body, headers={**ALICE, "Content-Type": ctype})
     assert resp.status == 400
     assert (await resp.json())["code"] == "bad_request"
-    assert stored(client.data_dir) == [] and leftovers(client.data_dir) == []
+    assert stored_files(client.data_dir) == [] and tmp_leftovers(client.data_dir) == []
     assert (await client.get("/healthz")).status == 200
 
 
@@ -228,7 +213,7 @@ async def test_odd_content_dispositions(make_client, disposition):
     resp = await client.post("/upload", data=body, headers={**ALICE, "Content-Type": ctype})
     if resp.status == 400:
         assert (await resp.json())["code"] in ("missing_file", "bad_request")
-        assert stored(client.data_dir) == []
+        assert stored_files(client.data_dir) == []
         return
     assert resp.status == 201, await resp.text()
     info = await resp.json()
@@ -266,7 +251,7 @@ async def test_malformed_multipart_is_4xx_never_5xx(make_client, body):
                              headers={**ALICE, "Content-Type": "multipart/form-data; boundary=b"})
     assert 400 <= resp.status < 500, await resp.text()
     assert (await resp.json())["code"]
-    assert stored(client.data_dir) == [] and leftovers(client.data_dir) == []
+    assert stored_files(client.data_dir) == [] and tmp_leftovers(client.data_dir) == []
 
 
 # ---- a body that never ends -------------------------------------------------------------
@@ -289,10 +274,10 @@ async def test_stalled_upload_times_out_and_keeps_nothing(make_client, monkeypat
     assert waited < 5
     writer.close()
     for _ in range(50):
-        if not leftovers(client.data_dir):
+        if not tmp_leftovers(client.data_dir):
             break
         await asyncio.sleep(0.05)
-    assert leftovers(client.data_dir) == [] and stored(client.data_dir) == []
+    assert tmp_leftovers(client.data_dir) == [] and stored_files(client.data_dir) == []
     assert (await client.get("/healthz")).status == 200
 
 
@@ -387,7 +372,7 @@ def test_refused_500mb_upload_keeps_memory_flat(make_config, server_process, met
     # and the server is fine afterwards
     assert urllib.request.urlopen(proc.base_url + "/healthz", timeout=10).status == 200
     data_dir = imgproxy.load_config(proc.config_path).server.data_dir
-    assert stored(data_dir) == [] and leftovers(data_dir) == []
+    assert stored_files(data_dir) == [] and tmp_leftovers(data_dir) == []
 
 
 def test_declared_500mb_upload_is_refused_before_reading(make_config, server_process):
@@ -409,4 +394,4 @@ async def test_accepted_big_upload_does_not_sit_in_memory(make_client):
     assert resp.status == 201
     info = await resp.json()
     assert info["md5"] == hashlib.md5(data).hexdigest()
-    assert store_problems(client.data_dir) == [] and leftovers(client.data_dir) == []
+    assert store_problems(client.data_dir) == [] and tmp_leftovers(client.data_dir) == []

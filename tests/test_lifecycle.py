@@ -14,7 +14,6 @@ import datetime as dt
 import fcntl
 import hashlib
 import http.client
-import io
 import logging
 import os
 import pty
@@ -24,31 +23,22 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
-from PIL import Image
 
 import imgproxy
 from conftest import ALICE, BOB, CAROL, ROOT, FakeClock
+from helpers import apoll, db_rows, http_call, poll, seeded_png
 
 DAY = 86400.0
 HOUR = 3600.0
 
 
 # ---- helpers ----------------------------------------------------------------
-
-def png_bytes(seed: int, size: tuple[int, int] = (6, 4)) -> bytes:
-    """A small PNG whose bytes differ for every seed (up to 2**24)."""
-    buf = io.BytesIO()
-    Image.new("RGB", size, (seed & 255, (seed >> 8) & 255, (seed >> 16) & 255)).save(buf, "PNG")
-    return buf.getvalue()
-
 
 def md5_of(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
@@ -115,16 +105,8 @@ def set_meta(data_dir: Path, key: str, value: str) -> None:
         con.close()
 
 
-def query(data_dir: Path, sql: str, args: tuple = ()) -> list[tuple]:
-    con = sqlite3.connect(data_dir / "images.db", timeout=15)
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
-
-
 def image_rows(data_dir: Path) -> dict[str, str]:
-    return dict(query(data_dir, "SELECT md5, ext FROM images"))
+    return dict(db_rows(data_dir, "SELECT md5, ext FROM images"))
 
 
 def upload_files(data_dir: Path) -> set[Path]:
@@ -143,8 +125,8 @@ def assert_consistent(data_dir: Path) -> None:
     files = upload_files(data_dir)
     assert files - expected == set(), "files without a row"
     assert expected - files == set(), "rows without a file"
-    assert query(data_dir, "SELECT COUNT(*) FROM holds WHERE md5 NOT IN (SELECT md5 FROM images)") == [(0,)]
-    assert query(data_dir, "PRAGMA integrity_check") == [("ok",)]
+    assert db_rows(data_dir, "SELECT COUNT(*) FROM holds WHERE md5 NOT IN (SELECT md5 FROM images)") == [(0,)]
+    assert db_rows(data_dir, "PRAGMA integrity_check") == [("ok",)]
 
 
 def no_old_tmp(data_dir: Path) -> None:
@@ -156,41 +138,6 @@ def no_old_tmp(data_dir: Path) -> None:
 def age(path: Path, seconds: float) -> None:
     t = time.time() - seconds
     os.utime(path, (t, t))
-
-
-def poll(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(step)
-
-
-async def apoll(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(step)
-
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def request(method: str, url: str, data: Optional[bytes] = None, headers: Optional[dict] = None,
-         timeout: float = 10) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with _OPENER.open(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def run_cleanup_py(config_path: Path, *args: str, stdin=subprocess.DEVNULL,
@@ -247,7 +194,7 @@ async def upload(client, data: bytes, headers=ALICE, name: str = "x.png"):
 async def test_expired_image_is_404_everywhere_then_removed_by_a_pass(make_client, clock):
     client = await make_client(clock=clock, cleanup={"expire_days": 1})
     store = client.app[imgproxy.STORE]
-    old, young = png_bytes(1), png_bytes(2)
+    old, young = seeded_png(1), seeded_png(2)
     old_md5, young_md5 = md5_of(old), md5_of(young)
     assert (await upload(client, old)).status == 201
     assert (await upload(client, old, headers=BOB)).status == 200   # a second holder
@@ -269,7 +216,7 @@ async def test_expired_image_is_404_everywhere_then_removed_by_a_pass(make_clien
     assert report.bytes_freed == len(old)
     assert not old_path.exists()
     assert image_rows(client.data_dir) == {young_md5: "png"}
-    assert query(client.data_dir, "SELECT md5, username FROM holds") == [(young_md5, "alice")]
+    assert db_rows(client.data_dir, "SELECT md5, username FROM holds") == [(young_md5, "alice")]
     assert (await client.get(f"/i/{young_md5}.png")).status == 200
     assert_consistent(client.data_dir)
     # Recorded in the database, so a restart knows the pass ran.
@@ -278,7 +225,7 @@ async def test_expired_image_is_404_everywhere_then_removed_by_a_pass(make_clien
 
 async def test_expire_at_boundary_and_fractional_days(make_client, clock):
     client = await make_client(clock=clock, cleanup={"expire_days": 0.5})
-    data = png_bytes(3)
+    data = seeded_png(3)
     info = await (await upload(client, data)).json()
     created = dt.datetime.strptime(info["created_at"], "%Y-%m-%dT%H:%M:%SZ")
     expires = dt.datetime.strptime(info["expire_at"], "%Y-%m-%dT%H:%M:%SZ")
@@ -295,7 +242,7 @@ async def test_expire_at_boundary_and_fractional_days(make_client, clock):
 
 async def test_reupload_after_expiry_before_cleanup_revives_it(make_client, clock):
     client = await make_client(clock=clock, cleanup={"expire_days": 1})
-    data = png_bytes(4)
+    data = seeded_png(4)
     await upload(client, data)
     clock.advance(DAY + 1)
     assert (await client.get(f"/i/{md5_of(data)}.png")).status == 404
@@ -310,13 +257,13 @@ async def test_reupload_after_expiry_before_cleanup_revives_it(make_client, cloc
 async def test_expired_rows_are_removed_in_batches(make_client, clock):
     client = await make_client(clock=clock)
     n = imgproxy.CLEANUP_BATCH * 2 + 7
-    planted = plant(client.data_dir, [(png_bytes(1000 + i), clock() - 1) for i in range(n)],
+    planted = plant(client.data_dir, [(seeded_png(1000 + i), clock() - 1) for i in range(n)],
                     holders=("alice", "bob"))
     report = await imgproxy.run_cleanup_pass(client.app[imgproxy.STORE])
     assert report.expired == n
     assert report.bytes_freed == sum(len(p.data) for p in planted)
     assert image_rows(client.data_dir) == {} and upload_files(client.data_dir) == set()
-    assert query(client.data_dir, "SELECT COUNT(*) FROM holds") == [(0,)]
+    assert db_rows(client.data_dir, "SELECT COUNT(*) FROM holds") == [(0,)]
 
 
 # ---- the schedule -----------------------------------------------------------
@@ -483,14 +430,14 @@ async def test_app_catches_up_at_start_when_last_cleanup_is_old(make_client, mak
     config_path = make_config(server={"base_url": "http://img.test"},
                               cleanup={"enable": True, "cleanup_time": "03:00:00"})
     data_dir = data_dir_of(config_path)
-    expired = plant(data_dir, [(png_bytes(10), clock() - 60)])[0]
-    live = plant(data_dir, [(png_bytes(11), clock() + DAY)])[0]
+    expired = plant(data_dir, [(seeded_png(10), clock() - 60)])[0]
+    live = plant(data_dir, [(seeded_png(11), clock() + DAY)])[0]
     set_meta(data_dir, "last_cleanup", repr(clock() - 2 * DAY))
     client = await make_client(config_path, clock=clock)
     await apoll(lambda: not expired.path.exists() and expired.md5 not in image_rows(data_dir), 10,
                 "the catch-up pass")
     assert image_rows(data_dir) == {live.md5: "png"}
-    await apoll(lambda: query(data_dir, "SELECT value FROM meta WHERE key='last_cleanup'") == [(repr(clock()),)],
+    await apoll(lambda: db_rows(data_dir, "SELECT value FROM meta WHERE key='last_cleanup'") == [(repr(clock()),)],
                 5, "last_cleanup recorded")
     assert (await client.get(f"/i/{live.md5}.png")).status == 200
 
@@ -500,7 +447,7 @@ async def test_app_does_not_run_a_pass_at_start_after_a_recent_one(make_client, 
     at = dt.datetime.fromtimestamp(clock() + 6 * HOUR).strftime("%H:%M:%S")
     config_path = make_config(cleanup={"enable": True, "cleanup_time": at})
     data_dir = data_dir_of(config_path)
-    expired = plant(data_dir, [(png_bytes(12), clock() - 60)])[0]
+    expired = plant(data_dir, [(seeded_png(12), clock() - 60)])[0]
     set_meta(data_dir, "last_cleanup", repr(clock() - 60))   # after the latest slot (18 h ago)
     client = await make_client(config_path, clock=clock)
     assert len(client.app[imgproxy.TASKS]) == 2
@@ -516,8 +463,8 @@ def test_server_process_catches_up_at_start(make_config, server_process):
     config_path = make_config(cleanup={"enable": True, "cleanup_time": local_hms(6 * HOUR)})
     data_dir = data_dir_of(config_path)
     now = time.time()
-    expired = plant(data_dir, [(png_bytes(20), now - 60)], holders=("alice", "bob"))[0]
-    live = plant(data_dir, [(png_bytes(21), now + DAY)])[0]
+    expired = plant(data_dir, [(seeded_png(20), now - 60)], holders=("alice", "bob"))[0]
+    live = plant(data_dir, [(seeded_png(21), now + DAY)])[0]
     orphan = data_dir / "uploads" / "ab" / "cd" / ("abcd" + "0" * 28 + ".png")
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"left by a crash")
@@ -526,9 +473,9 @@ def test_server_process_catches_up_at_start(make_config, server_process):
     poll(lambda: "cleanup removed: 1 expired images, 1 orphan files" in server.log, 10, "the catch-up pass")
     assert image_rows(data_dir) == {live.md5: "png"}
     assert not expired.path.exists() and not orphan.exists()
-    assert float(query(data_dir, "SELECT value FROM meta WHERE key='last_cleanup'")[0][0]) >= now
-    assert request("GET", f"{server.base_url}/i/{live.md5}.png") == (200, live.data)
-    assert request("GET", f"{server.base_url}/i/{expired.md5}.png")[0] == 404
+    assert float(db_rows(data_dir, "SELECT value FROM meta WHERE key='last_cleanup'")[0][0]) >= now
+    assert http_call("GET", f"{server.base_url}/i/{live.md5}.png") == (200, live.data)
+    assert http_call("GET", f"{server.base_url}/i/{expired.md5}.png")[0] == 404
     assert server.terminate() == 0
     assert_consistent(data_dir)
 
@@ -547,7 +494,7 @@ def plant_damage(data_dir: Path, live_md5: str) -> dict:
     foreign.write_bytes(b"not ours at all")
     wrong_ext = uploads / live_md5[:2] / live_md5[2:4] / f"{live_md5}.jpg"   # the row says png
     wrong_ext.write_bytes(b"stale copy under another extension")
-    dangling = plant(data_dir, [(png_bytes(30), time.time() + DAY)], holders=("bob",), with_file=False)[0]
+    dangling = plant(data_dir, [(seeded_png(30), time.time() + DAY)], holders=("bob",), with_file=False)[0]
     old_tmp = tmp / "upload-0123456789abcdef.part"
     old_tmp.write_bytes(b"x" * 1000)
     age(old_tmp, 2 * HOUR)
@@ -562,7 +509,7 @@ def plant_damage(data_dir: Path, live_md5: str) -> dict:
 async def test_one_pass_repairs_exactly_the_damage(make_client):
     client = await make_client()
     store, data_dir = client.app[imgproxy.STORE], client.data_dir
-    live = png_bytes(31)
+    live = seeded_png(31)
     live_md5 = (await (await upload(client, live)).json())["md5"]
     damage = plant_damage(data_dir, live_md5)
     files_before = upload_files(data_dir)
@@ -581,7 +528,7 @@ async def test_one_pass_repairs_exactly_the_damage(make_client):
     assert all(not p.exists() for p in damage["orphans"]) and not damage["old_tmp"].exists()
     assert damage["young_tmp"].exists()                    # an upload may still be writing it
     assert image_rows(data_dir) == {live_md5: "png"}
-    assert query(data_dir, "SELECT md5 FROM holds") == [(live_md5,)]
+    assert db_rows(data_dir, "SELECT md5 FROM holds") == [(live_md5,)]
     assert_consistent(data_dir)
     resp = await client.get(f"/i/{live_md5}.png")
     assert resp.status == 200 and await resp.read() == live
@@ -594,7 +541,7 @@ async def test_one_pass_repairs_exactly_the_damage(make_client):
 
 async def test_dangling_row_is_dropped_even_if_cached_for_serving(make_client):
     client = await make_client()
-    data = png_bytes(32)
+    data = seeded_png(32)
     md5 = (await (await upload(client, data)).json())["md5"]
     assert (await client.get(f"/i/{md5}.png")).status == 200
     imgproxy.Storage(client.data_dir).image_path(md5, "png").unlink()
@@ -608,9 +555,9 @@ async def test_dangling_row_is_dropped_even_if_cached_for_serving(make_client):
 async def test_dry_run_counts_match_a_real_pass_with_everything_at_once(make_client, clock):
     client = await make_client(clock=clock)
     store, data_dir = client.app[imgproxy.STORE], client.data_dir
-    live_md5 = (await (await upload(client, png_bytes(33))).json())["md5"]
-    plant(data_dir, [(png_bytes(40 + i), clock() - 1) for i in range(5)])
-    plant(data_dir, [(png_bytes(50), clock() - 1)], with_file=False)     # expired and dangling
+    live_md5 = (await (await upload(client, seeded_png(33))).json())["md5"]
+    plant(data_dir, [(seeded_png(40 + i), clock() - 1) for i in range(5)])
+    plant(data_dir, [(seeded_png(50), clock() - 1)], with_file=False)     # expired and dangling
     plant_damage(data_dir, live_md5)
     dry = await imgproxy.run_cleanup_pass(store, dry_run=True)
     real = await imgproxy.run_cleanup_pass(store)
@@ -626,7 +573,7 @@ async def test_second_concurrent_pass_in_process_skips(make_client, clock):
     client = await make_client(clock=clock)
     store = client.app[imgproxy.STORE]
     n = imgproxy.CLEANUP_BATCH * 3
-    plant(client.data_dir, [(png_bytes(2000 + i), clock() - 1) for i in range(n)])
+    plant(client.data_dir, [(seeded_png(2000 + i), clock() - 1) for i in range(n)])
     first, second = await asyncio.gather(imgproxy.run_cleanup_pass(store), imgproxy.run_cleanup_pass(store))
     assert (first.skipped, second.skipped) == (False, True)
     assert second.expired == 0 and "skipped" in second.summary()
@@ -639,7 +586,7 @@ async def test_second_concurrent_pass_in_process_skips(make_client, clock):
 def test_cleanup_py_skips_while_another_pass_holds_the_lock(make_config):
     config_path = make_config()
     data_dir = data_dir_of(config_path)
-    expired = plant(data_dir, [(png_bytes(60), time.time() - 1)])[0]
+    expired = plant(data_dir, [(seeded_png(60), time.time() - 1)])[0]
     with open(data_dir / "cleanup.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = run_cleanup_py(config_path)
@@ -654,8 +601,8 @@ def test_two_cleanup_processes_at_once_leave_a_consistent_store(make_config):
     config_path = make_config()
     data_dir = data_dir_of(config_path)
     n = imgproxy.CLEANUP_BATCH * 3
-    plant(data_dir, [(png_bytes(3000 + i), time.time() - 1) for i in range(n)])
-    live = plant(data_dir, [(png_bytes(2999), time.time() + DAY)])[0]
+    plant(data_dir, [(seeded_png(3000 + i), time.time() - 1) for i in range(n)])
+    live = plant(data_dir, [(seeded_png(2999), time.time() + DAY)])[0]
     cmd = [sys.executable, str(ROOT / "cleanup.py"), "--config", str(config_path)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=60) for p in procs]
@@ -674,10 +621,10 @@ def test_two_cleanup_processes_at_once_leave_a_consistent_store(make_config):
 async def test_serving_keeps_answering_while_a_large_pass_runs(make_client, clock):
     client = await make_client(clock=clock)
     store = client.app[imgproxy.STORE]
-    live = png_bytes(70)
+    live = seeded_png(70)
     live_md5 = (await (await upload(client, live)).json())["md5"]
     n = 3000
-    plant(client.data_dir, [(png_bytes(10_000 + i), clock() - 1) for i in range(n)])
+    plant(client.data_dir, [(seeded_png(10_000 + i), clock() - 1) for i in range(n)])
     statuses: list[int] = []
     during_pass = 0
     cleanup = asyncio.create_task(imgproxy.run_cleanup_pass(store))
@@ -697,12 +644,12 @@ async def test_serving_keeps_answering_while_a_large_pass_runs(make_client, cloc
 async def test_uploads_during_a_pass_are_kept(make_client, clock):
     client = await make_client(clock=clock)
     store = client.app[imgproxy.STORE]
-    plant(client.data_dir, [(png_bytes(20_000 + i), clock() - 1) for i in range(1500)])
+    plant(client.data_dir, [(seeded_png(20_000 + i), clock() - 1) for i in range(1500)])
     cleanup = asyncio.create_task(imgproxy.run_cleanup_pass(store))
     uploaded = {}
     i = 0
     while not cleanup.done() or i < 5:
-        data = png_bytes(30_000 + i)
+        data = seeded_png(30_000 + i)
         resp = await upload(client, data)
         assert resp.status == 201
         uploaded[md5_of(data)] = data
@@ -734,10 +681,10 @@ class UploadStream:
         while not self.stop.is_set():
             with self.lock:
                 seed = next(self.counter)
-            data = png_bytes(seed)
+            data = seeded_png(seed)
             try:
                 if worker % 2:
-                    status, body = request("PUT", f"{self.base_url}/upload/w{seed}.png", data, ALICE)
+                    status, body = http_call("PUT", f"{self.base_url}/upload/w{seed}.png", data, ALICE)
                 else:
                     status, body = self._multipart(data, seed)
             except (OSError, http.client.HTTPException):
@@ -750,7 +697,7 @@ class UploadStream:
         boundary = f"----b{seed}"
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m{seed}.png\"\r\n"
                 "Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-        return request("POST", f"{self.base_url}/upload", body,
+        return http_call("POST", f"{self.base_url}/upload", body,
                     {**ALICE, "Content-Type": f"multipart/form-data; boundary={boundary}"})
 
     def count(self) -> int:
@@ -801,7 +748,7 @@ def test_kill_9_during_uploads_then_one_pass_restores_every_invariant(make_confi
     no_old_tmp(data_dir)
     assert leftovers <= tmp_files(data_dir)         # young: an upload could still be writing them
     for md5, data in answered.items():
-        assert request("GET", f"{restarted.base_url}/i/{md5}.png") == (200, data), md5
+        assert http_call("GET", f"{restarted.base_url}/i/{md5}.png") == (200, data), md5
 
     for p in tmp_files(data_dir):
         age(p, 2 * HOUR)
@@ -810,7 +757,7 @@ def test_kill_9_during_uploads_then_one_pass_restores_every_invariant(make_confi
     assert f"{len(leftovers)} temp files" in result.stdout
     assert tmp_files(data_dir) == set()
     assert_consistent(data_dir)
-    status, body = request("PUT", f"{restarted.base_url}/upload/after.png", png_bytes(99), ALICE)
+    status, body = http_call("PUT", f"{restarted.base_url}/upload/after.png", seeded_png(99), ALICE)
     assert status == 201
     assert restarted.terminate() == 0
 
@@ -819,10 +766,10 @@ def test_kill_9_during_a_cleanup_pass_then_rerun_restores_every_invariant(make_c
     config_path = make_config()
     data_dir = data_dir_of(config_path)
     n = imgproxy.CLEANUP_BATCH * 4
-    expired = plant(data_dir, [(png_bytes(200_000 + i), time.time() - 1) for i in range(n)],
+    expired = plant(data_dir, [(seeded_png(200_000 + i), time.time() - 1) for i in range(n)],
                     holders=("alice", "carol"))
     first_batch = min(expired, key=lambda p: p.md5)     # the pass walks the expired rows in md5 order
-    live = plant(data_dir, [(png_bytes(199_999), time.time() + DAY)])[0]
+    live = plant(data_dir, [(seeded_png(199_999), time.time() + DAY)])[0]
     proc = subprocess.Popen([sys.executable, str(ROOT / "cleanup.py"), "--config", str(config_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -839,7 +786,7 @@ def test_kill_9_during_a_cleanup_pass_then_rerun_restores_every_invariant(make_c
     result = run_cleanup_py(config_path)
     assert result.returncode == 0, result.stderr
     assert image_rows(data_dir) == {live.md5: "png"}
-    assert query(data_dir, "SELECT md5, username FROM holds") == [(live.md5, "alice")]
+    assert db_rows(data_dir, "SELECT md5, username FROM holds") == [(live.md5, "alice")]
     assert_consistent(data_dir)
     no_old_tmp(data_dir)
 
@@ -851,8 +798,8 @@ def damaged_site(make_config):
     """A config whose store has 2 expired images, 3 orphan files, 1 dangling row, 1 old tmp file."""
     config_path = make_config()
     data_dir = data_dir_of(config_path)
-    live = plant(data_dir, [(png_bytes(80), time.time() + DAY)])[0]
-    expired = plant(data_dir, [(png_bytes(81), time.time() - 1), (png_bytes(82), time.time() - 1)])
+    live = plant(data_dir, [(seeded_png(80), time.time() + DAY)])[0]
+    expired = plant(data_dir, [(seeded_png(81), time.time() - 1), (seeded_png(82), time.time() - 1)])
     damage = plant_damage(data_dir, live.md5)
     damage["bytes"] += sum(len(p.data) for p in expired)
     return config_path, data_dir, live, expired, damage
@@ -877,7 +824,7 @@ def test_cleanup_py_prints_counts_and_removes(damaged_site):
 def test_cleanup_py_dry_run_removes_nothing_and_says_what_it_would(damaged_site):
     config_path, data_dir, live, expired, damage = damaged_site
     files, rows = upload_files(data_dir), image_rows(data_dir)
-    holds, tmp = query(data_dir, "SELECT * FROM holds ORDER BY 1, 2"), tmp_files(data_dir)
+    holds, tmp = db_rows(data_dir, "SELECT * FROM holds ORDER BY 1, 2"), tmp_files(data_dir)
     result = run_cleanup_py(config_path, "--dry-run")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -888,8 +835,8 @@ def test_cleanup_py_dry_run_removes_nothing_and_says_what_it_would(damaged_site)
         assert any(str(p) in line for line in lines)
     assert any(e.md5 in line for e in expired for line in lines)
     assert (upload_files(data_dir), image_rows(data_dir)) == (files, rows)
-    assert (query(data_dir, "SELECT * FROM holds ORDER BY 1, 2"), tmp_files(data_dir)) == (holds, tmp)
-    assert query(data_dir, "SELECT value FROM meta WHERE key='last_cleanup'") == []
+    assert (db_rows(data_dir, "SELECT * FROM holds ORDER BY 1, 2"), tmp_files(data_dir)) == (holds, tmp)
+    assert db_rows(data_dir, "SELECT value FROM meta WHERE key='last_cleanup'") == []
 
 
 def test_cleanup_py_reset_without_yes_and_without_a_terminal_exits_2(damaged_site):
@@ -928,29 +875,29 @@ def test_cleanup_py_reset_yes_while_the_server_runs(make_config, server_process)
     server = server_process(config_path)
     images = {}
     for seed in (90, 91):
-        data = png_bytes(seed)
-        assert request("PUT", f"{server.base_url}/upload/r.png", data, BOB)[0] == 201
+        data = seeded_png(seed)
+        assert http_call("PUT", f"{server.base_url}/upload/r.png", data, BOB)[0] == 201
         images[md5_of(data)] = data
-        assert request("GET", f"{server.base_url}/i/{md5_of(data)}.png") == (200, data)   # cached in memory
+        assert http_call("GET", f"{server.base_url}/i/{md5_of(data)}.png") == (200, data)   # cached in memory
     (data_dir / "tmp" / "upload-aaaaaaaaaaaaaaaa.part").write_bytes(b"left over")
 
     result = run_cleanup_py(config_path, "--reset", "--yes")
     assert result.returncode == 0, result.stderr
     assert "reset done" in result.stdout
     assert image_rows(data_dir) == {}
-    assert query(data_dir, "SELECT COUNT(*) FROM holds") == [(0,)]
+    assert db_rows(data_dir, "SELECT COUNT(*) FROM holds") == [(0,)]
     assert upload_files(data_dir) == set()
-    assert query(data_dir, "PRAGMA integrity_check") == [("ok",)]
+    assert db_rows(data_dir, "PRAGMA integrity_check") == [("ok",)]
 
     # The running server notices the other writer within its flush period.
     for md5 in images:
-        poll(lambda: request("GET", f"{server.base_url}/i/{md5}.png")[0] == 404,
+        poll(lambda: http_call("GET", f"{server.base_url}/i/{md5}.png")[0] == 404,
              imgproxy.COUNT_FLUSH_SECONDS * 2 + 3, "the server to drop reset images from its cache")
-        assert request("GET", f"{server.base_url}/api/images/{md5}", headers=ALICE)[0] == 404
-    assert request("GET", f"{server.base_url}/healthz")[0] == 200
+        assert http_call("GET", f"{server.base_url}/api/images/{md5}", headers=ALICE)[0] == 404
+    assert http_call("GET", f"{server.base_url}/healthz")[0] == 200
     md5, data = next(iter(images.items()))
-    assert request("PUT", f"{server.base_url}/upload/again.png", data, CAROL)[0] == 201
-    assert request("GET", f"{server.base_url}/i/{md5}.png") == (200, data)
+    assert http_call("PUT", f"{server.base_url}/upload/again.png", data, CAROL)[0] == 201
+    assert http_call("GET", f"{server.base_url}/i/{md5}.png") == (200, data)
     assert server.terminate() == 0
     assert_consistent(data_dir)
 
@@ -959,17 +906,17 @@ def test_cleanup_py_repairs_under_a_running_server_which_then_stops_serving(make
     config_path = make_config()
     data_dir = data_dir_of(config_path)
     server = server_process(config_path)
-    keep, lost = png_bytes(92), png_bytes(93)
+    keep, lost = seeded_png(92), seeded_png(93)
     for data in (keep, lost):
-        assert request("PUT", f"{server.base_url}/upload/k.png", data, ALICE)[0] == 201
-        assert request("GET", f"{server.base_url}/i/{md5_of(data)}.png") == (200, data)   # cached in memory
+        assert http_call("PUT", f"{server.base_url}/upload/k.png", data, ALICE)[0] == 201
+        assert http_call("GET", f"{server.base_url}/i/{md5_of(data)}.png") == (200, data)   # cached in memory
     imgproxy.Storage(data_dir).image_path(md5_of(lost), "png").unlink()          # lost by hand
     result = run_cleanup_py(config_path)
     assert result.returncode == 0, result.stderr
     assert "1 dangling rows" in result.stdout
-    poll(lambda: request("GET", f"{server.base_url}/i/{md5_of(lost)}.png")[0] == 404,
+    poll(lambda: http_call("GET", f"{server.base_url}/i/{md5_of(lost)}.png")[0] == 404,
          imgproxy.COUNT_FLUSH_SECONDS * 2 + 3, "the server to notice the repair")
-    assert request("GET", f"{server.base_url}/i/{md5_of(keep)}.png") == (200, keep)
+    assert http_call("GET", f"{server.base_url}/i/{md5_of(keep)}.png") == (200, keep)
     assert server.terminate() == 0
     assert_consistent(data_dir)
 
@@ -1000,7 +947,7 @@ def test_cleanup_py_unknown_option_exits_2(make_config):
 def test_cleanup_py_failure_exits_1(make_config):
     config_path = make_config()
     data_dir = data_dir_of(config_path)
-    plant(data_dir, [(png_bytes(95), time.time() - 1)])
+    plant(data_dir, [(seeded_png(95), time.time() - 1)])
     for suffix in ("", "-wal", "-shm"):
         (data_dir / f"images.db{suffix}").unlink(missing_ok=True)
     (data_dir / "images.db").write_bytes(b"this is not a database" * 100)
@@ -1012,13 +959,13 @@ def test_cleanup_py_failure_exits_1(make_config):
 # ---- access counts ------------------------------------------------------------
 
 def access_count(data_dir: Path, md5: str) -> int:
-    rows = query(data_dir, "SELECT access_count FROM images WHERE md5 = ?", (md5,))
+    rows = db_rows(data_dir, "SELECT access_count FROM images WHERE md5 = ?", (md5,))
     return rows[0][0] if rows else -1
 
 
 async def test_access_count_in_info_includes_unflushed_hits(make_client):
     client = await make_client()
-    data = png_bytes(100)
+    data = seeded_png(100)
     md5 = (await (await upload(client, data)).json())["md5"]
     for _ in range(3):
         assert (await client.get(f"/i/{md5}.png")).status == 200
@@ -1032,18 +979,23 @@ async def test_access_count_in_info_includes_unflushed_hits(make_client):
     assert info["access_count"] == 4                                     # not counted twice
 
 
+def upload_and_view(base_url: str, data: bytes, views: int) -> str:
+    """Upload `data` over HTTP and fetch it `views` times; returns its md5."""
+    assert http_call("PUT", f"{base_url}/upload/c.png", data, ALICE)[0] == 201
+    md5 = md5_of(data)
+    for _ in range(views):
+        assert http_call("GET", f"{base_url}/i/{md5}.png")[0] == 200
+    return md5
+
+
 def test_access_counts_reach_the_database_within_the_flush_delay(make_config, server_process):
     config_path = make_config()
     data_dir = data_dir_of(config_path)
     server = server_process(config_path)
-    data = png_bytes(101)
-    assert request("PUT", f"{server.base_url}/upload/c.png", data, ALICE)[0] == 201
-    md5 = md5_of(data)
-    for _ in range(5):
-        assert request("GET", f"{server.base_url}/i/{md5}.png")[0] == 200
+    md5 = upload_and_view(server.base_url, seeded_png(101), 5)
     poll(lambda: access_count(data_dir, md5) == 5, imgproxy.COUNT_FLUSH_SECONDS + 3, "the flushed count",
          step=0.1)
-    info = request("GET", f"{server.base_url}/api/images/{md5}", headers=ALICE)
+    info = http_call("GET", f"{server.base_url}/api/images/{md5}", headers=ALICE)
     assert b'"access_count": 5' in info[1]
 
 
@@ -1051,11 +1003,7 @@ def test_access_counts_are_flushed_at_shutdown(make_config, server_process):
     config_path = make_config()
     data_dir = data_dir_of(config_path)
     server = server_process(config_path)
-    data = png_bytes(102)
-    assert request("PUT", f"{server.base_url}/upload/c.png", data, ALICE)[0] == 201
-    md5 = md5_of(data)
-    for _ in range(7):
-        assert request("GET", f"{server.base_url}/i/{md5}.png")[0] == 200
+    md5 = upload_and_view(server.base_url, seeded_png(102), 7)
     assert server.terminate() == 0
     assert access_count(data_dir, md5) == 7
 
@@ -1064,12 +1012,9 @@ def test_counts_of_images_removed_meanwhile_do_not_break_the_flush(make_config, 
     config_path = make_config()
     data_dir = data_dir_of(config_path)
     server = server_process(config_path)
-    keep, gone = png_bytes(103), png_bytes(104)
-    for data in (keep, gone):
-        assert request("PUT", f"{server.base_url}/upload/c.png", data, ALICE)[0] == 201
-        assert request("GET", f"{server.base_url}/i/{md5_of(data)}.png")[0] == 200
-    assert request("DELETE", f"{server.base_url}/api/images/{md5_of(gone)}", headers=ALICE)[0] == 204
-    assert request("GET", f"{server.base_url}/i/{md5_of(keep)}.png")[0] == 200
+    keep, gone = (upload_and_view(server.base_url, seeded_png(seed), 1) for seed in (103, 104))
+    assert http_call("DELETE", f"{server.base_url}/api/images/{gone}", headers=ALICE)[0] == 204
+    assert http_call("GET", f"{server.base_url}/i/{keep}.png")[0] == 200
     assert server.terminate() == 0
-    assert access_count(data_dir, md5_of(keep)) == 2
+    assert access_count(data_dir, keep) == 2
     assert "Traceback" not in server.log

@@ -15,18 +15,28 @@ import os
 import re
 from pathlib import Path
 
+import imgproxy
 from conftest import PageSession, api, expect, put_image
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE_DIR = REPO / "page"
 SCREENSHOT = REPO / "docs" / "screenshot.png"
-DENIED = "该用户权限不足，请联系管理员"
+DENIED = imgproxy.DENIED_MESSAGE
 
 
 # ---- helpers ---------------------------------------------------------------
 
 def row(manifest, name: str) -> dict:
     return next(r for r in manifest if r["file"] == name)
+
+
+def uploaded_card(tab: PageSession, corpus: Path, manifest, name: str):
+    """Upload one corpus file through the page; (its manifest row, its card once stored)."""
+    image = row(manifest, name)
+    tab.upload(corpus / image["file"])
+    card = tab.card(image["file"])
+    expect(card).to_have_class(re.compile(r"\buploaded\b"))
+    return image, card
 
 
 def natural_size(page, url: str) -> list[int]:
@@ -120,14 +130,9 @@ def test_sign_in_with_the_keyboard_lasts_for_the_tab(open_page):
 
 def test_upload_copy_and_dedup(open_page, server, corpus, manifest):
     tab = open_page(width=1000, height=760)
-    page = tab.page
-    tab.sign_in()
-    expect(page.locator("#app")).to_be_visible()
+    page = tab.enter()
 
-    image = row(manifest, "testorig.jpg")
-    tab.upload(corpus / image["file"])
-    card = tab.card(image["file"])
-    expect(card).to_have_class(re.compile(r"\buploaded\b"))
+    image, card = uploaded_card(tab, corpus, manifest, "testorig.jpg")
     expect(card.locator(".badge")).to_have_text("Uploaded")
     url = f"{server.base_url}/i/{image['md5']}.jpg"
     expect(card.locator("input.url")).to_have_value(url)
@@ -184,9 +189,7 @@ def test_upload_copy_and_dedup(open_page, server, corpus, manifest):
 
 def test_several_files_at_once_each_with_progress(open_page, corpus, manifest):
     tab = open_page()
-    page = tab.page
-    tab.sign_in()
-    expect(page.locator("#app")).to_be_visible()
+    page = tab.enter()
     names = ["hopper.gif", "basn6a16.png", "lossless1.webp", "hopper_lzw.tif"]
     tab.upload(*(corpus / n for n in names))
     expect(page.locator("#uploads li.card")).to_have_count(len(names))
@@ -204,9 +207,7 @@ def test_several_files_at_once_each_with_progress(open_page, corpus, manifest):
 
 def test_drop_and_paste_upload(open_page, corpus, manifest):
     tab = open_page()
-    page = tab.page
-    tab.sign_in()
-    expect(page.locator("#app")).to_be_visible()
+    page = tab.enter()
     dropped = corpus / "hopper.gif"
     pasted = corpus / "basn3p04.png"
     page.evaluate("""([name, b64]) => {
@@ -238,9 +239,7 @@ def test_drop_and_paste_upload(open_page, corpus, manifest):
 
 def test_hostile_file_name_stays_text(open_page, server, corpus):
     tab = open_page()
-    page = tab.page
-    tab.sign_in()
-    expect(page.locator("#app")).to_be_visible()
+    page = tab.enter()
     name = 'x]"><img src=nowhere id=injected>[b.gif'
     tab.upload({"name": name, "mimeType": "image/gif", "buffer": (corpus / "hopper.gif").read_bytes()})
     card = page.locator("#uploads li.card").first
@@ -267,9 +266,7 @@ def test_server_errors_are_reported_next_to_the_file(browser, make_config, live_
     server = live_server(make_config(server={"max_upload_mb": 1}))
     tab = PageSession(browser, server)
     try:
-        page = tab.page
-        tab.sign_in()
-        expect(page.locator("#app")).to_be_visible()
+        page = tab.enter()
         tab.upload({"name": "huge.png", "mimeType": "image/png",
                     "buffer": b"\x89PNG\r\n\x1a\n" + b"\0" * (3 * 1024 * 1024)})
         card = tab.card("huge.png")
@@ -287,8 +284,7 @@ def test_server_errors_are_reported_next_to_the_file(browser, make_config, live_
         page.reload()
         expect(page.locator("#signin-error")).to_have_text(DENIED)   # the list call found out first
         expect(page.locator("#app")).to_be_hidden()
-        tab.sign_in()
-        expect(page.locator("#app")).to_be_visible()
+        tab.enter()
 
         # No role grants less than upload today, so a 403 is staged in the browser:
         # what is checked here is that the page puts it next to the file.
@@ -353,13 +349,8 @@ def test_my_images_pages_and_delete_with_confirmation(open_page, server, corpus,
 
 def test_phone_width(open_page, server, corpus, manifest):
     tab = open_page(width=375, height=740)
-    page = tab.page
-    tab.sign_in()
-    expect(page.locator("#app")).to_be_visible()
-    image = row(manifest, "hopper.gif")
-    tab.upload(corpus / image["file"])
-    card = tab.card(image["file"])
-    expect(card).to_have_class(re.compile(r"\buploaded\b"))
+    page = tab.enter()
+    image, card = uploaded_card(tab, corpus, manifest, "hopper.gif")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     for selector in ("label[for=file-input]", "button[data-copy=markdown]", "button[data-copy=bbcode]",
                      "input.url", "#sign-out"):

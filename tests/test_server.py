@@ -1,4 +1,4 @@
-"""The server core against API.md: upload, dedup, serving, metadata, auth, limits."""
+"""The server core against the README's API section: upload, dedup, serving, metadata, auth, limits."""
 from __future__ import annotations
 
 import asyncio
@@ -7,44 +7,17 @@ import io
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import aiohttp
 import pytest
 from PIL import Image
 
 import imgproxy
-from conftest import ALICE, BOB, CAROL, ROOT, TEST_BASE_URL, basic, corpus_file
-
-DENIED = "该用户权限不足，请联系管理员"
-
-
-def png_bytes(size=(40, 30), color=(200, 10, 10)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def form(data: bytes, name: str = "x.png", field: str = "file") -> aiohttp.FormData:
-    fd = aiohttp.FormData()
-    fd.add_field(field, data, filename=name, content_type="application/octet-stream")
-    return fd
-
-
-def stored_files(data_dir: Path) -> list[Path]:
-    return sorted(p for p in (data_dir / "uploads").rglob("*") if p.is_file())
-
-
-def db_rows(data_dir: Path, sql: str = "SELECT md5 FROM images") -> list[tuple]:
-    con = sqlite3.connect(data_dir / "images.db")
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
+from conftest import ALICE, BOB, CAROL, ROOT, TEST_BASE_URL, basic, corpus_file, read_manifest
+from helpers import db_rows, file_form, png_bytes, stored_files
 
 async def upload(client, data: bytes, headers=ALICE, name="x.png"):
-    return await client.post("/upload", data=form(data, name), headers=headers)
+    return await client.post("/upload", data=file_form(data, name), headers=headers)
 
 
 # ---- upload and dedup -------------------------------------------------------
@@ -105,7 +78,7 @@ async def test_extension_comes_from_detected_format_not_name(make_client):
 async def test_accept_text_plain_returns_bare_url(make_client):
     client = await make_client()
     data = png_bytes()
-    resp = await client.post("/upload", data=form(data), headers={**ALICE, "Accept": "text/plain"})
+    resp = await client.post("/upload", data=file_form(data), headers={**ALICE, "Accept": "text/plain"})
     assert resp.status == 201
     assert resp.content_type == "text/plain"
     assert await resp.text() == f"{TEST_BASE_URL}/i/{hashlib.md5(data).hexdigest()}.png\n"
@@ -138,20 +111,27 @@ async def test_reupload_renews_expiry(make_client, clock):
 
 # ---- rejection ----------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["empty", "no_file_field", "two_files", "not_multipart"])
+def two_files_form() -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("file", png_bytes(), filename="a.png")
+    form.add_field("file", png_bytes(color=(1, 2, 3)), filename="b.png")
+    return form
+
+
+# case -> the POST /upload it sends: (body, extra headers)
+BAD_UPLOADS = {
+    "empty": lambda: (file_form(b""), {}),
+    "no_file_field": lambda: (file_form(png_bytes(), field="image"), {}),
+    "two_files": lambda: (two_files_form(), {}),
+    "not_multipart": lambda: (png_bytes(), {"Content-Type": "image/png"}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
 async def test_bad_upload_requests_are_400(make_client, case):
     client = await make_client()
-    if case == "empty":
-        resp = await client.post("/upload", data=form(b""), headers=ALICE)
-    elif case == "no_file_field":
-        resp = await client.post("/upload", data=form(png_bytes(), field="image"), headers=ALICE)
-    elif case == "two_files":
-        fd = aiohttp.FormData()
-        fd.add_field("file", png_bytes(), filename="a.png")
-        fd.add_field("file", png_bytes(color=(1, 2, 3)), filename="b.png")
-        resp = await client.post("/upload", data=fd, headers=ALICE)
-    else:
-        resp = await client.post("/upload", data=png_bytes(), headers={**ALICE, "Content-Type": "image/png"})
+    body, headers = BAD_UPLOADS[case]()
+    resp = await client.post("/upload", data=body, headers={**ALICE, **headers})
     assert resp.status == 400
     body = await resp.json()
     assert body["error"] and body["code"]
@@ -165,13 +145,7 @@ async def test_empty_put_is_400(make_client):
     assert resp.status == 400
 
 
-def corpus_cases():
-    from conftest import read_manifest
-    return [pytest.param(row, id=row["file"]) for row in read_manifest()] or \
-        [pytest.param(None, marks=pytest.mark.skip(reason="corpus absent"))]
-
-
-@pytest.mark.parametrize("row", corpus_cases())
+@pytest.mark.parametrize("row", read_manifest(), ids=lambda row: row["file"])
 async def test_corpus_file_by_manifest(make_client, corpus, row):
     client = await make_client()
     data = (corpus / row["file"]).read_bytes()
@@ -230,7 +204,7 @@ async def test_upload_over_limit_is_413_and_nothing_kept(make_client):
     resp = await client.put("/upload/big.png", data=big, headers=ALICE)
     assert resp.status == 413
     assert (await resp.json())["code"] == "too_large"
-    resp = await client.post("/upload", data=form(big), headers=ALICE)
+    resp = await client.post("/upload", data=file_form(big), headers=ALICE)
     assert resp.status == 413
     assert stored_files(client.data_dir) == [] and list((client.data_dir / "tmp").iterdir()) == []
 
@@ -504,14 +478,14 @@ WHO = {"none": {}, "wrong": basic("alice", "nope"), "unknown": basic("mallory", 
 @pytest.mark.parametrize("who", list(WHO))
 async def test_auth_matrix(make_client, method, path, need, who):
     client = await make_client()
-    data = form(png_bytes()) if path == "/upload" else (png_bytes() if method == "PUT" else None)
+    data = file_form(png_bytes()) if path == "/upload" else (png_bytes() if method == "PUT" else None)
     resp = await client.request(method, path, headers=WHO[who], data=data)
     if need is None or (who == "admin") or (who == "uploader" and need == "uploader"):
         assert resp.status not in (401, 403)
         assert resp.status < 500
         return
     body = await resp.json()
-    assert body["error"] == DENIED
+    assert body["error"] == imgproxy.DENIED_MESSAGE
     if who in ("none", "wrong", "unknown"):
         assert resp.status == 401
         assert body["code"] == "unauthorized"

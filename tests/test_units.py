@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import ctypes
 import hashlib
-import io
 import json
 import os
 import queue
@@ -32,6 +31,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from helpers import png_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "units"
@@ -413,6 +414,35 @@ def test_existing_config_and_data_are_kept(box: Box) -> None:
     assert unit_value(timer, "Timer", "OnCalendar") == "*-*-* 04:30:15"
 
 
+def test_install_reads_the_config_with_the_servers_own_rules(box: Box) -> None:
+    """No second reader in the script: what the server accepts and defaults to
+    (host 127.0.0.1 when absent, a cleanup_time of "3:00") is what install.sh uses."""
+    config = json.loads((box.src / "config.json").read_text())
+    del config["server"]["host"]
+    config["server"]["data_dir"] = DATA_DIR
+    config["cleanup"]["cleanup_time"] = "3:00"
+    box.path(CONF_DIR).mkdir(parents=True)
+    box.path(CONFIG).write_text(json.dumps(config))
+    result = box.install()
+    assert "warning" not in result.stdout
+    timer = box.path(f"{UNIT_DIR}/imgproxy-cleanup.timer")
+    assert unit_value(timer, "Timer", "OnCalendar") == "*-*-* 03:00:00"
+    assert "http://127.0.0.1:8000" in result.stdout
+
+
+@pytest.mark.parametrize("server,warning", [
+    ({"host": "0.0.0.0", "data_dir": DATA_DIR}, "server.host is 0.0.0.0 and the server refuses to start"),
+    ({"data_dir": "data"}, f"server.data_dir is {CONF_DIR}/data: the unit only allows writes under {DATA_DIR}"),
+], ids=["example-password-on-a-public-host", "data-outside-the-state-directory"])
+def test_install_warns_about_a_config_the_unit_cannot_run(box: Box, server: dict, warning: str) -> None:
+    config = json.loads((box.src / "config.json").read_text())
+    config["server"].update(server)
+    box.path(CONF_DIR).mkdir(parents=True)
+    box.path(CONFIG).write_text(json.dumps(config))
+    result = box.install()
+    assert f"warning: {warning}" in result.stdout
+
+
 def test_upgrade_with_new_program_restarts_and_keeps_config(installed: Box) -> None:
     config_before = installed.path(CONFIG).read_bytes()
     with open(installed.src / "imgproxy.py", "a") as f:
@@ -631,13 +661,6 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             pytest.fail("the server did not stop within TimeoutStopSec")
-
-
-def png_bytes() -> bytes:
-    from PIL import Image
-    out = io.BytesIO()
-    Image.new("RGB", (40, 30), (200, 80, 20)).save(out, "PNG")
-    return out.getvalue()
 
 
 def test_real_start_with_the_units_exec_start_serves_and_stops_cleanly(installed: Box) -> None:

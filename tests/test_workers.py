@@ -1,44 +1,25 @@
 """Several processes (server.workers) and cache coherence between processes."""
 from __future__ import annotations
 
-import io
 import json
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-
-from PIL import Image
 
 from conftest import ALICE, ROOT
-
-
-def png(color=(10, 200, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (20, 20), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def request(url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None):
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+from helpers import http_call, png_bytes
 
 
 def test_two_workers_serve_and_a_delete_is_seen_by_both(make_config, server_process):
     proc = server_process(make_config(server={"workers": 2}, cleanup={"enable": True}))
-    status, body = request(proc.base_url + "/upload/a.png", "PUT", png(), ALICE)
+    status, body = http_call("PUT", proc.base_url + "/upload/a.png", png_bytes((20, 20), (10, 200, 30)), ALICE)
     assert status == 201
     url = json.loads(body)["url"]
     for _ in range(40):  # new connection each time: both workers get some and cache it
-        assert request(url)[0] == 200
-    assert request(url.replace("/i/", "/api/images/").rsplit(".", 1)[0], "DELETE", headers=ALICE)[0] == 204
-    assert {request(url)[0] for _ in range(40)} == {404}
+        assert http_call("GET", url)[0] == 200
+    assert http_call("DELETE", url.replace("/i/", "/api/images/").rsplit(".", 1)[0], headers=ALICE)[0] == 204
+    assert {http_call("GET", url)[0] for _ in range(40)} == {404}
     assert proc.terminate() == 0
     log = proc.log
     assert log.count("listening on") == 2
@@ -49,10 +30,10 @@ def test_two_workers_serve_and_a_delete_is_seen_by_both(make_config, server_proc
 def test_access_counts_from_all_workers_reach_the_database(make_config, server_process):
     config = make_config(server={"workers": 2})
     proc = server_process(config)
-    status, body = request(proc.base_url + "/upload/a.png", "PUT", png((1, 2, 3)), ALICE)
+    status, body = http_call("PUT", proc.base_url + "/upload/a.png", png_bytes((20, 20), (1, 2, 3)), ALICE)
     url = json.loads(body)["url"]
     for _ in range(30):
-        assert request(url)[0] == 200
+        assert http_call("GET", url)[0] == 200
     assert proc.terminate() == 0
     con = sqlite3.connect(config.parent / "data" / "images.db")
     assert con.execute("SELECT access_count FROM images").fetchone() == (30,)
@@ -64,14 +45,14 @@ def test_reset_by_another_process_is_seen_at_once(make_config, live_server):
     the image on the next request, not after a polling delay."""
     config = make_config()
     server = live_server(config)
-    status, body = request(server.base_url + "/upload/a.png", "PUT", png((9, 9, 9)), ALICE)
+    status, body = http_call("PUT", server.base_url + "/upload/a.png", png_bytes((20, 20), (9, 9, 9)), ALICE)
     url = json.loads(body)["url"]
-    assert request(url)[0] == 200  # cached in memory now
+    assert http_call("GET", url)[0] == 200  # cached in memory now
     out = subprocess.run([sys.executable, str(ROOT / "cleanup.py"), "--config", str(config), "--reset", "--yes"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     started = time.monotonic()
-    assert request(url)[0] == 404
+    assert http_call("GET", url)[0] == 404
     assert time.monotonic() - started < 1.0
 
 
@@ -88,7 +69,7 @@ async def test_renew_by_another_process_is_honoured_by_a_cached_copy(make_client
     copy that looks expired must be checked against the database before a 404."""
     import imgproxy
     client = await make_client(clock=clock, cleanup={"expire_days": 1})
-    status_body = await client.put("/upload/a.png", data=png((4, 5, 6)), headers=ALICE)
+    status_body = await client.put("/upload/a.png", data=png_bytes((20, 20), (4, 5, 6)), headers=ALICE)
     info = await status_body.json()
     path = f"/i/{info['md5']}.png"
     assert (await client.get(path)).status == 200  # cached with the first expiry

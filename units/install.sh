@@ -55,8 +55,9 @@ Environment:
                    set; the /healthz wait is skipped unless HEALTH_URL is set
   SYSTEMCTL=CMD    the systemctl to run (default: systemctl), e.g. a fake that
                    records its arguments; called as CMD VERB UNIT
-  PYTHON=PATH      the Python (>= 3.10) for the venv and for reading the
-                   config (default: python3)
+  PYTHON=PATH      the Python (>= 3.10) for the venv and for editing the
+                   config (default: python3); the config is read by the
+                   venv's Python with 'imgproxy.py check-config'
   PIP_INSTALL=0    as --no-deps; the venv is then made without pip
   VENV_OPTS=OPTS   extra 'python -m venv' options (e.g. --system-site-packages)
   HEALTH_URL=URL   where to wait for the server (default: from the config's
@@ -234,7 +235,7 @@ server = config.setdefault("server", {})
 server["data_dir"] = data_dir
 server["host"] = "127.0.0.1"
 new_passwords = {}
-for user in config.get("users", []):
+for user in config.get("users") or []:
     if "password" in user:
         user["password"] = new_passwords[user.get("username")] = secrets.token_urlsafe(12)
 client = config.get("client")
@@ -262,15 +263,24 @@ if [[ -z $DESTDIR ]]; then
     fi
 fi
 
+# check_config ARGS...: the server's own config reader (same defaults, same rules);
+# a broken config stops the install with the server's one-line error.
+check_config() {
+    "$VENV/bin/python" "$DESTDIR$PREFIX/imgproxy.py" check-config --config "$DESTDIR$CONFIG" "$@" ||
+        die "fix $CONFIG and run again"
+}
+
 # set_cleanup_enable true|false: switch the in-process schedule, keeping the rest.
+# Succeeds only if the config changed.
 set_cleanup_enable() {
+    local current
+    current=$(check_config --print cleanup.enable) || exit 1
+    [[ $current != "$1" ]] || return 1
     "$PYTHON" - "$DESTDIR$CONFIG" "$1" <<'PY'
 import json, os, sys
 path, value = sys.argv[1], sys.argv[2] == "true"
 with open(path, encoding="utf-8") as f:
     config = json.load(f)
-if config.get("cleanup", {}).get("enable", True) == value:
-    sys.exit(1)
 config.setdefault("cleanup", {})["enable"] = value
 tmp = path + ".new"
 with open(tmp, "w", encoding="utf-8") as f:
@@ -294,45 +304,22 @@ elif [[ $TIMER_WANTED == no ]] && set_cleanup_enable true; then
     RESTART_NEEDED=1
 fi
 
-# One read of the values the rest needs; a broken config stops here, clearly.
-config_values=$("$PYTHON" - "$DESTDIR$CONFIG" "$DATA_DIR" <<'PY'
-import ipaddress, json, os, re, sys
-path, data_dir = sys.argv[1:]
-try:
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-except (OSError, ValueError) as exc:
-    sys.exit(f"cannot read {path}: {exc}")
-server = config.get("server", {})
-cleanup = config.get("cleanup", {})
-host = server.get("host", "0.0.0.0")
-port = server.get("port", 8000)
-cleanup_time = cleanup.get("cleanup_time", "03:00:00")
-if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d", str(cleanup_time)):
-    sys.exit(f"{path}: cleanup.cleanup_time must be HH:MM:SS, not {cleanup_time!r}")
-local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-if ":" in local:
-    local = f"[{local}]"
-base_url = server.get("base_url") or f"http://{server.get('domain', 'localhost')}:{port}"
-try:
-    loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-except ValueError:
-    loopback = False
-example_password = any(u.get("password") == "alice123" for u in config.get("users", []))
-data = server.get("data_dir", "data")
-data = os.path.normpath(data if os.path.isabs(data) else os.path.join("/etc/imgproxy", data))
-warn = ""
-if data != data_dir and not data.startswith(data_dir + "/"):
-    warn = f"server.data_dir is {data}: the unit only allows writes under {data_dir}"
-elif example_password and not loopback:
-    warn = (f"server.host is {host} and a user still has the example password alice123:"
-            " the server refuses to start; set password_hash (see below) or host 127.0.0.1")
-print(f"http://{local}:{port}", cleanup_time, base_url.rstrip("/"),
-      "yes" if example_password else "no", "yes" if cleanup.get("enable", True) else "no",
-      warn, sep="\t")
-PY
-) || die "fix $CONFIG and run again"
-IFS=$'\t' read -r LOCAL_URL CLEANUP_TIME PUBLIC_URL EXAMPLE_PASSWORD CLEANUP_ENABLED CONFIG_WARNING <<<"$config_values"
+# One read of the values the rest needs, by the server's own config reader
+# (imgproxy.py check-config: same defaults, same rules); a broken config stops
+# here with the server's one-line error.
+config_values=$(check_config --print local_url cleanup.cleanup_time base_url example_password cleanup.enable \
+    server.data_dir server.host listen_problem) || exit 1
+mapfile -t values <<<"$config_values"
+LOCAL_URL=${values[0]} CLEANUP_TIME=${values[1]} PUBLIC_URL=${values[2]} EXAMPLE_PASSWORD=${values[3]}
+CLEANUP_ENABLED=${values[4]} CONFIG_DATA_DIR=${values[5]} CONFIG_HOST=${values[6]} LISTEN_PROBLEM=${values[7]:-}
+CONFIG_WARNING=
+# A relative data_dir is resolved beside the staged config, hence the DESTDIR strip.
+CONFIG_DATA_DIR=${CONFIG_DATA_DIR#"$DESTDIR"}
+if [[ $CONFIG_DATA_DIR != "$DATA_DIR" && $CONFIG_DATA_DIR != "$DATA_DIR"/* ]]; then
+    CONFIG_WARNING="server.data_dir is $CONFIG_DATA_DIR: the unit only allows writes under $DATA_DIR"
+elif [[ -n $LISTEN_PROBLEM ]]; then
+    CONFIG_WARNING="server.host is $CONFIG_HOST and the server refuses to start: $LISTEN_PROBLEM"
+fi
 [[ -z $CONFIG_WARNING ]] || say "warning: $CONFIG_WARNING"
 
 # ---------------------------------------------------------------- units
@@ -395,7 +382,7 @@ else
     esac
 fi
 
-if [[ $CLEANUP_ENABLED == no && $TIMER_WANTED != yes ]]; then
+if [[ $CLEANUP_ENABLED == false && $TIMER_WANTED != yes ]]; then
     say "warning: cleanup.enable is false and $TIMER is not enabled, so expired images are never"
     say "  removed: run this with --timer, or set cleanup.enable to true in $CONFIG"
 fi
