@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -14,8 +15,8 @@ import pytest
 from PIL import Image, ImageCms, features
 
 import imgproxy
-from conftest import ALICE, BOB, corpus_file
-from helpers import noise_png
+from conftest import ALICE, BOB, ROOT, corpus_file
+from helpers import http_exchange, noise_png
 
 DAY = 86400.0
 HAS_AVIF = features.check("avif")
@@ -169,7 +170,6 @@ async def test_bad_variant_is_400_listing_what_is_allowed(make_client, tail, wor
 
 
 def decoded_json(body: bytes) -> dict:
-    import json
     return json.loads(body)
 
 
@@ -497,9 +497,9 @@ def test_client_gives_variant_urls_without_an_extra_request(make_config, live_se
     assert url == f"{server.base_url}/i/{md5}/640.webp"
     assert c.get_image_url(picture, size=320) == f"{server.base_url}/i/{md5}/320"
     assert c.get_image_url(picture, fmt="avif") == f"{server.base_url}/i/{md5}/full.avif"
-    with urllib_get(url) as resp:
-        assert resp.headers["Content-Type"] == "image/webp"
-        assert decoded(resp.read()).size == (640, 427)
+    status, headers, body = http_exchange("GET", url)
+    assert status == 200 and headers["Content-Type"] == "image/webp"
+    assert decoded(body).size == (640, 427)
     server.stop()  # cached: the variant URL needs no request at all
     offline = imgclient.Client(server.base_url, "alice", "alice123", cache_path=cache)
     assert offline.get_image_url(picture, size=640, fmt="webp") == url
@@ -521,7 +521,7 @@ def test_client_cli_size_and_format(make_config, live_server, tmp_path):
                IMGPROXY_CONFIG=str(server.config_path), XDG_CACHE_HOME=str(tmp_path / "xdg"))
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(imgproxy_root() / "client.py"), *args], env=env,
+        return subprocess.run([sys.executable, str(ROOT / "client.py"), *args], env=env,
                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
     done = cli("--size", "640", "--format", "webp", str(picture))
@@ -530,17 +530,8 @@ def test_client_cli_size_and_format(make_config, live_server, tmp_path):
     assert cli("--size", "320", str(picture)).stdout.strip() == f"{server.base_url}/i/{md5}/320"
     bad = cli("--size", "big", str(picture))
     assert bad.returncode == 2 and "--size" in bad.stderr
-    with urllib_get(done.stdout.strip()) as resp:
-        assert decoded(resp.read()).size == (640, 427)
-
-
-def imgproxy_root() -> Path:
-    return Path(imgproxy.__file__).resolve().parent
-
-
-def urllib_get(url: str):
-    import urllib.request
-    return urllib.request.urlopen(url, timeout=30)
+    status, _, body = http_exchange("GET", done.stdout.strip())
+    assert status == 200 and decoded(body).size == (640, 427)
 
 
 async def test_a_render_past_its_time_budget_answers_503_and_is_kept(make_client, monkeypatch):
@@ -558,16 +549,14 @@ async def test_a_render_past_its_time_budget_answers_503_and_is_kept(make_client
 
 def test_concurrent_first_requests_render_once_across_workers(make_config, server_process):
     import concurrent.futures
-    import urllib.request
     proc = server_process(make_config(server={"workers": 2, "log_level": "DEBUG"}))
-    req = urllib.request.Request(proc.base_url + "/upload/big.jpg", data=photo((3000, 2000)), method="PUT",
-                                 headers=ALICE)
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        md5 = json_loads(resp.read())["md5"]
+    status, _, body = http_exchange("PUT", proc.base_url + "/upload/big.jpg", photo((3000, 2000)), ALICE)
+    assert status == 201
+    md5 = decoded_json(body)["md5"]
 
     def get(_: int) -> tuple[int, bytes]:
-        with urllib.request.urlopen(f"{proc.base_url}/i/{md5}/640.webp", timeout=60) as resp:
-            return resp.status, resp.read()
+        status, _, body = http_exchange("GET", f"{proc.base_url}/i/{md5}/640.webp", timeout=60)
+        return status, body
 
     with concurrent.futures.ThreadPoolExecutor(64) as pool:  # a connection each: both workers answer
         results = list(pool.map(get, range(64)))
@@ -576,11 +565,6 @@ def test_concurrent_first_requests_render_once_across_workers(make_config, serve
     assert proc.terminate() == 0
     assert proc.log.count("rendered variant") == 1, proc.log[-3000:]
     assert "Traceback" not in proc.log
-
-
-def json_loads(data: bytes) -> dict:
-    import json
-    return json.loads(data)
 
 
 async def test_every_valid_corpus_image_renders_in_every_format(make_client, manifest):
