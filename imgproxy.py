@@ -19,8 +19,8 @@ Hash:  python3 imgproxy.py hash-password
 Check: python3 imgproxy.py check-config [--config PATH] [--print KEY ...]
 
 Chapters, top-down: constants · passwords · config · errors · storage · database ·
-image inspection · auth · middlewares · handlers · cleanup · create_app · main ·
-appendix (the OpenAPI document and the upload page).
+image inspection · metrics · auth · middlewares · handlers · cleanup · create_app ·
+main · appendix (the OpenAPI document and the upload page).
 """
 from __future__ import annotations
 
@@ -108,6 +108,8 @@ AUTH_HASH_THREADS = 2           # password hashing's own threads (file reads nev
 AUTH_FAILED_CHECK_FACTOR = 1.5  # a failed check lasts this times the costliest hash at least
 UPLOAD_IDLE_TIMEOUT = 60.0      # an upload body that sends nothing for this long is dropped (408)
 KEEPALIVE_TIMEOUT = 75.0        # idle connections and unfinished request heads are closed
+METRICS_SNAPSHOT_SECONDS = 1.0  # with workers, how stale a sibling's figures in /metrics may be
+METRICS_TOKEN_MIN = 16          # characters of metrics.token at least
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 # App tokens: "imgp_" + 43 base62 characters = 256 bits; the fixed prefix lets
 # secret scanners (GitHub's, gitleaks) recognise a leaked one.
@@ -157,6 +159,7 @@ AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
 VARIANTS: web.AppKey[VariantCache] = web.AppKey("variants")
 TASKS = web.AppKey("tasks", list)
 CLOCK = web.AppKey("clock", object)
+METRICS = web.AppKey("metrics", object)  # a Metrics when metrics.enable, else absent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,11 +262,18 @@ class ClientConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    enable: bool = False
+    token: Optional[str] = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     cleanup: CleanupConfig = CleanupConfig()
     users: tuple[UserConfig, ...] = ()
     client: ClientConfig = ClientConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def base_url(self) -> str:
@@ -325,7 +335,7 @@ def _optional_path(key: str, value: Any, base: Path) -> Optional[Path]:
 def parse_config(raw: Any, base_dir: Path) -> Config:
     """Validate a decoded config.json into a Config; raises ConfigError naming the key."""
     _expect("config", raw, "object")
-    _only_keys("", raw, ("server", "cleanup", "users", "client"))
+    _only_keys("", raw, ("server", "cleanup", "users", "client", "metrics"))
 
     s = _expect("server", raw.get("server", {}), "object")
     _only_keys("server", s, [f.name for f in dataclasses.fields(ServerConfig)])
@@ -454,7 +464,32 @@ def parse_config(raw: Any, base_dir: Path) -> Config:
         cache_path=None if cl.get("cache_path") is None else _expect("client.cache_path", cl["cache_path"], "str"),
         token=None if cl.get("token") is None else _expect("client.token", cl["token"], "str"),
     )
-    return Config(server=server, cleanup=cleanup, users=tuple(users), client=client)
+    return Config(server=server, cleanup=cleanup, users=tuple(users), client=client,
+                  metrics=_parse_metrics(raw.get("metrics", {})))
+
+
+def _parse_metrics(raw: Any) -> MetricsConfig:
+    m = _expect("metrics", raw, "object")
+    d = MetricsConfig()
+    _only_keys("metrics", m, [f.name for f in dataclasses.fields(MetricsConfig)])
+    enable = _expect("metrics.enable", m.get("enable", d.enable), "bool")
+    token = m.get("token", d.token)
+    if token is not None:
+        token = _expect("metrics.token", token, "str")
+        if len(token) < METRICS_TOKEN_MIN or not token.isprintable() or token != token.strip():
+            raise ConfigError(f"metrics.token: use at least {METRICS_TOKEN_MIN} printable characters without "
+                              "spaces around them, e.g. from: python3 -c 'import secrets; "
+                              "print(secrets.token_urlsafe(32))'")
+    if enable:
+        # Optional dependency, imported only now: the default install keeps to
+        # aiohttp, aiosqlite and Pillow. Importing (not just finding) it here
+        # turns a broken install into this one line too, not a 500 at scrape time.
+        try:
+            __import__("prometheus_client")
+        except ImportError:
+            raise ConfigError("metrics.enable: needs the Python package prometheus-client "
+                              "(pip install prometheus-client), or set it to false") from None
+    return MetricsConfig(enable=enable, token=token)
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -847,6 +882,7 @@ class ImageStore:
         self._generation_fd = -1
         self._generation_seen = b""
         self.decode_slots = asyncio.Semaphore(max(1, min(4, os.cpu_count() or 1)))
+        self.cache_hits = self.cache_misses = 0  # for /metrics; an int add is all a request pays
 
     # -- life cycle --
     async def open(self) -> "ImageStore":
@@ -1168,7 +1204,9 @@ class ImageStore:
         entry = self.served.get(md5)
         if entry is not None:
             self.served.move_to_end(md5)
+            self.cache_hits += 1
             return entry
+        self.cache_misses += 1
         for _ in range(3):
             # A delete, renew or reset while this load awaits makes what it
             # read possibly stale: then it is not cached, and read again.
@@ -1385,7 +1423,9 @@ def sanitize_name(raw: Optional[str], ext: str) -> str:
     return name
 
 
-# ==== variants ==================================================================
+# ==== variants ================================================================
+
+
 # Smaller sizes and other formats of a stored image (/i/{md5}/{size}.{fmt}):
 # rendered once on first request, kept under variants/ (tmp + rename, like
 # uploads), bounded on disk by least-recently-used eviction.
@@ -1714,6 +1754,240 @@ def _evict_variants(storage: Storage, budget: int) -> tuple[int, list[str]]:
             total -= _unlink_quietly(path)
             removed.append(path.name)
     return total, removed
+=======
+# ==== metrics ===================================================================
+# GET /metrics when metrics.enable: Prometheus text, written by prometheus-client
+# (an optional package, imported only then) from counters kept here.
+
+CLEANUP_SECONDS_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
+UPLOAD_ROUTES = frozenset({"/upload", "/upload/{filename}"})
+_COUNTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE"})
+
+
+def metrics_dir(config: Config) -> Path:
+    return Path(config.server.data_dir) / "metrics"
+
+
+class Metrics:
+    """What /metrics reports, counted as plain ints and dicts on the event loop.
+
+    prometheus-client's own Counter takes a lock on every inc() (and in its
+    multiprocess mode writes to a mapped file), so every served image would pay
+    for it. One dict update from the one event-loop thread needs no lock, and
+    prometheus-client only writes out the exposition when someone scrapes.
+
+    With server.workers > 1 each worker writes its counts to
+    {data_dir}/metrics/<pid>.json at most once per METRICS_SNAPSHOT_SECONDS, and
+    only when they changed (an idle server writes nothing); the worker that
+    answers a scrape adds its siblings' files to its own live counts. Their
+    figures may lag by that second; no request pays for the aggregation. The
+    folder is emptied before the workers start, so a restart is a counter reset,
+    which Prometheus expects.
+    """
+
+    def __init__(self, snapshot_dir: Optional[Path] = None):
+        self.snapshot_dir = snapshot_dir
+        self.store: Optional[ImageStore] = None  # its serving-cache counts are read at scrape time
+        # Keyed by aiohttp's resource object (None: no route matched), not its
+        # template text: hashing an object is cheaper than building the string.
+        self.requests: collections.defaultdict[tuple[Any, str, int], int] = collections.defaultdict(int)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.uploads: dict[str, int] = {}
+        self.signins: dict[str, int] = {}
+        self.cleanup_passes: dict[str, int] = {}
+        self.cleanup_removed: dict[str, int] = {}
+        self.cleanup_freed = 0
+        self.cleanup_buckets = [0] * len(CLEANUP_SECONDS_BUCKETS)
+        self.cleanup_seconds = 0.0
+
+    # -- counting (event loop only) --
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        # Runs for every answer, the served images included: kept to a few
+        # attribute reads and dict updates (about a microsecond).
+        route = request.match_info.route
+        resource = route.resource
+        method = request.method
+        status = response.status
+        if resource is None:
+            # No route matched (404, 405): the path is the client's text and would
+            # make a label per URL; it is counted under one name.
+            self.requests[None, method if method in _COUNTED_METHODS else "OTHER", status] += 1
+        else:
+            self.requests[resource, route.method, status] += 1
+        if status != 304 and method != "HEAD":
+            body = response.body if isinstance(response, web.Response) else None
+            # A body in memory has its length at hand; parsing Content-Length costs more.
+            self.bytes_sent += len(body) if type(body) is bytes else response.content_length or 0
+        self.bytes_received += request.content.total_bytes
+        if method in ("PUT", "POST") and resource is not None and resource.canonical in UPLOAD_ROUTES:
+            self.count(self.uploads, self._upload_outcome(response))
+
+    @staticmethod
+    def _upload_outcome(response: web.StreamResponse) -> str:
+        if response.status == 201:
+            return "uploaded"
+        if response.status == 200:
+            return "exists"
+        if isinstance(response, ApiError):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                return str(json.loads(response.text)["code"])
+        return _STATUS_CODES.get(response.status, "error")
+
+    @staticmethod
+    def count(table: dict[str, int], key: str) -> None:
+        table[key] = table.get(key, 0) + 1
+
+    def count_cleanup(self, report: Optional["CleanupReport"], seconds: float) -> None:
+        """One scheduled pass: `report` is None when it failed."""
+        if report is None:
+            result = "failed"
+        elif report.skipped:
+            result = "skipped"
+        else:
+            result = "done"
+            for kind in ("expired", "orphan_files", "dangling_rows", "temp_files"):
+                self.cleanup_removed[kind] = self.cleanup_removed.get(kind, 0) + getattr(report, kind)
+            self.cleanup_freed += report.bytes_freed
+        self.count(self.cleanup_passes, result)
+        self.cleanup_seconds += seconds
+        for i, bound in enumerate(CLEANUP_SECONDS_BUCKETS):
+            if seconds <= bound:
+                self.cleanup_buckets[i] += 1
+
+    # -- snapshots: this process's counts as JSON-able data --
+    def snapshot(self) -> dict:
+        store = self.store
+        return {
+            "requests": [["unmatched" if resource is None else resource.canonical, method, status, n]
+                         for (resource, method, status), n in self.requests.items()],
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "uploads": dict(self.uploads),
+            "signins": dict(self.signins),
+            "cache_hits": store.cache_hits if store else 0,
+            "cache_misses": store.cache_misses if store else 0,
+            "cleanup_passes": dict(self.cleanup_passes),
+            "cleanup_removed": dict(self.cleanup_removed),
+            "cleanup_freed": self.cleanup_freed,
+            "cleanup_buckets": list(self.cleanup_buckets),
+            "cleanup_seconds": self.cleanup_seconds,
+        }
+
+    def _snapshot_path(self) -> Path:
+        return self.snapshot_dir / f"{os.getpid()}.json"
+
+    def write_snapshot(self, snap: dict) -> None:
+        """Blocking (worker thread); atomic, so a scraping sibling never reads half a file."""
+        final = self._snapshot_path()
+        tmp = final.with_suffix(".part")
+        tmp.write_text(json.dumps(snap), encoding="utf-8")
+        os.replace(tmp, final)
+
+    def read_siblings(self) -> list[dict]:
+        """Blocking (worker thread): the other workers' latest snapshots."""
+        own = self._snapshot_path().name
+        snaps = []
+        with contextlib.suppress(FileNotFoundError):
+            for path in self.snapshot_dir.glob("*.json"):
+                if path.name != own:
+                    with contextlib.suppress(OSError, ValueError):
+                        snaps.append(json.loads(path.read_text(encoding="utf-8")))
+        return snaps
+
+    async def keep_snapshot(self) -> None:
+        """Background task of each worker when server.workers > 1."""
+        last: Optional[dict] = None
+        warned = False
+        while True:
+            snap = self.snapshot()
+            if snap != last:
+                try:
+                    await asyncio.to_thread(self.write_snapshot, snap)
+                    last, warned = snap, False
+                except OSError as exc:
+                    if not warned:
+                        log.warning("cannot write metrics snapshot (other workers' /metrics lag): %s", exc)
+                        warned = True
+            await asyncio.sleep(METRICS_SNAPSHOT_SECONDS)
+
+    # -- exposition --
+    async def exposition(self) -> bytes:
+        snaps = [self.snapshot()]
+        if self.snapshot_dir is not None:
+            snaps += await asyncio.to_thread(self.read_siblings)
+        return render_metrics(snaps)
+
+
+def _sum_snapshots(snaps: list[dict]) -> dict:
+    # Known outcomes start at 0 so that a dashboard's rate() sees the first one.
+    total: dict = {"requests": {}, "uploads": {"uploaded": 0, "exists": 0},
+                   "signins": {"failed": 0, "blocked": 0},
+                   "cleanup_passes": {"done": 0, "skipped": 0, "failed": 0}, "cleanup_removed": {},
+                   "cleanup_buckets": [0] * len(CLEANUP_SECONDS_BUCKETS)}
+    for snap in snaps:
+        for route, method, status, n in snap.get("requests", []):
+            key = (route, method, status)
+            total["requests"][key] = total["requests"].get(key, 0) + n
+        for table in ("uploads", "signins", "cleanup_passes", "cleanup_removed"):
+            for key, n in snap.get(table, {}).items():
+                total[table][key] = total[table].get(key, 0) + n
+        for name in ("bytes_sent", "bytes_received", "cache_hits", "cache_misses", "cleanup_freed",
+                     "cleanup_seconds"):
+            total[name] = total.get(name, 0) + snap.get(name, 0)
+        for i, n in enumerate(snap.get("cleanup_buckets", [])[:len(CLEANUP_SECONDS_BUCKETS)]):
+            total["cleanup_buckets"][i] += n
+    return total
+
+
+def render_metrics(snaps: list[dict]) -> bytes:
+    """Prometheus text exposition of the summed snapshots (one per worker)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    t = _sum_snapshots(snaps)
+
+    def labelled(name: str, doc: str, labels: list[str], table: dict) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, doc, labels=labels)
+        for key, n in sorted(table.items()):
+            family.add_metric([str(k) for k in (key if isinstance(key, tuple) else (key,))], n)
+        return family
+
+    def families() -> Iterable[Any]:
+        yield GaugeMetricFamily("imgproxy_worker_processes", "Processes whose counts are summed here",
+                                value=len(snaps))
+        yield labelled("imgproxy_http_requests", "HTTP answers by route template, method and status",
+                       ["route", "method", "status"], t["requests"])
+        yield CounterMetricFamily("imgproxy_http_sent_bytes", "Response body bytes sent (HEAD and 304 send none)",
+                                  value=t["bytes_sent"])
+        yield CounterMetricFamily("imgproxy_http_received_bytes", "Request body bytes received",
+                                  value=t["bytes_received"])
+        yield labelled("imgproxy_uploads", "Uploads by outcome: uploaded, exists, or the error code",
+                       ["outcome"], t["uploads"])
+        yield CounterMetricFamily("imgproxy_serving_cache_hits", "Image requests answered from the serving cache",
+                                  value=t["cache_hits"])
+        yield CounterMetricFamily("imgproxy_serving_cache_misses", "Image requests that read the database",
+                                  value=t["cache_misses"])
+        yield labelled("imgproxy_signins", "Refused sign-ins: failed (wrong credentials) or blocked (429)",
+                       ["result"], t["signins"])
+        yield labelled("imgproxy_cleanup_passes", "Scheduled cleanup passes by result: done, skipped, failed",
+                       ["result"], t["cleanup_passes"])
+        yield labelled("imgproxy_cleanup_removed", "What scheduled cleanup passes removed, by kind",
+                       ["kind"], t["cleanup_removed"])
+        yield CounterMetricFamily("imgproxy_cleanup_freed_bytes", "Bytes freed by scheduled cleanup passes",
+                                  value=t["cleanup_freed"])
+        buckets = [(repr(bound), n) for bound, n in zip(CLEANUP_SECONDS_BUCKETS, t["cleanup_buckets"])]
+        buckets.append(("+Inf", sum(t["cleanup_passes"].values())))  # counts are cumulative already
+        yield HistogramMetricFamily("imgproxy_cleanup_duration_seconds", "Duration of scheduled cleanup passes",
+                                    buckets=buckets, sum_value=t["cleanup_seconds"])
+
+    class Collector:
+        def collect(self) -> Iterable[Any]:
+            return families()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())
+    return generate_latest(registry)
 
 
 # ==== auth ======================================================================
@@ -2007,6 +2281,12 @@ def rate_limited(wait: float) -> web.HTTPException:
                       "rate_limited", {"Retry-After": str(seconds)})
 
 
+def count_signin(request: web.Request, result: str) -> None:
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.count(metrics.signins, result)
+
+
 async def _token_user(request: web.Request, token: str) -> Optional[UserConfig]:
     """The user an app token acts for, or None (unknown, revoked, or its user
     no longer in the config)."""
@@ -2034,6 +2314,7 @@ async def require_user(request: web.Request, role: str = "uploader",
     # Every attempt is reserved before it is checked and settled after.
     wait = auth.admit(address) if token is not None else auth.blocked_for(address)
     if wait > 0:
+        count_signin(request, "blocked")
         raise rate_limited(wait)
     if token is not None:
         user = None
@@ -2047,12 +2328,33 @@ async def require_user(request: web.Request, role: str = "uploader",
         try:
             user = await auth.check(header, address)
         except SignInWait as exc:
+            count_signin(request, "blocked")
             raise rate_limited(exc.seconds) from None
     if user is None:
+        if header:
+            count_signin(request, "failed")
         raise denied(401, request)
     if (role == "admin" and user.role != "admin") or (password_only and token is not None):
         raise denied(403, request)
     return user
+
+
+async def require_metrics_reader(request: web.Request) -> None:
+    """Admin Basic, or `Authorization: Bearer <metrics.token>`.
+
+    The metrics token is looked at on /metrics only, so it never stands in for
+    a user elsewhere, and only while the address is not blocked: a blocked
+    guesser gets the same 429 whatever it sends. Both sides are hashed first so
+    the comparison takes the same time whatever the lengths.
+    """
+    token = request.app[CONFIG].metrics.token
+    scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    if token and scheme.lower() == "bearer" and not request.app[AUTH].blocked_for(client_address(request)):
+        if hmac.compare_digest(hashlib.sha256(given.strip().encode("utf-8", "surrogatepass")).digest(),
+                               hashlib.sha256(token.encode()).digest()):
+            return
+    # An admin's app token is for uploading tools, not for monitoring: 403.
+    await require_user(request, "admin", password_only=True)
 
 
 # ==== middlewares ===============================================================
@@ -2576,6 +2878,16 @@ async def handle_openapi(request: web.Request) -> web.Response:
     return web.json_response(OPENAPI, headers={"Cache-Control": CACHE_NO_CACHE})
 
 
+async def handle_metrics(request: web.Request) -> web.Response:
+    metrics = request.app.get(METRICS)
+    if metrics is None:
+        raise json_error(404, "not found", "not_found")  # as for any unknown path (README: Metrics)
+    await require_metrics_reader(request)
+    body = await metrics.exposition()
+    # The classic text format: every Prometheus reads it, and our names need nothing newer.
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
 # ==== cleanup ===================================================================
 
 @dataclasses.dataclass
@@ -2865,6 +3177,8 @@ async def _store_ctx(app: web.Application):
     store = await ImageStore(app[CONFIG], app[CLOCK]).open()
     app[STORE] = store
     app[VARIANTS] = VariantCache(app[CONFIG], store.storage)
+    if METRICS in app:
+        app[METRICS].store = store
     yield
     await app[VARIANTS].close()
     await store.close()
@@ -2890,12 +3204,22 @@ async def _background_ctx(app: web.Application):
         last = await store.get_meta("last_cleanup")
 
         async def run_pass() -> None:
-            report = await run_cleanup_pass(store)
+            started = time.monotonic()
+            try:
+                report = await run_cleanup_pass(store)
+            except Exception:
+                if METRICS in app:
+                    app[METRICS].count_cleanup(None, time.monotonic() - started)
+                raise
+            if METRICS in app:
+                app[METRICS].count_cleanup(report, time.monotonic() - started)
             log.info("%s", report.summary())
 
         tasks.append(asyncio.create_task(
             cleanup_scheduler(run_pass, float(last) if last else None, config.cleanup.cleanup_time,
                               clock=store.clock), name="imgproxy-cleanup"))
+    if METRICS in app and app[METRICS].snapshot_dir is not None:
+        tasks.append(asyncio.create_task(app[METRICS].keep_snapshot(), name="imgproxy-metrics"))
     app[TASKS] = tasks
     yield
     for t in tasks:
@@ -2921,6 +3245,10 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_background_ctx)
     app.on_response_prepare.append(on_prepare)
+    if config.metrics.enable:
+        # Without metrics nothing is counted and no hook runs: a disabled feature costs nothing.
+        app[METRICS] = Metrics(metrics_dir(config) if config.server.workers > 1 else None)
+        app.on_response_prepare.append(app[METRICS].on_response_prepare)
     r = app.router
     r.add_get("/i/{name}", handle_image)
     r.add_get("/i/{md5}/{variant}", handle_variant)
@@ -2939,6 +3267,7 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
     r.add_get("/", handle_page)
     r.add_get("/static/{asset}", handle_asset)
     r.add_get("/openapi.json", handle_openapi)
+    r.add_get("/metrics", handle_metrics)
     return app
 
 
@@ -3025,6 +3354,10 @@ def run_workers(config: Config, sock: socket.socket, count: int) -> int:
     storage = Storage(config.server.data_dir)
     storage.prepare()
     open_write_db(storage.db_path).close()
+    if config.metrics.enable:
+        # Counts start from zero with the workers: no snapshot of an earlier run is summed.
+        shutil.rmtree(metrics_dir(config), ignore_errors=True)
+        metrics_dir(config).mkdir()
     children: dict[int, int] = {}
     for index in range(count):
         pid = os.fork()
@@ -3248,7 +3581,9 @@ OPENAPI: dict = {
     "components": {
         "securitySchemes": {"basic": {"type": "http", "scheme": "basic"},
                             "bearer": {"type": "http", "scheme": "bearer",
-                                       "description": "an app token (imgp_...) from POST /api/tokens"}},
+                                       "description": "an app token (imgp_...) from POST /api/tokens"},
+                            "metrics_token": {"type": "http", "scheme": "bearer",
+                                              "description": "metrics.token from config.json; /metrics only"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error", "code"],
                       "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
@@ -3413,6 +3748,14 @@ OPENAPI: dict = {
                         "text/javascript": {"schema": {"type": "string"}},
                         "text/css": {"schema": {"type": "string"}}}},
                         **_errors(404)}},
+        },
+        "/metrics": {
+            "get": {"summary": "Prometheus metrics (admin, or the metrics token); 404 while metrics.enable "
+                               "is false",
+                    "security": [{"basic": []}, {"metrics_token": []}],
+                    "responses": {"200": {"description": "Prometheus text format 0.0.4", "content": {
+                        "text/plain": {"schema": {"type": "string"}}}},
+                        **_errors(401, 403, 404, 429)}},
         },
         "/openapi.json": {
             "get": {"summary": "this document", "security": [],

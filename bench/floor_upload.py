@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
-"""The upload floor for the benchmark: a minimal streaming aiohttp upload handler.
+"""The upload floor for the benchmark: the work every accepted upload must cost, and nothing else.
 
-No authentication, no validation, no database: the body is written to a temp
-file while it is hashed, the file is renamed to its digest, and a small JSON
-answer goes back. imgproxy's uploads/s are reported as a ratio to this.
+It hashes the body, runs imgproxy's own image checks (`imgproxy.inspect_image`:
+the JPEG header walk, the pixel limit from the header, Pillow's verify() and a
+full decode), writes the bytes to a temp file and renames it to its digest, then
+answers a small JSON object. The checks and the disk work run in one worker
+thread per upload, as any server that keeps its event loop free must do, and
+at most as many at once as imgproxy allows (its decode slots: min(4, CPUs)),
+which bounds the memory of decoding there.
+No authentication, no database, no deduplication, no limits on the body.
+imgproxy's uploads/s are reported as a ratio to this.
 
     python3 bench/floor_upload.py --dir /tmp/floor [--host 127.0.0.1] [--port 0]
 
@@ -18,28 +24,44 @@ import os
 import secrets
 import signal
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import imgproxy  # after the path insert: the checks under test are imgproxy's own
+
+CHECKS = imgproxy.ServerConfig()  # default formats and max_pixels, as the benchmark's imgproxy uses
+
+
+def hash_check_and_write(root: str, body: bytes) -> dict:
+    digest = hashlib.md5(body).hexdigest()
+    facts = imgproxy.inspect_image(body, len(body), CHECKS.formats, CHECKS.max_pixels)
+    tmp = os.path.join(root, f"up-{secrets.token_hex(8)}.part")
+    with open(tmp, "wb") as f:
+        f.write(body)
+    os.replace(tmp, os.path.join(root, f"{digest}.{imgproxy.FORMATS[facts.format][0]}"))
+    return {"md5": digest, "size": len(body), "format": facts.format, "width": facts.width,
+            "height": facts.height}
+
 
 async def handle_upload(request: web.Request) -> web.Response:
-    root = request.app["dir"]
-    tmp = os.path.join(root, f"up-{secrets.token_hex(8)}.part")
-    md5 = hashlib.md5()
-    size = 0
-    with open(tmp, "wb") as f:
-        async for chunk in request.content.iter_any():
-            md5.update(chunk)
-            f.write(chunk)
-            size += len(chunk)
-    digest = md5.hexdigest()
-    os.replace(tmp, os.path.join(root, digest))
-    return web.json_response({"md5": digest, "size": size}, status=201)
+    chunks = []
+    async for chunk in request.content.iter_any():
+        chunks.append(chunk)
+    try:
+        async with request.app["slots"]:
+            info = await asyncio.to_thread(hash_check_and_write, request.app["dir"], b"".join(chunks))
+    except imgproxy.UploadRejected as exc:
+        return web.json_response({"error": exc.message, "code": exc.code}, status=exc.status)
+    return web.json_response(info, status=201)
 
 
 async def serve(host: str, port: int, root: str) -> None:
+    await asyncio.to_thread(imgproxy.Image.init)  # as imgproxy does at start: plugins not timed
     app = web.Application(client_max_size=1 << 40)
     app["dir"] = root
+    app["slots"] = asyncio.Semaphore(max(1, min(4, os.cpu_count() or 1)))
     app.router.add_route("PUT", "/upload/{name}", handle_upload)
     app.router.add_route("POST", "/upload", handle_upload)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -9,7 +9,8 @@ its ratio to the reference measured in the same run:
   2. mixed GET     1,000 distinct JPEGs of 20 KB-2 MB in random order: req/s, MiB/s vs nginx
   3. conditional   If-None-Match revalidation (304): req/s vs nginx (with its own ETag)
   4. uploads       distinct 100 KB 800x600 JPEGs, 16 connections: uploads/s vs
-                   bench/floor_upload.py (streams + hashes + writes, no validation, no DB)
+                   bench/floor_upload.py (hashes, runs imgproxy.inspect_image, writes;
+                   no auth, no DB), interleaved rounds, best of each kept
   5. dedup hits    POST /api/images/{md5}/renew, 16 connections: req/s
   6. big upload    the largest PNG and BMP under the default 20 MB limit: MiB/s vs
                    md5sum of the same file, and the server's VmHWM growth; a 500 MiB
@@ -167,22 +168,25 @@ class Server:
 
 
 def write_imgproxy_config(path: Path, data_dir: Path, cleanup_enable: bool = False,
-                          cleanup_time: str = "03:00:00", workers: int = 1) -> None:
+                          cleanup_time: str = "03:00:00", workers: int = 1, metrics: bool = False) -> None:
     server = {"domain": "127.0.0.1", "host": "127.0.0.1", "port": 0, "data_dir": str(data_dir),
               "max_upload_mb": 20, "max_pixels": 50_000_000}
     if workers != 1:
         server["workers"] = workers  # only when asked: older imgproxy.py refuses unknown keys
-    path.write_text(json.dumps({
+    config = {
         "server": server,
         "cleanup": {"enable": cleanup_enable, "expire_days": 30, "cleanup_time": cleanup_time},
         "users": [{"username": USER, "password": PASSWORD, "role": "admin"}],
-    }, indent=2))
+    }
+    if metrics:
+        config["metrics"] = {"enable": True}
+    path.write_text(json.dumps(config, indent=2))
 
 
-def start_imgproxy(work: Path, data_dir: Path, tag: str, **cfg) -> Server:
+def start_imgproxy(work: Path, data_dir: Path, tag: str, script: Path = REPO / "imgproxy.py", **cfg) -> Server:
     conf = work / f"imgproxy-{tag}.json"
     write_imgproxy_config(conf, data_dir, **cfg)
-    p, port = PROCS.start([sys.executable, str(REPO / "imgproxy.py"), "--config", str(conf),
+    p, port = PROCS.start([sys.executable, str(script), "--config", str(conf),
                            "--host", "127.0.0.1", "--port", "0"],
                           ready=r"listening on http://[^:]+:(\d+)", log_path=work / f"imgproxy-{tag}.log",
                           cwd=str(REPO))
@@ -358,7 +362,8 @@ class Bench:
         self.run_dir.mkdir(parents=True)
         n_mixed = 100 if self.quick else 1000
         n_uploads = 3000 if self.quick else 16000
-        self.data = gen_data.ensure(self.cache, n_mixed, n_uploads, 1 if self.quick else 3, 20 * MiB, log=log)
+        n_big = 0 if "big" not in self.which else 1 if self.quick else 3  # 20 MiB files: slow to make
+        self.data = gen_data.ensure(self.cache, n_mixed, n_uploads, n_big, 20 * MiB, log=log)
 
     # -- GET tests on one populated imgproxy, and nginx on its uploads/ --
     def get_tests(self, which: set[str]) -> None:
@@ -469,21 +474,48 @@ class Bench:
         self.table.add("1 hot GET 60 KB", "bare aiohttp vs nginx", fmt_rate(rb["rps"]), fmt_rate(rn["rps"]),
                        f"{rb['rps'] / rn['rps']:.2f}×", "(reference)")
         if self.args.workers > 1:
+            # Variants measured in the same interleaved rounds: another imgproxy.py
+            # (--baseline, e.g. the previous commit's) and this one with /metrics on.
+            variants = [("", {})]
+            if self.args.baseline:
+                variants.append(("baseline imgproxy.py", {"script": Path(self.args.baseline).resolve()}))
+            if self.args.metrics:
+                variants.append(("metrics.enable", {"metrics": True}))
+            servers = []
             try:
-                multi = start_imgproxy(self.run_dir, self.run_dir / "data-main", "workers",
-                                       workers=self.args.workers)
-            except RuntimeError as exc:
-                self.notes.append(f"server.workers={self.args.workers}: imgproxy did not start "
-                                  f"({str(exc).splitlines()[-1][:160]})")
-            else:
-                try:
-                    rn2, rw = self._compare([(nginx, None), (multi, None)], "static.lua", 64)
-                finally:
-                    multi.stop()
-                self.results["hot"]["workers"] = rw
-                self.table.add("1 hot GET 60 KB", f"req/s, server.workers={self.args.workers}, vs nginx",
+                for label, extra in variants:
+                    try:
+                        servers.append((label, start_imgproxy(self.run_dir, self.run_dir / "data-main",
+                                                              f"workers{len(servers)}",
+                                                              workers=self.args.workers, **extra)))
+                    except RuntimeError as exc:
+                        self.notes.append(f"server.workers={self.args.workers} {label}: imgproxy did not "
+                                          f"start ({str(exc).splitlines()[-1][:160]})")
+                if servers:
+                    rn2, *rws = self._compare([(nginx, None)] + [(srv_, None) for _, srv_ in servers],
+                                              "static.lua", 64)
+            finally:
+                for _, srv_ in servers:
+                    srv_.stop()
+            for (label, _), rw in zip(servers, rws if servers else []):
+                tag = f"server.workers={self.args.workers}" + (f", {label}" if label else "")
+                self.results["hot"]["workers" + (f" {label}" if label else "")] = rw
+                self.table.add("1 hot GET 60 KB", f"req/s, {tag}, vs nginx",
                                fmt_rate(rw["rps"]), fmt_rate(rn2["rps"]), f"{rw['rps'] / rn2['rps']:.2f}×",
                                verdict(rw["rps"] / rn2["rps"], 0.5))
+            if len(servers) > 1 and servers[0][0] == "":
+                plain = rws[0]
+                for (label, _), rw in zip(servers[1:], rws[1:]):
+                    if label == "metrics.enable":  # the cost of counting, when an operator turns it on
+                        self.table.add("1 hot GET 60 KB", f"req/s, server.workers={self.args.workers}, "
+                                       "metrics.enable vs off", fmt_rate(rw["rps"]), fmt_rate(plain["rps"]),
+                                       f"{rw['rps'] / plain['rps']:.2f}×", "(report)")
+                        self.cpu_rows("1 hot GET 60 KB, workers, metrics.enable", rw, [("off", plain)])
+                    else:  # what this version's changes cost the default install
+                        self.table.add("1 hot GET 60 KB", f"req/s, server.workers={self.args.workers}, "
+                                       "this imgproxy.py vs baseline", fmt_rate(plain["rps"]), fmt_rate(rw["rps"]),
+                                       f"{plain['rps'] / rw['rps']:.2f}×", verdict(plain["rps"] / rw["rps"], 0.95))
+                        self.cpu_rows("1 hot GET 60 KB, workers, this imgproxy.py", plain, [("baseline", rw)])
         self.cpu_rows("1 hot GET 60 KB", ri, [("nginx", rn), ("bare aiohttp", rb)])
 
     def mixed_get(self, srv: Server, nginx: Server) -> None:
@@ -538,17 +570,25 @@ class Bench:
         floor = start_python_server(self.run_dir, "floor_upload.py", ["--dir", str(self.run_dir / "floor")],
                                     "floor")
         env = {"BENCH_LIST": str(lst), "BENCH_AUTH": AUTH}
+        # Interleaved rounds, each server's best kept, as for the GET tests: outside
+        # work only slows a round down. imgproxy gets files it has not seen in every
+        # round (a repeat would be a cheaper dedup hit); the floor keeps no state.
+        rf = ri = None
+        offset = 0
         try:
-            rf = wrk(floor.base + "/", "upload.lua", self.dur, 16, self.t, env, timeout_s=30, work=self.run_dir,
-                     srv=floor)
+            for _ in range(self.repeat):
+                r = wrk(floor.base + "/", "upload.lua", self.dur, 16, self.t, env, timeout_s=30,
+                        work=self.run_dir, srv=floor)
+                rf = r if rf is None or r["rps"] > rf["rps"] else rf
+                r = wrk(srv.base + "/", "upload.lua", self.dur, 16, self.t, dict(env, BENCH_OFFSET=str(offset)),
+                        timeout_s=30, work=self.run_dir, srv=srv)
+                offset += r["requests"] + 64
+                ri = r if ri is None or r["rps"] > ri["rps"] else ri
         finally:
             floor.stop()
             shutil.rmtree(self.run_dir / "floor", ignore_errors=True)
-        ri = wrk(srv.base + "/", "upload.lua", self.dur, 16, self.t, env, timeout_s=30, work=self.run_dir,
-                 srv=srv)
         self.results["upload"] = {"imgproxy": ri, "floor": rf}
-        self.profile(srv, "upload", srv.base + "/", "upload.lua", 16,
-                     dict(env, BENCH_OFFSET=str(ri["requests"] + 64)))
+        self.profile(srv, "upload", srv.base + "/", "upload.lua", 16, dict(env, BENCH_OFFSET=str(offset)))
         if ri.get("wrapped"):
             self.notes.append(f"uploads: the {len(self.data['uploads'])} distinct files ran out; later "
                               "uploads were dedup hits (raise n_uploads)")
@@ -780,6 +820,7 @@ class Bench:
 
     def run(self, which: set[str]) -> None:
         self.results: dict = {}
+        self.which = which
         self.prepare()
         if which & {"hot", "mixed", "cond", "renew", "upload"}:
             self.get_tests(which)
@@ -860,6 +901,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="GET comparisons: interleaved rounds, best kept (default 2; 1 with --quick)")
     parser.add_argument("--workers", type=int, default=2,
                         help="also measure hot GET with imgproxy's server.workers=N (default 2; 1 skips)")
+    parser.add_argument("--baseline", metavar="IMGPROXY_PY",
+                        help="also measure hot GET (with --workers) with another imgproxy.py, e.g. "
+                             "`git show main:imgproxy.py > /tmp/base.py`, in the same rounds")
+    parser.add_argument("--metrics", action="store_true",
+                        help="also measure hot GET (with --workers) with metrics.enable (needs prometheus-client)")
     parser.add_argument("--wrk-threads", type=int, default=1,
                         help="wrk threads (default 1: the server gets one core, the load generator the other)")
     parser.add_argument("--workdir", default="/tmp/imgproxy-bench", help="scratch folder (default %(default)s)")

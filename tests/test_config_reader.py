@@ -18,7 +18,12 @@ from conftest import ROOT
 # Section in config.json -> the dataclass its keys come from. Walking the
 # dataclasses means a key added to one is checked here without editing this file.
 SECTIONS = {"server": imgproxy.ServerConfig, "cleanup": imgproxy.CleanupConfig,
-            "users[]": imgproxy.UserConfig, "client": imgproxy.ClientConfig}
+            "users[]": imgproxy.UserConfig, "client": imgproxy.ClientConfig,
+            "metrics": imgproxy.MetricsConfig}
+
+
+def test_every_config_section_is_walked():
+    assert {f.name for f in dataclasses.fields(imgproxy.Config)} == {s.rstrip("[]") for s in SECTIONS}
 
 
 def config_keys() -> list[tuple[str, dataclasses.Field]]:
