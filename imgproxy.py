@@ -1424,8 +1424,6 @@ def sanitize_name(raw: Optional[str], ext: str) -> str:
 
 
 # ==== variants ================================================================
-
-
 # Smaller sizes and other formats of a stored image (/i/{md5}/{size}.{fmt}):
 # rendered once on first request, kept under variants/ (tmp + rename, like
 # uploads), bounded on disk by least-recently-used eviction.
@@ -1754,7 +1752,8 @@ def _evict_variants(storage: Storage, budget: int) -> tuple[int, list[str]]:
             total -= _unlink_quietly(path)
             removed.append(path.name)
     return total, removed
-=======
+
+
 # ==== metrics ===================================================================
 # GET /metrics when metrics.enable: Prometheus text, written by prometheus-client
 # (an optional package, imported only then) from counters kept here.
