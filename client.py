@@ -429,18 +429,23 @@ class LocalCache:
             return None
         return info if isinstance(info, dict) else None
 
-    def put_info(self, server: str, username: str, info: dict) -> None:
+    def put_info(self, server: str, username: str, info: dict, *aliases: str) -> None:
+        """Cache ``info`` under its ``md5``, its ``source_md5`` and the local
+        file's MD5 (``aliases``): when the server stripped metadata, the
+        stored bytes differ from the file, and the file's hash must still hit."""
         if self.disabled:
             return
         expire_at = _parse_time(info.get("expire_at"))
         md5 = info.get("md5")
         if expire_at is None or not isinstance(md5, str) or expire_at <= time.time():
             return
+        keys = [k for k in dict.fromkeys((md5, info.get("source_md5"), *aliases))
+                if isinstance(k, str) and len(k) == 32]
         stored = {k: v for k, v in info.items() if k != "status"}
         try:
             with self._connect() as db:
-                db.execute("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?)",
-                           (server, username, md5, json.dumps(stored), expire_at))
+                db.executemany("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?)",
+                               [(server, username, key, json.dumps(stored), expire_at) for key in keys])
         except (sqlite3.Error, OSError) as e:
             self._fail(e)
 
@@ -515,7 +520,7 @@ def _server_failure(reply: _Reply, default: str) -> _Failure:
             message = f"the server refused the file: {server_message}"
         elif status == 415:
             message = ("the server refused the file: not a supported image "
-                       "(JPEG, PNG, GIF, WEBP, BMP, TIFF, ICO)")
+                       "(JPEG, PNG, GIF, WEBP, BMP, TIFF, ICO, AVIF, HEIC)")
         elif code == "too_many_pixels":
             message = "the server refused the file: the image has too many pixels"
         else:
@@ -734,7 +739,7 @@ class Client:
             if info is None:
                 info = self._upload(path)
             if self.cache:
-                self.cache.put_info(self.base_url, user, info)
+                self.cache.put_info(self.base_url, user, info, md5)
             return info
         except _Failure as e:
             return e.as_dict()

@@ -52,10 +52,12 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import sys
 import threading
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Optional
 
@@ -84,7 +86,13 @@ FORMATS: dict[str, tuple[str, str]] = {
     "ICO": ("ico", "image/x-icon"),
     "AVIF": ("avif", "image/avif"),
 }
-DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO")
+# AVIF counts only where Pillow decodes it; HEIF (iPhone HEIC) needs the optional
+# pillow-heif and is stored as JPEG. Both are in the default list so that the
+# server takes them as soon as it can, and says how to enable HEIC when it cannot.
+DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "AVIF", "HEIF")
+CONVERTED_FORMATS = {"HEIF": "JPEG"}  # detected format -> format it is stored as
+HEIF_HOWTO = ("HEIC/HEIF photos need the optional pillow-heif package on the server: "
+              "pip install pillow-heif, then restart imgproxy")
 
 MD5_RE = re.compile(r"[0-9a-f]{32}")
 CHUNK = 256 * 1024              # network read size
@@ -240,6 +248,7 @@ class ServerConfig:
     workers: int = 1
     variant_widths: tuple[int, ...] = DEFAULT_VARIANT_WIDTHS
     variant_cache_mb: float = 1024
+    strip_metadata: bool = True
 
     @property
     def max_upload_bytes(self) -> int:
@@ -359,10 +368,11 @@ def parse_config(raw: Any, base_dir: Path) -> Config:
     wanted_formats = []
     for f in formats:
         name = _expect("server.formats[]", f, "str").upper()
-        name = {"JPG": "JPEG", "TIF": "TIFF"}.get(name, name)
-        if name not in FORMATS:
-            raise ConfigError(f"server.formats: {f!r} is not supported (choose from {', '.join(FORMATS)})")
-        if name == "AVIF" and not _pillow_has("AVIF"):
+        name = {"JPG": "JPEG", "TIF": "TIFF", "HEIC": "HEIF"}.get(name, name)
+        if name not in FORMATS and name not in CONVERTED_FORMATS:
+            raise ConfigError(f"server.formats: {f!r} is not supported "
+                              f"(choose from {', '.join([*FORMATS, *CONVERTED_FORMATS])})")
+        if name == "AVIF" and "formats" in s and not _pillow_has("AVIF"):
             raise ConfigError("server.formats: AVIF needs a Pillow built with AVIF support")
         wanted_formats.append(name)
     if not wanted_formats:
@@ -402,6 +412,7 @@ def parse_config(raw: Any, base_dir: Path) -> Config:
         access_log=_expect("server.access_log", s.get("access_log", d.access_log), "bool"),
         trust_forwarded_for=_expect("server.trust_forwarded_for",
                                     s.get("trust_forwarded_for", d.trust_forwarded_for), "bool"),
+        strip_metadata=_expect("server.strip_metadata", s.get("strip_metadata", d.strip_metadata), "bool"),
     )
     if not server.domain.strip():
         raise ConfigError("server.domain: must not be empty")
@@ -768,6 +779,28 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE INDEX IF NOT EXISTS tokens_user ON tokens(username, created_at);
 """
+ROW_COLUMNS = IMAGE_COLUMNS + ", source_md5"  # what reads select (the column comes from add_source_md5)
+
+
+def add_source_md5(db: sqlite3.Connection) -> None:
+    """Schema upgrade: images.source_md5, the MD5 of the bytes as uploaded when
+    stripping or conversion changed them. Older databases gain the column (their
+    rows keep NULL); several processes starting at once upgrade it once."""
+    def present() -> bool:
+        return any(col[1] == "source_md5" for col in db.execute("PRAGMA table_info(images)"))
+
+    if present():
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if not present():
+            db.execute("ALTER TABLE images ADD COLUMN source_md5 TEXT")
+            db.execute("CREATE INDEX IF NOT EXISTS images_source ON images(source_md5)")
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            db.execute("ROLLBACK")
+        raise
 
 
 def open_write_db(path: Path) -> sqlite3.Connection:
@@ -789,6 +822,7 @@ def open_write_db(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(SCHEMA)
         db.executescript(TOKENS_SCHEMA)
+        add_source_md5(db)
     except BaseException:
         db.close()
         raise
@@ -836,7 +870,12 @@ class Txn:
         self.changed = False
 
     def row(self, md5: str) -> Optional[sqlite3.Row]:
-        return self.db.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE md5 = ?", (md5,)).fetchone()
+        return self.db.execute(f"SELECT {ROW_COLUMNS} FROM images WHERE md5 = ?", (md5,)).fetchone()
+
+    def row_any(self, digest: str) -> Optional[sqlite3.Row]:
+        """The image named by either digest: its own md5 first, else the upload it came from."""
+        return self.row(digest) or self.db.execute(
+            f"SELECT {ROW_COLUMNS} FROM images WHERE source_md5 = ? LIMIT 1", (digest,)).fetchone()
 
     def hold(self, md5: str, user: str, now: float) -> None:
         self.db.execute("INSERT INTO holds (md5, username, held_at) VALUES (?, ?, ?) "
@@ -999,16 +1038,27 @@ class ImageStore:
             "created_at": iso(row["created_at"]),
             "expire_at": iso(row["expire_at"]),
         }
+        if "source_md5" in row.keys() and row["source_md5"] and row["source_md5"] != md5:
+            out["source_md5"] = row["source_md5"]
         if status:
             out["status"] = status
         return out
 
     async def get_row(self, md5: str) -> Optional[sqlite3.Row]:
-        async with self.db_read.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE md5 = ?", (md5,)) as cur:
+        async with self.db_read.execute(f"SELECT {ROW_COLUMNS} FROM images WHERE md5 = ?", (md5,)) as cur:
             return await cur.fetchone()
 
+    async def get_row_any(self, digest: str) -> Optional[sqlite3.Row]:
+        """For the API's {md5} slots, which also take a source_md5; never for /i/."""
+        row = await self.get_row(digest)
+        if row is None:
+            async with self.db_read.execute(f"SELECT {ROW_COLUMNS} FROM images WHERE source_md5 = ? "
+                                            "LIMIT 1", (digest,)) as cur:
+                row = await cur.fetchone()
+        return row
+
     async def lookup(self, md5: str) -> Optional[dict]:
-        row = await self.get_row(md5)
+        row = await self.get_row_any(md5)
         if row is None or row["expire_at"] <= self.clock():
             return None
         return self.info(row)
@@ -1018,10 +1068,10 @@ class ImageStore:
         db = self.db_read
         if username is None:
             where, args = "WHERE expire_at > ?", [now]
-            sql = f"SELECT {IMAGE_COLUMNS} FROM images {where} ORDER BY created_at DESC, md5 LIMIT ? OFFSET ?"
+            sql = f"SELECT {ROW_COLUMNS} FROM images {where} ORDER BY created_at DESC, md5 LIMIT ? OFFSET ?"
             count_sql = f"SELECT COUNT(*) FROM images {where}"
         else:
-            cols = ", ".join(f"i.{c.strip()}" for c in IMAGE_COLUMNS.split(","))
+            cols = ", ".join(f"i.{c.strip()}" for c in ROW_COLUMNS.split(","))
             where, args = "WHERE h.username = ? AND i.expire_at > ?", [username, now]
             sql = (f"SELECT {cols} FROM holds h JOIN images i ON i.md5 = h.md5 {where} "
                    "ORDER BY h.held_at DESC, i.md5 LIMIT ? OFFSET ?")
@@ -1034,8 +1084,15 @@ class ImageStore:
 
     # -- writing --
     async def publish(self, user: str, md5: str, facts: "ImageFacts", name: str,
-                      tmp_path: Path) -> tuple[dict, bool]:
-        """Store an inspected upload or renew the copy we have; returns (info, created)."""
+                      tmp_path: Path, source_md5: Optional[str] = None) -> tuple[dict, bool]:
+        """Store an inspected upload or renew the copy we have; returns (info, created).
+
+        `source_md5` is the MD5 of the bytes as uploaded when stripping changed
+        them: recorded on a new row (or on an old row that has none), and
+        reported in this answer.
+        """
+        if source_md5 == md5:
+            source_md5 = None
         ext, mime = FORMATS[facts.format]
         storage = self.storage
         now = self.clock()
@@ -1054,9 +1111,9 @@ class ImageStore:
                 placed = True
                 if row is None:
                     txn.db.execute(
-                        f"INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,0,?,?)",
+                        f"INSERT INTO images ({ROW_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,0,?,?,?)",
                         (md5, ext, facts.format, mime, name, facts.size, facts.width, facts.height,
-                         now, expire_at))
+                         now, expire_at, source_md5))
                     created = True
                 else:
                     txn.db.execute(
@@ -1065,6 +1122,8 @@ class ImageStore:
                                         expire_at, md5))
                     txn.changed = True
                     created = False
+            if source_md5 is not None and row is not None and row["source_md5"] is None:
+                txn.db.execute("UPDATE images SET source_md5 = ? WHERE md5 = ?", (source_md5, md5))
             txn.hold(md5, user, now)
             return txn.row(md5), created, placed
 
@@ -1075,41 +1134,50 @@ class ImageStore:
             if not placed:
                 await asyncio.to_thread(_unlink_quietly, tmp_path)
         self.forget(md5)
-        return self.info(row, "uploaded" if created else "exists"), created
+        info = self.info(row, "uploaded" if created else "exists")
+        if source_md5 is not None:
+            info["source_md5"] = source_md5  # this upload's bytes, even when the row names another
+        return info, created
 
-    async def renew(self, user: str, md5: str) -> Optional[dict]:
-        """Dedup without bytes: renew expiry and record the caller as a holder."""
+    async def renew(self, user: str, digest: str) -> Optional[dict]:
+        """Dedup without bytes: renew expiry and record the caller as a holder.
+        `digest` is the image's md5 or its source_md5."""
         now = self.clock()
         expire_at = now + self.config.expire_seconds
         storage = self.storage
 
-        def txn_renew(txn: Txn) -> Optional[sqlite3.Row]:
-            row = txn.row(md5)
+        def txn_renew(txn: Txn) -> tuple[str, Optional[sqlite3.Row]]:
+            row = txn.row_any(digest)
             if row is None:
-                return None
+                return digest, None
+            md5 = row["md5"]
             if not storage.image_path(md5, row["ext"]).is_file():
                 # A row without its file cannot be served; drop it so the
                 # client uploads the bytes again instead of trusting a dead URL.
                 txn.delete_rows([md5])
-                return None
+                return md5, None
             # No announcement to other processes: expire_at only grows, and a
             # server whose cached copy looks expired reads the row again first.
             txn.db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?", (expire_at, md5))
             txn.hold(md5, user, now)
-            return txn.row(md5)
+            return md5, txn.row(md5)
 
-        row = await self.write(txn_renew)
+        md5, row = await self.write(txn_renew)
         self.forget(md5)
         return None if row is None else self.info(row, "exists")
 
-    async def delete(self, user: str, md5: str, admin: bool) -> bool:
-        """Admin: remove outright. Uploader: drop own hold; the image goes with the last hold."""
+    async def delete(self, user: str, digest: str, admin: bool) -> bool:
+        """Admin: remove outright. Uploader: drop own hold; the image goes with the last hold.
+        `digest` is the image's md5 or its source_md5."""
         storage = self.storage
+        md5 = digest
 
         def txn_delete(txn: Txn) -> bool:
-            row = txn.row(md5)
+            nonlocal md5
+            row = txn.row_any(digest)
             if row is None:
                 return False
+            md5 = row["md5"]
             if not admin:
                 if txn.db.execute("DELETE FROM holds WHERE md5 = ? AND username = ?", (md5, user)).rowcount == 0:
                     return False
@@ -1752,6 +1820,431 @@ def _evict_variants(storage: Storage, budget: int) -> tuple[int, list[str]]:
             total -= _unlink_quietly(path)
             removed.append(path.name)
     return total, removed
+
+
+# ==== metadata ==================================================================
+# Before an upload is stored, what can identify a person or a place goes: EXIF
+# (GPS, serials, dates, maker notes), XMP, IPTC/Photoshop blocks, comments, text
+# chunks, thumbnails, MPF secondary images and bytes after the image. What
+# display needs stays: the ICC profile and the orientation (a lone Orientation
+# tag). JPEG, PNG, GIF and WebP are edited as containers: a walk over their
+# segments or chunks decides what goes, and everything else is copied byte for
+# byte, so the decoded pixels are exactly the upload's. The walk reads headers
+# only (plus a C-speed search for the end of JPEG scans), so an image with
+# nothing to remove costs no copy. A file the walk does not fully understand is
+# left alone: inspection already accepted it, and a guess could break it.
+# TIFF and AVIF, whose metadata lives inside structures with offsets, are
+# re-encoded with Pillow (TIFF losslessly) only when they carry metadata.
+
+ORIENTATION = 0x0112
+_JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker, not stuffing or a restart
+_PNG_KEEP = frozenset({b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT", b"bKGD", b"hIST",
+                       b"pHYs", b"acTL", b"fcTL", b"fdAT", b"cICP", b"mDCV", b"cLLI"})
+_WEBP_KEEP = frozenset({b"VP8 ", b"VP8L", b"VP8X", b"ALPH", b"ANIM", b"ANMF", b"ICCP"})
+_GIF_KEEP_APPS = frozenset({b"\x0bNETSCAPE2.0", b"\x0bANIMEXTS1.0", b"\x0bICCRGBG1012"})
+# TIFF tags that describe pixels (layout, colour, resolution, ICC, orientation);
+# any other tag (dates, software, GPS and Exif IFDs, XMP, IPTC ...) means re-encode.
+_TIFF_STRUCTURE = frozenset({254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 274, 277, 278, 279,
+                             280, 281, 282, 283, 284, 286, 287, 292, 293, 296, 317, 318, 319, 320,
+                             322, 323, 324, 325, 338, 339, 340, 341, 347, 529, 530, 531, 532, 34675})
+HEIF_JPEG_QUALITY = 92
+AVIF_QUALITY = 90
+
+def exif_orientation(tiff: bytes) -> int:
+    """The Orientation (1-8) in an Exif TIFF block, 1 when absent or malformed."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "<" if tiff[:2] == b"II" else ">"
+    ifd = int.from_bytes(tiff[4:8], "little" if order == "<" else "big")
+    if ifd + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        tag, kind, n = struct.unpack_from(order + "HHI", tiff, entry)
+        if tag == ORIENTATION:
+            value = struct.unpack_from(order + "H", tiff, entry + 8)[0] if kind == 3 and n >= 1 else 1
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def minimal_exif(orientation: int) -> bytes:
+    """An Exif TIFF block holding nothing but the Orientation tag."""
+    return b"MM\x00\x2a\x00\x00\x00\x08" + struct.pack(">HHHIHHI", 1, ORIENTATION, 3, 1, orientation, 0, 0)
+
+
+class _Cuts:
+    """Collects the pieces of a rewritten file: (start, end) ranges of the source
+    to copy and bytes to insert, in order."""
+
+    def __init__(self) -> None:
+        self.pieces: list = []
+        self.kept_from = 0
+        self.changed = False
+
+    def cut(self, start: int, end: int, replacement: bytes = b"") -> None:
+        if start > self.kept_from:
+            self.pieces.append((self.kept_from, start))
+        if replacement:
+            self.pieces.append(replacement)
+        self.kept_from = end
+        self.changed = True
+
+    def finish(self, end: int, size: int) -> Optional[list]:
+        if end < size:
+            self.cut(end, size)  # trailing bytes: polyglots, appended previews
+        if not self.changed:
+            return None
+        if end > self.kept_from:
+            self.pieces.append((self.kept_from, end))
+        return self.pieces
+
+
+def _jpeg_cuts(buf) -> Optional[list]:
+    n = len(buf)
+    if buf[:3] != b"\xff\xd8\xff":
+        return None
+    cuts, pos, seen_exif, steps = _Cuts(), 2, False, 0
+    while True:
+        steps += 1
+        if steps > JPEG_MAX_SEGMENTS * 8 or pos + 2 > n or buf[pos] != 0xFF:
+            return None  # garbled or truncated: leave it as it is
+        marker = buf[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return cuts.finish(pos + 2, n)
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            pos += 2
+            continue
+        end = pos + 2 + int.from_bytes(buf[pos + 2:pos + 4], "big")
+        if end < pos + 4 or end > n:
+            return None
+        if marker == 0xDA:  # scan data up to the next real marker, kept as it is
+            found = _JPEG_SCAN_END.search(buf, end)
+            if found is None:
+                return None
+            pos = found.start()
+            continue
+        if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+            head = buf[pos + 4:min(end, pos + 16)]
+            needed = ((marker == 0xE0 and head.startswith(b"JFIF\0"))
+                      or (marker == 0xE2 and head.startswith(b"ICC_PROFILE\0"))
+                      or (marker == 0xEE and head.startswith(b"Adobe")))  # colour transform
+            if not needed:
+                replacement = b""
+                if marker == 0xE1 and head.startswith(b"Exif\0\0") and not seen_exif:
+                    seen_exif = True  # readers use the first Exif block only
+                    orientation = exif_orientation(buf[pos + 10:end])
+                    if orientation != 1:
+                        payload = b"Exif\0\0" + minimal_exif(orientation)
+                        replacement = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+                if replacement != buf[pos:end]:  # an already minimal Exif stays
+                    cuts.cut(pos, end, replacement)
+            elif marker == 0xE0 and end - pos > 18:  # a JFIF header with a thumbnail: keep the header only
+                cuts.cut(pos, end, b"\xff\xe0\x00\x10" + buf[pos + 4:pos + 16] + b"\x00\x00")
+        pos = end
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def _png_cuts(buf) -> Optional[list]:
+    n = len(buf)
+    if buf[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    cuts, pos, seen_exif = _Cuts(), 8, False
+    while True:
+        if pos + 12 > n:
+            return None
+        length = int.from_bytes(buf[pos:pos + 4], "big")
+        kind = bytes(buf[pos + 4:pos + 8])
+        end = pos + 12 + length
+        if length > 0x7FFFFFFF or end > n or not kind.isalpha():
+            return None
+        if kind == b"IEND":
+            return cuts.finish(end, n)
+        if kind[0] & 0x20 and kind not in _PNG_KEEP:  # ancillary and not needed to display
+            replacement = b""
+            if kind == b"eXIf" and not seen_exif:
+                seen_exif = True
+                orientation = exif_orientation(buf[pos + 8:end - 4])
+                if orientation != 1:
+                    replacement = _png_chunk(b"eXIf", minimal_exif(orientation))
+            if replacement != buf[pos:end]:
+                cuts.cut(pos, end, replacement)
+        pos = end
+
+
+def _gif_cuts(buf) -> Optional[list]:
+    n = len(buf)
+    if n < 13 or buf[:6] not in (b"GIF87a", b"GIF89a"):
+        return None
+
+    def after_sub_blocks(p: int) -> int:
+        while p < n:
+            size = buf[p]
+            p += 1 + size
+            if size == 0:
+                return p
+        return -1
+
+    pos = 13 + (3 << ((buf[10] & 7) + 1) if buf[10] & 0x80 else 0)
+    cuts = _Cuts()
+    while pos < n:
+        intro = buf[pos]
+        if intro == 0x3B:  # trailer
+            return cuts.finish(pos + 1, n)
+        if intro == 0x2C:  # image: descriptor, local colour table, LZW data
+            if pos + 11 > n:
+                return None
+            packed = buf[pos + 9]
+            end = after_sub_blocks(pos + 11 + (3 << ((packed & 7) + 1) if packed & 0x80 else 0))
+        elif intro == 0x21 and pos + 2 <= n:  # extension: comments and foreign application data go
+            label = buf[pos + 1]
+            end = after_sub_blocks(pos + 2)
+            if end > 0 and (label == 0xFE or (label == 0xFF and bytes(buf[pos + 2:pos + 14]) not in _GIF_KEEP_APPS)):
+                cuts.cut(pos, end)
+        else:
+            return None
+        if end < 0:
+            return None
+        pos = end
+    return None
+
+
+def _webp_cuts(buf) -> Optional[list]:
+    n = len(buf)
+    if n < 20 or buf[:4] != b"RIFF" or buf[8:12] != b"WEBP":
+        return None
+    riff_end = 8 + int.from_bytes(buf[4:8], "little")
+    if riff_end > n:
+        return None
+    kept: list = []
+    changed, seen_exif, exif_kept, vp8x = riff_end < n, False, False, -1
+    pos = 12
+    while pos < riff_end:
+        if pos + 8 > riff_end:
+            return None
+        fourcc = bytes(buf[pos:pos + 4])
+        size = int.from_bytes(buf[pos + 4:pos + 8], "little")
+        end = pos + 8 + size + (size & 1)
+        if end > riff_end:
+            if pos + 8 + size != riff_end:  # only the last chunk may miss its pad byte
+                return None
+            end = riff_end
+        if fourcc in _WEBP_KEEP:
+            if fourcc == b"VP8X":
+                if size < 10:
+                    return None
+                vp8x = len(kept)
+            kept.append((pos, end))
+        elif fourcc == b"EXIF" and not seen_exif:
+            seen_exif = True
+            data = buf[pos + 8:pos + 8 + size]
+            orientation = exif_orientation(data[6:] if data.startswith(b"Exif\0\0") else data)
+            if orientation != 1:
+                exif = minimal_exif(orientation)
+                chunk = b"EXIF" + len(exif).to_bytes(4, "little") + exif
+                exif_kept = True
+                changed = changed or chunk != buf[pos:end]
+                kept.append(chunk)
+            else:
+                changed = True
+        else:
+            changed = True  # XMP, further EXIF, unknown chunks
+        pos = end
+    if not changed:
+        return None
+    if vp8x >= 0:  # the feature flags must match the chunks that are left
+        start, end = kept[vp8x]
+        flags = buf[start + 8] & ~(0x04 | (0 if exif_kept else 0x08))
+        kept[vp8x] = buf[start:start + 8] + bytes([flags]) + buf[start + 9:end]
+    body = sum(p[1] - p[0] if isinstance(p, tuple) else len(p) for p in kept)
+    return [b"RIFF" + (4 + body).to_bytes(4, "little") + b"WEBP", *kept]
+
+
+_CUTTERS = {"JPEG": _jpeg_cuts, "PNG": _png_cuts, "GIF": _gif_cuts, "WEBP": _webp_cuts}
+
+
+def metadata_cuts(source: bytes, fmt: str) -> Optional[list]:
+    """How to rewrite `source` without its metadata (pieces), or None when
+    nothing needs removing or the container is not one we edit in place."""
+    cutter = _CUTTERS.get(fmt)
+    return None if cutter is None else cutter(source)
+
+
+def apply_cuts(source: bytes, pieces: list) -> bytes:
+    return b"".join(source[p[0]:p[1]] if isinstance(p, tuple) else p for p in pieces)
+
+
+def _write_pieces(buf, pieces: list, path: Path) -> tuple[str, int]:
+    """Write the pieces to a new file at `path`; returns (md5, size)."""
+    digest, size = hashlib.md5(), 0
+    view = memoryview(buf)  # ranges of the source without copying them
+    try:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as out:
+            for piece in pieces:
+                chunk = view[piece[0]:piece[1]] if isinstance(piece, tuple) else piece
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+                del chunk  # an mmap cannot close while a view of it lives
+    finally:
+        view.release()
+    return digest.hexdigest(), size
+
+
+def _open_source(source: bytes | Path) -> Image.Image:
+    return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+
+
+def _clean_copy(frame: Image.Image) -> Image.Image:
+    """Pixels only: a plain Image (a TIFF file's tags do not follow) with no info."""
+    copy = frame.copy()
+    copy.info = {}
+    return copy
+
+
+def _tiff_without_metadata(source: bytes | Path) -> Optional[bytes]:
+    with _open_source(source) as im:
+        frames = getattr(im, "n_frames", 1)
+        tags: set[int] = set()
+        turned = False
+        for i in range(frames):
+            im.seek(i)
+            tags.update(im.tag_v2.keys())
+            turned = turned or im.tag_v2.get(ORIENTATION, 1) != 1
+        if tags <= _TIFF_STRUCTURE and not turned:
+            return None
+        icc = im.info.get("icc_profile")
+        pages = []
+        for i in range(frames):
+            im.seek(i)
+            pages.append(_clean_copy(ImageOps.exif_transpose(im)))
+    out = io.BytesIO()
+    compression = "group4" if all(p.mode == "1" for p in pages) else "tiff_adobe_deflate"
+    pages[0].save(out, "TIFF", save_all=len(pages) > 1, append_images=pages[1:],
+                  compression=compression, icc_profile=icc)
+    return out.getvalue()
+
+
+def _avif_without_metadata(source: bytes | Path) -> Optional[bytes]:
+    with _open_source(source) as im:
+        exif = im.getexif()
+        if "xmp" not in im.info and set(exif) <= {ORIENTATION}:
+            return None
+        orientation = exif.get(ORIENTATION, 1)
+        icc = im.info.get("icc_profile")
+        frames, durations = [], []
+        for i in range(getattr(im, "n_frames", 1)):
+            im.seek(i)
+            durations.append(im.info.get("duration", 0))
+            frames.append(_clean_copy(im))
+    out = io.BytesIO()
+    extra: dict[str, Any] = {"exif": minimal_exif(orientation)} if orientation != 1 else {}
+    if len(frames) > 1:
+        extra.update(save_all=True, append_images=frames[1:], duration=durations)
+    frames[0].save(out, "AVIF", quality=AVIF_QUALITY, icc_profile=icc, **extra)
+    return out.getvalue()
+
+
+def heif_to_jpeg(source: bytes | Path) -> bytes:
+    """The primary image of a HEIC/HEIF as a JPEG: orientation applied, ICC kept."""
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                    formats=["HEIF"]) as im:  # pillow-heif opens the primary image first
+        icc = im.info.get("icc_profile")
+        frame = ImageOps.exif_transpose(im)
+    if frame.mode in ("RGBA", "LA", "PA") or (frame.mode == "P" and "transparency" in frame.info):
+        rgba = frame.convert("RGBA")
+        frame = Image.new("RGB", rgba.size, (255, 255, 255))
+        frame.paste(rgba, mask=rgba.getchannel("A"))  # JPEG has no alpha: show it on white
+    elif frame.mode not in ("RGB", "L", "CMYK"):
+        frame = frame.convert("RGB")
+    out = io.BytesIO()
+    # No optimize=True: libjpeg's extra Huffman pass holds the GIL for the whole
+    # encode (1.5 s of stalled event loop for 12 MP in bench/strip.py).
+    _clean_copy(frame).save(out, "JPEG", quality=HEIF_JPEG_QUALITY, icc_profile=icc)
+    return out.getvalue()
+
+
+def looks_like_heif(head: bytes) -> bool:
+    """An ISO-BMFF file whose brands say HEIF/HEIC (and not AVIF)."""
+    if head[4:8] != b"ftyp":
+        return False
+    box = min(int.from_bytes(head[:4], "big"), len(head))
+    brands = {head[8:12]} | {head[i:i + 4] for i in range(16, box - 3, 4)}
+    return bool(brands & {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}) \
+        and not brands & {b"avif", b"avis"}
+
+
+def heif_support() -> bool:
+    """Register pillow-heif's opener if the package is installed (it is optional)."""
+    if "HEIF" in Image.OPEN:
+        return True
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def inspect_upload(source: bytes | Path, size: int, formats: tuple[str, ...], max_pixels: int) -> ImageFacts:
+    """inspect_image over the formats this Pillow can open; a HEIC the server
+    cannot read gets a 415 that says how to enable it."""
+    openable = tuple(f for f in formats if _pillow_has(f))
+    if "HEIF" in formats and "HEIF" not in openable:
+        with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as f:
+            if looks_like_heif(f.read(64)):
+                raise UploadRejected(415, "unsupported_image", HEIF_HOWTO)
+    if not openable:
+        raise UploadRejected(415, "unsupported_image", HEIF_HOWTO)
+    return inspect_image(source, size, openable, max_pixels)
+
+
+def prepare_stored(source: bytes | Path, facts: ImageFacts, tmp: Callable[[], Path],
+                   strip: bool) -> Optional[tuple[str, ImageFacts, Path]]:
+    """The bytes to store instead of the upload, as (md5, facts, file under tmp/),
+    or None to store the upload as it is. Blocking: runs in the upload's worker
+    thread, after inspect_image accepted the upload (every limit applied)."""
+    new_bytes: Optional[bytes] = None
+    fmt = facts.format
+    reencode = {"TIFF": _tiff_without_metadata, "AVIF": _avif_without_metadata, "HEIF": heif_to_jpeg}
+    if fmt in reencode and (strip or fmt in CONVERTED_FORMATS):
+        try:
+            new_bytes = reencode[fmt](source)
+        except Exception as exc:  # noqa: BLE001 - an encoder failing on odd input is a refusal, not a 500
+            log.debug("could not re-encode a %s: %r", fmt, exc)
+            raise UploadRejected(415, "unsupported_image", f"this {fmt} image could not be converted or "
+                                 f"cleaned of metadata ({type(exc).__name__})") from None
+        fmt = CONVERTED_FORMATS.get(fmt, fmt)
+    elif not strip:
+        return None
+    elif fmt in _CUTTERS:
+        with contextlib.ExitStack() as stack:
+            buf = source
+            if not isinstance(source, (bytes, bytearray)):
+                f = stack.enter_context(open(source, "rb"))
+                buf = stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            pieces = metadata_cuts(buf, fmt)
+            if pieces is None:
+                return None
+            path = tmp()
+            try:
+                md5, size = _write_pieces(buf, pieces, path)
+            except BaseException:
+                _unlink_quietly(path)
+                raise
+        return md5, dataclasses.replace(facts, size=size, frames=1 if fmt == "JPEG" else facts.frames), path
+    if new_bytes is None:
+        return None
+    path = tmp()
+    md5, size = _write_pieces(new_bytes, [(0, len(new_bytes))], path)
+    with Image.open(io.BytesIO(new_bytes)) as im:
+        width, height = im.size
+    return md5, ImageFacts(fmt, width, height, size, facts.frames if fmt == facts.format else 1), path
 
 
 # ==== metrics ===================================================================
@@ -2565,25 +3058,39 @@ async def handle_upload(request: web.Request) -> web.Response:
     check_declared_length(request)
     config, store = request.app[CONFIG], request.app[STORE]
     sink = UploadSink(store.storage, config.server.max_upload_bytes)
+    stripped_path: Optional[Path] = None
     try:
         raw_name = await receive_upload(request, sink)
         if sink.size == 0:
             raise json_error(400, "the upload is empty", "empty_upload")
         await sink.drain()
 
-        def hash_and_inspect() -> tuple[str, ImageFacts]:
+        def hash_inspect_strip() -> tuple[str, ImageFacts, Optional[tuple[str, ImageFacts, Path]]]:
             # One trip to a worker thread: the rest of the bytes to tmp/, the
-            # digest, and the decode check (from memory when they fit there).
+            # digest, the decode check (from memory when they fit there), and
+            # the metadata removal or HEIC conversion when they change the bytes.
             md5, small = sink.complete()
-            return md5, inspect_image(small if small is not None else sink.tmp_path, sink.size,
-                                      config.server.formats, config.server.max_pixels)
+            source = small if small is not None else sink.tmp_path
+            facts = inspect_upload(source, sink.size, config.server.formats, config.server.max_pixels)
+            return md5, facts, prepare_stored(source, facts, store.storage.new_tmp_path,
+                                              config.server.strip_metadata)
 
         async with store.decode_slots:
-            md5, facts = await asyncio.to_thread(hash_and_inspect)
+            md5, facts, stored = await asyncio.to_thread(hash_inspect_strip)
+        publish_path, source_md5 = sink.tmp_path, None
+        if stored is not None:
+            source_md5 = md5
+            md5, facts, stripped_path = stored
+            publish_path = stripped_path
         name = sanitize_name(raw_name, FORMATS[facts.format][0])
-        info, created = await store.publish(user.username, md5, facts, name, sink.tmp_path)
-        sink.tmp_path = None
+        info, created = await store.publish(user.username, md5, facts, name, publish_path,
+                                            source_md5=source_md5)
+        stripped_path = None  # publish placed or removed it
+        if stored is None:
+            sink.tmp_path = None
     finally:
+        if stripped_path is not None:
+            await asyncio.to_thread(_unlink_quietly, stripped_path)
         if sink.tmp_path is not None:
             await sink.discard()
     log.debug("%s %s.%s (%d bytes) for %s", "stored" if created else "renewed", md5,
@@ -3173,6 +3680,8 @@ async def reset_store(config: Config) -> None:
 async def _store_ctx(app: web.Application):
     # Pillow imports its format plugins on first use; do it now, not in the first upload.
     await asyncio.to_thread(Image.init)
+    if "HEIF" in app[CONFIG].server.formats and not await asyncio.to_thread(heif_support):
+        log.info("HEIC uploads are refused: %s", HEIF_HOWTO)
     store = await ImageStore(app[CONFIG], app[CLOCK]).open()
     app[STORE] = store
     app[VARIANTS] = VariantCache(app[CONFIG], store.storage)
@@ -3554,7 +4063,8 @@ def _json(schema_name: str, description: str) -> dict:
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}}}
 
 
-_MD5_PARAM = {"name": "md5", "in": "path", "required": True, "description": "hex MD5 of the image bytes",
+_MD5_PARAM = {"name": "md5", "in": "path", "required": True,
+              "description": "hex MD5 of the image bytes, or its source_md5 (the bytes as uploaded)",
               "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
 _UPLOADED = {
     "200": {"description": "already stored: expiry renewed (status: exists)",
@@ -3592,6 +4102,9 @@ OPENAPI: dict = {
                              "access_count", "created_at", "expire_at"],
                 "properties": {
                     "md5": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                    "source_md5": {"type": "string", "pattern": "^[0-9a-f]{32}$",
+                                   "description": "MD5 of the bytes as uploaded, when metadata removal "
+                                                  "or conversion changed them"},
                     "url": {"type": "string"},
                     "name": {"type": "string"},
                     "size": {"type": "integer", "minimum": 1},

@@ -5,6 +5,7 @@ Fixtures live in conftest.py; everything a test file imports lives here."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import http.client
 import io
@@ -410,3 +411,77 @@ def call_url(url: str, method: str = "GET", data: Optional[bytes] = None,
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+# ---- photos that carry metadata (metadata removal, HEIC, AVIF) -------------------
+
+GPS_PLACE = b"Secret-Garden-42"      # GPSAreaInformation text
+CAMERA_SERIAL = "SN-998877665544"    # Exif BodySerialNumber
+CAMERA_MAKE = "SpyCam Maker"
+GPS_SECONDS = 123456789              # numerator of the GPSLatitude seconds rational
+
+
+def gps_exif(orientation: int = 1) -> "Image.Exif":
+    """Exif with a camera make, a date, a serial number and a GPS position."""
+    from PIL.TiffImagePlugin import IFDRational
+    exif = Image.Exif()
+    exif[0x010F] = CAMERA_MAKE
+    exif[0x0132] = "2026:11:30 10:00:00"
+    if orientation != 1:
+        exif[0x0112] = orientation
+    exif.get_ifd(0x8769)[0xA431] = CAMERA_SERIAL
+    gps = exif.get_ifd(0x8825)
+    gps[1] = "N"
+    gps[2] = (IFDRational(52, 1), IFDRational(31, 1), IFDRational(GPS_SECONDS, 10_000_000))
+    gps[0x1C] = b"ASCII\0\0\0" + GPS_PLACE
+    return exif
+
+
+@functools.lru_cache(maxsize=1)
+def srgb_icc() -> bytes:
+    """One sRGB profile for the whole run (a new one carries a new creation time)."""
+    from PIL import ImageCms
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def photo_bytes(fmt: str, size=(64, 48), color=(10, 200, 30), orientation: int = 1,
+                icc: bool = True, **save) -> bytes:
+    """An image in `fmt` carrying gps_exif() (TIFF: as tags), an ICC profile
+    unless icc=False, and whatever else `save` passes to Pillow."""
+    buf = io.BytesIO()
+    im = Image.new("RGB", size, color)
+    if icc:
+        save.setdefault("icc_profile", srgb_icc())
+    if fmt == "TIFF":
+        from PIL.TiffImagePlugin import ImageFileDirectory_v2
+        tags = ImageFileDirectory_v2()
+        for tag, value in gps_exif(orientation).items():
+            if tag not in (0x8769, 0x8825):
+                tags[tag] = value
+        tags[34853] = dict(gps_exif().get_ifd(0x8825))
+        im.save(buf, "TIFF", tiffinfo=tags, **save)
+    else:
+        im.save(buf, fmt, exif=gps_exif(orientation), **save)
+    return buf.getvalue()
+
+
+def metadata_leaks(data: bytes) -> list[str]:
+    """What of gps_exif() can still be found in `data`: by Pillow's EXIF reader
+    and by a byte search for the values themselves."""
+    found = []
+    with Image.open(io.BytesIO(data)) as im:
+        exif = im.getexif()
+        if exif.get_ifd(0x8825):
+            found.append("GPS IFD")
+        if exif.get_ifd(0x8769):
+            found.append("Exif IFD")
+        for tag, name in ((0x010F, "Make"), (0x0132, "DateTime")):
+            if tag in exif:
+                found.append(name)
+        if im.info.get("xmp"):
+            found.append("XMP")
+    for needle in (GPS_PLACE, CAMERA_SERIAL.encode(), CAMERA_MAKE.encode(),
+                   GPS_SECONDS.to_bytes(4, "big"), GPS_SECONDS.to_bytes(4, "little")):
+        if needle in data:
+            found.append(f"bytes {needle!r}")
+    return found

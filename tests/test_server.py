@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import io
 import sqlite3
 import subprocess
@@ -152,17 +153,23 @@ async def test_corpus_file_by_manifest(make_client, corpus, row):
     resp = await upload(client, data, name=row["file"])
     assert resp.status < 500
     body = await resp.json()
-    accepted = row["expected"] in ("valid", "dangerous") and row["format"] in imgproxy.DEFAULT_FORMATS
+    readable = row["format"] != "HEIF" or importlib.util.find_spec("pillow_heif") is not None
+    accepted = row["expected"] in ("valid", "dangerous") and row["format"] in imgproxy.DEFAULT_FORMATS \
+        and readable
     if accepted:
         assert resp.status == 201, body
-        assert (body["format"], body["width"], body["height"]) == (row["format"], int(row["width"]),
+        stored_format = imgproxy.CONVERTED_FORMATS.get(row["format"], row["format"])
+        assert (body["format"], body["width"], body["height"]) == (stored_format, int(row["width"]),
                                                                     int(row["height"]))
-        assert body["md5"] == row["md5"]
+        # Metadata removal may change the bytes: then the upload's MD5 is the source_md5.
+        assert row["md5"] == body.get("source_md5", body["md5"])
         served = await client.get(f"/i/{body['md5']}.{body['url'].rsplit('.', 1)[1]}")
         assert served.status == 200
         assert served.headers["Content-Type"] == body["mime"]
         assert served.headers["X-Content-Type-Options"] == "nosniff"
-        assert await served.read() == data
+        served_bytes = await served.read()
+        assert hashlib.md5(served_bytes).hexdigest() == body["md5"]
+        assert served_bytes == data or "source_md5" in body
     else:
         assert 400 <= resp.status < 500, body
         if row["expected"] == "valid":
