@@ -33,8 +33,10 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
+import email.utils
 import errno
 import fcntl
+import functools
 import getpass
 import hashlib
 import hmac
@@ -62,7 +64,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Optional
 
 import aiosqlite
-from aiohttp import BodyPartReader, hdrs, http_exceptions, web
+from aiohttp import BodyPartReader, MultipartReader, hdrs, http_exceptions, web
 from PIL import Image, ImageOps
 
 # ==== constants =================================================================
@@ -101,7 +103,7 @@ MULTIPART_SLACK = 64 * 1024     # boundaries and part headers around the file
 MAX_FRAMES = 10_000             # animated images: frames decoded at most
 JPEG_MAX_SEGMENTS = 4096        # JPEG marker segments before the scan data ...
 JPEG_MAX_METADATA = 16 * 1024 * 1024  # ... and bytes of APPn/COM metadata in them
-TMP_MAX_AGE = 3600.0            # tmp/ leftovers older than this are from dead uploads
+TMP_MAX_AGE = 3600.0            # unlocked tmp/ files other than .part are leftovers past this age
 COUNT_FLUSH_SECONDS = 2.0       # access counts reach the database this often
 CLEANUP_BATCH = 500
 CLEANUP_PAUSE = 0.005           # seconds between expiry batches (100,000 images: +1 s)
@@ -118,6 +120,13 @@ UPLOAD_IDLE_TIMEOUT = 60.0      # an upload body that sends nothing for this lon
 KEEPALIVE_TIMEOUT = 75.0        # idle connections and unfinished request heads are closed
 METRICS_SNAPSHOT_SECONDS = 1.0  # with workers, how stale a sibling's figures in /metrics may be
 METRICS_TOKEN_MIN = 16          # characters of metrics.token at least
+RESPONSE_STALL_TIMEOUT = 60.0   # a response the client takes nothing of for this long is dropped
+MAX_CONNECTIONS = 2048          # default of server.max_connections (per process)
+FD_RESERVE = 64                 # descriptors kept for the database, logs, decodes, the listener
+MAX_RANGES = 16                 # byte ranges in one request; more, or overlapping ones, get the whole image
+MAX_EXPIRE_DAYS = 36500         # config bounds: beyond these, date and size arithmetic breaks
+MAX_UPLOAD_MB = 4096
+MAX_CACHE_MB = 65536
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 # App tokens: "imgp_" + 43 base62 characters = 256 bits; the fixed prefix lets
 # secret scanners (GitHub's, gitleaks) recognise a leaked one.
@@ -166,6 +175,7 @@ STORE: web.AppKey[ImageStore] = web.AppKey("store")
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
 VARIANTS: web.AppKey[VariantCache] = web.AppKey("variants")
 TASKS = web.AppKey("tasks", list)
+STREAMING = web.AppKey("streaming", dict)  # transport -> the task blocked in its native sendfile
 CLOCK = web.AppKey("clock", object)
 METRICS = web.AppKey("metrics", object)  # a Metrics when metrics.enable, else absent
 
@@ -249,6 +259,7 @@ class ServerConfig:
     variant_widths: tuple[int, ...] = DEFAULT_VARIANT_WIDTHS
     variant_cache_mb: float = 1024
     strip_metadata: bool = True
+    max_connections: int = MAX_CONNECTIONS
 
     @property
     def max_upload_bytes(self) -> int:
@@ -358,8 +369,9 @@ def parse_config(raw: Any, base_dir: Path) -> Config:
         if not re.match(r"https?://[^/\s]+", base_url):
             raise ConfigError(f"server.base_url: expected an http:// or https:// URL, got {base_url!r}")
     max_mb = _expect("server.max_upload_mb", s.get("max_upload_mb", d.max_upload_mb), "number")
-    if max_mb <= 0:
-        raise ConfigError("server.max_upload_mb: must be greater than 0")
+    if not 0 < max_mb <= MAX_UPLOAD_MB:
+        raise ConfigError(f"server.max_upload_mb: expected more than 0 and at most {MAX_UPLOAD_MB}, "
+                          f"got {max_mb:g}")
     max_pixels = _expect("server.max_pixels", s.get("max_pixels", d.max_pixels), "int")
     if max_pixels <= 0:
         raise ConfigError("server.max_pixels: must be greater than 0")
@@ -378,8 +390,8 @@ def parse_config(raw: Any, base_dir: Path) -> Config:
     if not wanted_formats:
         raise ConfigError("server.formats: list at least one format")
     cache_mb = _expect("server.cache_mb", s.get("cache_mb", d.cache_mb), "number")
-    if cache_mb < 0:
-        raise ConfigError("server.cache_mb: must be 0 or more")
+    if not 0 <= cache_mb <= MAX_CACHE_MB:
+        raise ConfigError(f"server.cache_mb: expected 0 to {MAX_CACHE_MB}, got {cache_mb:g}")
     level = _expect("server.log_level", s.get("log_level", d.log_level), "str").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"server.log_level: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
@@ -394,8 +406,12 @@ def parse_config(raw: Any, base_dir: Path) -> Config:
     variant_cache_mb = _expect("server.variant_cache_mb", s.get("variant_cache_mb", d.variant_cache_mb), "number")
     if not 0 < variant_cache_mb <= 1024 * 1024:
         raise ConfigError("server.variant_cache_mb: expected more than 0 and at most 1048576 (1 TB)")
+    max_connections = _expect("server.max_connections", s.get("max_connections", d.max_connections), "int")
+    if not 16 <= max_connections <= 1_000_000:
+        raise ConfigError(f"server.max_connections: expected 16..1000000, got {max_connections}")
     server = ServerConfig(
         workers=workers,
+        max_connections=max_connections,
         variant_widths=tuple(sorted(set(widths))),
         variant_cache_mb=variant_cache_mb,
         domain=_expect("server.domain", s.get("domain", d.domain), "str"),
@@ -421,8 +437,9 @@ def parse_config(raw: Any, base_dir: Path) -> Config:
     _only_keys("cleanup", c, ("enable", "expire_days", "cleanup_time"))
     dc = CleanupConfig()
     days = _expect("cleanup.expire_days", c.get("expire_days", dc.expire_days), "number")
-    if days < 0:
-        raise ConfigError(f"cleanup.expire_days: must be 0 or more, got {days}")
+    if not 0 <= days <= MAX_EXPIRE_DAYS:
+        raise ConfigError(f"cleanup.expire_days: expected 0 to {MAX_EXPIRE_DAYS} (100 years, which is as good "
+                          f"as never), got {days:g}")
     cleanup = CleanupConfig(
         enable=_expect("cleanup.enable", c.get("enable", dc.enable), "bool"),
         expire_days=days,
@@ -542,11 +559,14 @@ def check_safe_to_listen(config: Config, host: str) -> None:
     if is_loopback(host):
         return
     for u in config.users:
-        if u.password is not None and u.password in SHIPPED_PASSWORDS:
+        # A hash of an example password is the example password all the same.
+        if (u.password is not None and u.password in SHIPPED_PASSWORDS
+                or u.password_hash is not None
+                and any(verify_password_hash(p, u.password_hash) for p in SHIPPED_PASSWORDS)):
             raise ConfigError(
                 f"refusing to listen on {host}: user {u.username!r} still has the example password "
-                "from config.json. Make a hash with 'python3 imgproxy.py hash-password' and put it in "
-                "users[].password_hash (removing 'password'), or listen on 127.0.0.1 behind a proxy.")
+                "from config.json. Choose another one, make a hash with 'python3 imgproxy.py hash-password' "
+                "and put it in users[].password_hash (removing 'password'), or listen on 127.0.0.1 behind a proxy.")
 
 
 # ==== errors ====================================================================
@@ -600,6 +620,11 @@ class Storage:
         self.db_path = self.root / "images.db"
         self.cleanup_lock = self.root / "cleanup.lock"
         self._made_dirs: set[Path] = set()
+        # Names of the tmp/ files this process is writing. A sweep here skips
+        # them rather than test their lock: on NFS, flock is a POSIX lock, one
+        # process's locks do not conflict with each other, and closing any
+        # descriptor of the file would drop the writer's lock too.
+        self.in_flight: set[str] = set()
 
     def prepare(self) -> None:
         for d in (self.root, self.uploads, self.tmp, self.variants):
@@ -629,6 +654,29 @@ class Storage:
 
     def new_tmp_path(self, kind: str = "upload") -> Path:
         return self.tmp / f"{kind}-{secrets.token_hex(8)}.part"
+
+    def create_tmp(self, kind: str = "upload") -> tuple[Path, int]:
+        """A new tmp/ file, open read-write and flock()ed until its descriptor closes.
+
+        The lock is what tells a live file from a crash leftover: the kernel
+        drops it when the writer dies, even by kill -9, and other processes
+        (workers, cleanup.py, machines sharing the folder over NFS, where
+        Linux emulates flock with byte-range locks) test it before removing.
+        A leftover sweep can win the race between our create and our lock; it
+        unlinks under the lock, so a file with no links left is one to redo.
+        """
+        while True:
+            path = self.new_tmp_path(kind)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_nlink > 0:
+                    self.in_flight.add(path.name)
+                    return path, fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
 
     def place(self, md5: str, ext: str, tmp_path: Path) -> Path:
         """Move a validated upload from tmp/ to its final path (blocking; run in a thread).
@@ -663,6 +711,45 @@ def _unlink_quietly(path: Optional[Path]) -> int:
         return 0
 
 
+def sweep_dead_temp_files(storage: Storage, now: float, dry_run: bool = False) -> list[tuple[Path, int]]:
+    """Remove (or list) what dead processes left in tmp/: (path, bytes) of each.
+
+    A `.part` file goes as soon as no process holds its lock (see
+    Storage.create_tmp), however young; anything else (SQLite's journal of a
+    snapshot, a stray file) once unlocked and untouched for TMP_MAX_AGE.
+    Blocking: run in a thread.
+    """
+    dead = []
+    try:
+        entries = list(os.scandir(storage.tmp))
+    except FileNotFoundError:
+        return dead
+    for entry in entries:
+        try:
+            if entry.name in storage.in_flight or not entry.is_file(follow_symlinks=False):
+                continue
+            if not entry.name.endswith(".part") and now - entry.stat().st_mtime <= TMP_MAX_AGE:
+                continue
+            fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # gone meanwhile, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # a live writer holds it
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            if not dry_run:
+                os.unlink(entry.path)  # under the lock: a writer racing its create sees no links
+            dead.append((Path(entry.path), size))
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+    return dead
+
+
 class UploadSink:
     """Receives an upload's bytes: hashes them and writes them to a tmp/ file.
 
@@ -679,6 +766,7 @@ class UploadSink:
         self.md5 = hashlib.md5()
         self.buf = bytearray()
         self.tmp_path: Optional[Path] = None
+        self.tmp_name: Optional[str] = None  # listed in storage.in_flight until release()
         self._file: Optional[io.BufferedWriter] = None
         self._pending: Optional[asyncio.Future] = None
 
@@ -699,8 +787,9 @@ class UploadSink:
 
     def _write(self, data: bytes | bytearray) -> None:
         if self._file is None:
-            self.tmp_path = self.storage.new_tmp_path()
-            self._file = open(os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb")
+            self.tmp_path, fd = self.storage.create_tmp()
+            self.tmp_name = self.tmp_path.name
+            self._file = open(fd, "wb")
         self.md5.update(data)
         self._file.write(data)
 
@@ -719,8 +808,17 @@ class UploadSink:
         small = bytes(self.buf) if self._file is None else None
         rest, self.buf = self.buf, bytearray()
         self._write(rest)
-        self._file.close()
+        self._file.flush()  # stays open, and locked, until published: see release()
         return self.md5.hexdigest(), small
+
+    def release(self) -> None:
+        """Close the tmp/ file (blocking), dropping its lock; after publish or discard."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.tmp_name is not None:
+            self.storage.in_flight.discard(self.tmp_name)
+            self.tmp_name = None
 
     async def discard(self) -> None:
         if self._pending is not None:
@@ -857,6 +955,7 @@ class ServedImage:
     expire_at: float
     path: Path
     body: Optional[bytes] = None
+    created_at: Optional[float] = None  # Last-Modified: the bytes at an md5 never change
 
 
 class Txn:
@@ -1283,7 +1382,7 @@ class ImageStore:
             if row is None:
                 return None
             entry = ServedImage(md5, row["ext"], row["mime"], row["size"], row["expire_at"],
-                                self.storage.image_path(md5, row["ext"]))
+                                self.storage.image_path(md5, row["ext"]), created_at=row["created_at"])
             if row["size"] <= BODY_CACHE_MAX_FILE and row["size"] <= self.body_budget:
                 try:
                     entry.body = await asyncio.to_thread(entry.path.read_bytes)
@@ -1346,28 +1445,32 @@ class ImageStore:
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value)))
 
     # -- database snapshot --
-    async def snapshot(self) -> Path:
-        """A consistent copy through SQLite's backup API, in tmp/ (caller removes it)."""
-        target = self.storage.new_tmp_path("snapshot")
-
-        def run() -> None:
-            src = sqlite3.connect(f"file:{self.storage.db_path}?mode=ro", uri=True, timeout=15)
+    async def snapshot(self) -> io.BufferedReader:
+        """A consistent copy through SQLite's backup API, as an open file already
+        unlinked from tmp/: nothing is left behind whatever happens to the reader."""
+        def run() -> io.BufferedReader:
+            target, fd = self.storage.create_tmp("snapshot")  # locked: no sweep takes it mid-copy
             try:
-                dst = sqlite3.connect(str(target))
+                # A URI, percent-encoded: a data_dir may contain '#', '?' or '%'.
+                src = sqlite3.connect(self.storage.db_path.absolute().as_uri() + "?mode=ro", uri=True, timeout=15)
                 try:
-                    src.backup(dst)
-                    dst.execute("PRAGMA journal_mode = DELETE")
+                    dst = sqlite3.connect(str(target))
+                    try:
+                        src.backup(dst)
+                        dst.execute("PRAGMA journal_mode = DELETE")
+                    finally:
+                        dst.close()
                 finally:
-                    dst.close()
+                    src.close()
+                return open(fd, "rb")
+            except BaseException:
+                os.close(fd)
+                raise
             finally:
-                src.close()
+                _unlink_quietly(target)
+                self.storage.in_flight.discard(target.name)
 
-        try:
-            await asyncio.to_thread(run)
-        except BaseException:
-            await asyncio.to_thread(_unlink_quietly, target)
-            raise
-        return target
+        return await asyncio.to_thread(run)
 
 
 # ==== image inspection ==========================================================
@@ -1740,15 +1843,19 @@ class VariantCache:
             with contextlib.suppress(FileNotFoundError):
                 return path.read_bytes(), False
             data = render_variant(source, width, fmt, self.max_pixels)
-            tmp_path = self.storage.new_tmp_path("variant")
+            # Locked while in tmp/, so no leftover sweep takes it from under us.
+            tmp_path, fd = self.storage.create_tmp("variant")
             try:
-                with open(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
+                with open(fd, "wb", closefd=False) as f:
                     f.write(data)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp_path, path)  # atomic: no reader or crash sees half a variant
             except BaseException:
                 _unlink_quietly(tmp_path)
                 raise
+            finally:
+                os.close(fd)
+                self.storage.in_flight.discard(tmp_path.name)
             return data, True
         finally:
             os.close(lock_fd)
@@ -2875,8 +2982,18 @@ async def error_middleware(request: web.Request, handler):
         # header line, a body shorter than its Content-Length): the client's fault.
         status = exc.code if 400 <= exc.code < 500 else 400
         raise json_error(status, f"malformed request: {exc.message}"[:200], _STATUS_CODES.get(status, "bad_request"))
-    except (asyncio.CancelledError, ConnectionError):
+    except asyncio.CancelledError:
         raise
+    except ConnectionError:
+        if request.transport is not None and not request.transport.is_closing():
+            raise
+        # The client dropped the connection (an upload cancelled, a tab
+        # closed): not a server fault, and any uploader could flood the log
+        # with tracebacks. One quiet line; the answer goes nowhere.
+        log.info("client went away during %s %s", request.method, request.path)
+        exc = json_error(400, "the client closed the connection", "client_gone")
+        exc.force_close()
+        raise exc from None
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             log.error("disk full while handling %s %s", request.method, request.path)
@@ -2904,6 +3021,235 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     headers.setdefault("Referrer-Policy", "no-referrer")
 
 
+# ==== serving: conditional requests and ranges (RFC 9110) =====================
+# One answer for every way a representation is kept: bytes in memory (small
+# images), a file (large ones), and whatever else reuses send_representation.
+
+_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")
+
+
+def _etag_listed(header: str, etag: str, weak: bool) -> bool:
+    """Is `etag` (quoted, strong) in an If-Match / If-None-Match list?"""
+    if header == etag:  # what browsers send back: skip the parsing
+        return True
+    for tag in header.split(","):
+        tag = tag.strip()
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            if not weak:
+                continue
+            tag = tag[2:]
+        if tag == etag:
+            return True
+    return False
+
+
+def precondition_status(request: web.Request, etag: str, last_modified: Optional[float]) -> Optional[int]:
+    """412 or 304 as RFC 9110 13.2.2 orders the checks, or None to answer normally."""
+    headers = request.headers
+    if_none_match = headers.get(hdrs.IF_NONE_MATCH)
+    if (if_none_match == etag and request.method in ("GET", "HEAD")
+            and hdrs.IF_MATCH not in headers and hdrs.IF_UNMODIFIED_SINCE not in headers):
+        return 304  # a browser revalidating: the common case, decided with the fewest lookups
+    if_match = headers.get(hdrs.IF_MATCH)
+    if if_match is not None:
+        if not _etag_listed(if_match, etag, weak=False):
+            return 412
+    elif last_modified is not None and hdrs.IF_UNMODIFIED_SINCE in headers:
+        since = request.if_unmodified_since
+        if since is not None and int(last_modified) > since.timestamp():
+            return 412
+    if if_none_match is not None:
+        if _etag_listed(if_none_match, etag, weak=True):
+            return 304 if request.method in ("GET", "HEAD") else 412
+    elif last_modified is not None and hdrs.IF_MODIFIED_SINCE in headers and request.method in ("GET", "HEAD"):
+        since = request.if_modified_since
+        if since is not None and int(last_modified) <= since.timestamp():
+            return 304
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _http_date(ts: float) -> str:
+    return email.utils.formatdate(int(ts), usegmt=True)  # ~5 µs: too dear for every hit
+
+
+def _byte_pos(digits: str) -> int:
+    # Longer numbers than any file are all "past the end" (and int() of
+    # thousands of digits is slow, or refused by Python 3.11+).
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
+def requested_ranges(request: web.Request, size: int, etag: str,
+                     last_modified: Optional[float]) -> Optional[list[tuple[int, int]]]:
+    """The byte ranges to send as (start, stop) pairs; [] when none can be
+    satisfied (416); None for the whole representation (200).
+
+    RFC 9110 14: Range counts for GET only; a failed If-Range (a different
+    entity tag, or a date that is not exactly Last-Modified), another unit,
+    an invalid ranges-specifier, more than MAX_RANGES ranges or overlapping
+    ones all mean the whole representation.
+    """
+    header = request.headers.get(hdrs.RANGE)
+    if header is None or request.method != "GET":
+        return None
+    if_range = request.headers.get(hdrs.IF_RANGE)
+    if if_range is not None:
+        if_range = if_range.strip()
+        if if_range.startswith(('"', "W/")):
+            if if_range != etag:
+                return None
+        else:
+            date = request.if_range
+            if last_modified is None or date is None or date.timestamp() != int(last_modified):
+                return None
+    unit, equals, specs = header.partition("=")
+    if unit.strip().lower() != "bytes" or not equals:
+        return None
+    ranges, count = [], 0
+    for spec in specs.split(","):
+        spec = spec.strip(" \t")
+        if not spec:
+            continue  # empty list elements are allowed
+        m = _RANGE_SPEC.fullmatch(spec)
+        if m is None or not (m[1] or m[2]):
+            return None
+        count += 1
+        if m[1]:
+            first = _byte_pos(m[1])
+            last = _byte_pos(m[2]) if m[2] else None
+            if last is not None and last < first:
+                return None
+            if first < size:
+                ranges.append((first, size if last is None else min(last + 1, size)))
+        else:
+            suffix = _byte_pos(m[2])
+            if suffix > 0:  # bytes=-0 asks for nothing: unsatisfiable
+                ranges.append((max(0, size - suffix), size))
+    if count == 0 or count > MAX_RANGES:
+        return None
+    ordered = sorted(ranges)
+    if any(a[1] > b[0] for a, b in zip(ordered, ordered[1:])):
+        return None
+    return ranges
+
+
+async def send_representation(request: web.Request, source: bytes | Path, etag: str,
+                              headers: dict[str, str], size: Optional[int] = None,
+                              last_modified: Optional[float] = None) -> web.StreamResponse:
+    """Answer GET/HEAD for one representation, held as bytes or as a file.
+
+    `etag` is the quoted strong tag, `headers` what every 2xx/304 carries
+    (Content-Type among them; the dict is used for the answer, not copied);
+    `size` is needed for a file. Preconditions,
+    ranges (one, or several as multipart/byteranges), 304, 412 and 416 come
+    out the same whichever way the bytes are kept.
+    """
+    headers["ETag"] = etag
+    headers["Accept-Ranges"] = "bytes"
+    if last_modified is not None:
+        headers["Last-Modified"] = _http_date(last_modified)
+    if isinstance(source, (bytes, bytearray)):
+        size = len(source)
+        asked = request.headers
+        if (hdrs.IF_NONE_MATCH not in asked and hdrs.RANGE not in asked and hdrs.IF_MATCH not in asked
+                and hdrs.IF_MODIFIED_SINCE not in asked and hdrs.IF_UNMODIFIED_SINCE not in asked):
+            return web.Response(body=source, headers=headers)  # the hot path
+    assert size is not None
+    status = precondition_status(request, etag, last_modified)
+    if status == 304:
+        headers.pop("Content-Type", None)
+        return web.Response(status=304, headers=headers)
+    if status == 412:
+        raise json_error(412, "precondition failed: the image is not the one the request names",
+                         "precondition_failed")
+    ranges = requested_ranges(request, size, etag, last_modified)
+    if ranges == []:
+        raise json_error(416, "range not satisfiable", "range_not_satisfiable",
+                         {"Content-Range": f"bytes */{size}"})
+    if ranges is None:
+        spans, status = [(0, size)], 200
+    elif len(ranges) == 1:
+        spans, status = ranges, 206
+        headers["Content-Range"] = f"bytes {ranges[0][0]}-{ranges[0][1] - 1}/{size}"
+    else:
+        return await _send_byteranges(request, source, ranges, size, headers)
+    start, stop = spans[0]
+    if isinstance(source, (bytes, bytearray)):
+        return web.Response(status=status, body=source[start:stop] if status == 206 else source,
+                            headers=headers)
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = stop - start
+    return await _send_file_spans(request, resp, source, [(b"", start, stop)])
+
+
+async def _send_byteranges(request: web.Request, source: bytes | Path, ranges: list[tuple[int, int]],
+                           size: int, headers: dict[str, str]) -> web.StreamResponse:
+    boundary = secrets.token_hex(12)
+    part_type = headers.pop("Content-Type", "application/octet-stream")
+    pieces = []
+    for start, stop in ranges:
+        head = (f"--{boundary}\r\nContent-Type: {part_type}\r\n"
+                f"Content-Range: bytes {start}-{stop - 1}/{size}\r\n\r\n").encode()
+        pieces.append((b"\r\n" + head if pieces else head, start, stop))
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
+    if isinstance(source, (bytes, bytearray)):
+        body = b"".join(head + source[start:stop] for head, start, stop in pieces) + tail
+        return web.Response(status=206, body=body, headers=headers)
+    resp = web.StreamResponse(status=206, headers=headers)
+    resp.content_length = sum(len(h) + stop - start for h, start, stop in pieces) + len(tail)
+    return await _send_file_spans(request, resp, source, pieces, tail)
+
+
+async def _send_file_spans(request: web.Request, resp: web.StreamResponse, path: Path,
+                           pieces: list[tuple[bytes, int, int]], tail: bytes = b"") -> web.StreamResponse:
+    """Write `resp` with each (prefix, start, stop) of the file: sendfile when
+    the loop has it. The task is listed under STREAMING meanwhile, so the
+    connection guard can stop a native sendfile whose reader stopped reading."""
+    try:
+        f = await asyncio.to_thread(open, path, "rb")
+    except FileNotFoundError:
+        # Removed since it was looked up (a delete, a cleanup pass).
+        raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found") from None
+    try:
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            await resp.write_eof()
+            return resp
+        loop = asyncio.get_running_loop()
+        streaming = request.app[STREAMING]
+        for prefix, start, stop in pieces:
+            if prefix:
+                await resp.write(prefix)
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("connection lost")
+            streaming[transport] = asyncio.current_task()
+            try:
+                await loop.sendfile(transport, f, start, stop - start)
+                continue
+            except NotImplementedError:
+                pass  # uvloop, TLS: copy through the writer
+            finally:
+                streaming.pop(transport, None)
+            f.seek(start)
+            left = stop - start
+            while left > 0:
+                chunk = await asyncio.to_thread(f.read, min(CHUNK, left))
+                if not chunk:
+                    raise OSError(errno.EIO, f"{path} is shorter than its row says")
+                await resp.write(chunk)
+                left -= len(chunk)
+        if tail:
+            await resp.write(tail)
+        await resp.write_eof()
+        return resp
+    finally:
+        await asyncio.to_thread(f.close)
+
+
 # ==== handlers ==================================================================
 
 
@@ -2923,7 +3269,7 @@ def wants_text(request: web.Request) -> bool:
     return j < 0 or t < j
 
 
-async def upload_expect(request: web.Request) -> None:
+async def upload_expect(request: web.Request) -> Optional[web.StreamResponse]:
     """Answer `Expect: 100-continue` only when the body would be accepted.
 
     curl sends big bodies with this header, so a wrong password or a declared
@@ -2931,11 +3277,22 @@ async def upload_expect(request: web.Request) -> None:
     """
     if request.version != (1, 1):
         return
-    expect = request.headers.get(hdrs.EXPECT, "")
-    if expect.lower() != "100-continue":
-        raise json_error(417, f"unknown Expect: {expect}", "expectation_failed")
-    await require_user(request)
-    check_declared_length(request)
+    try:
+        expect = request.headers.get(hdrs.EXPECT, "")
+        if expect.lower() != "100-continue":
+            raise json_error(417, f"unknown Expect: {expect}", "expectation_failed")
+        await require_user(request)
+        check_declared_length(request)
+    except web.HTTPException as exc:
+        # The client now sends no body (RFC 9110 10.1.1): say the connection
+        # closes, and close it once the answer is out, rather than linger
+        # waiting for a body that is not coming.
+        resp = web.Response(status=exc.status, body=exc.body, headers=exc.headers)
+        resp.force_close()
+        await resp.prepare(request)
+        await resp.write_eof()
+        request.protocol.force_close()
+        return resp
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     # aiohttp internals (checked against 3.9.5 and 3.14.5): the interim 100 counts
     # in writer.output_size, and aiohttp's own error path (handle_error) refuses to
@@ -2985,6 +3342,30 @@ class IdleWatch:
         self.handle.cancel()
 
 
+class _CappedStream:
+    """The request body for the multipart reader, refused once more than `cap`
+    bytes have arrived, wherever they are spent: a preamble before the first
+    boundary, thousands of small fields, part headers."""
+
+    def __init__(self, stream: Any, cap: int):
+        self._stream, self._cap = stream, cap
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _check(self) -> None:
+        if self._stream.total_bytes > self._cap:
+            raise UploadRejected(413, "too_large", "the form is larger than the upload limit allows")
+
+    async def readline(self, *args: Any, **kwargs: Any) -> bytes:
+        self._check()
+        return await self._stream.readline(*args, **kwargs)
+
+    async def read(self, n: int = -1) -> bytes:
+        self._check()
+        return await self._stream.read(n)
+
+
 async def receive_upload(request: web.Request, sink: UploadSink) -> Optional[str]:
     """Stream the upload into sink; returns the client's file name (display only)."""
     watch = IdleWatch()
@@ -3017,11 +3398,13 @@ async def _receive_body(request: web.Request, sink: UploadSink, watch: IdleWatch
     if not request.content_type.startswith("multipart/"):
         raise json_error(400, "send the image as multipart/form-data in a field named 'file' "
                               "(curl -F file=@x.png), or as a raw body with PUT /upload/NAME", "bad_request")
+    cap = request.app[CONFIG].server.max_upload_bytes + MULTIPART_SLACK
     try:
-        reader = await request.multipart()
+        reader = MultipartReader(request.headers, _CappedStream(request.content, cap))
     except (ValueError, AssertionError, KeyError):
         raise json_error(400, "malformed multipart body", "bad_request") from None
     filename, found = None, False
+    drained = 0  # over every part that is not the file: a body of many small fields is bounded too
     try:
         while True:
             part = await reader.next()
@@ -3031,8 +3414,14 @@ async def _receive_body(request: web.Request, sink: UploadSink, watch: IdleWatch
             if not isinstance(part, BodyPartReader):
                 raise json_error(400, "nested multipart is not supported", "bad_request")
             if part.name != "file":
-                drained = 0
-                while chunk := await part.read_chunk(CHUNK):
+                drained += 256  # its headers, which read_chunk() does not count
+                while True:
+                    if drained > MULTIPART_SLACK:
+                        raise json_error(400, "the form's other fields are too large; "
+                                              "only 'file' carries data", "bad_request")
+                    chunk = await part.read_chunk(CHUNK)
+                    if not chunk:
+                        break
                     watch.touch()
                     drained += len(chunk)
                     if drained > MULTIPART_SLACK:
@@ -3093,6 +3482,7 @@ async def handle_upload(request: web.Request) -> web.Response:
             await asyncio.to_thread(_unlink_quietly, stripped_path)
         if sink.tmp_path is not None:
             await sink.discard()
+        sink.release()
     log.debug("%s %s.%s (%d bytes) for %s", "stored" if created else "renewed", md5,
              FORMATS[facts.format][0], facts.size, user.username)
     status = 201 if created else 200
@@ -3156,28 +3546,19 @@ async def handle_list(request: web.Request) -> web.Response:
 
 async def handle_db(request: web.Request) -> web.StreamResponse:
     await require_user(request, "admin", password_only=True)
-    store = request.app[STORE]
-    snapshot = await store.snapshot()
-
-    def open_and_unlink():
-        # Once open, the name can go: the download reads the open file, and
-        # nothing is left behind in tmp/ whatever happens to the connection.
-        f = open(snapshot, "rb")
-        _unlink_quietly(snapshot)
-        return f, os.fstat(f.fileno()).st_size
-
-    try:
-        f, size = await asyncio.to_thread(open_and_unlink)
-    except BaseException:
-        await asyncio.to_thread(_unlink_quietly, snapshot)
-        raise
+    headers = {
+        "Content-Type": "application/vnd.sqlite3",
+        "Content-Disposition": 'attachment; filename="images_server.db"',
+        "Cache-Control": CACHE_NO_STORE,
+    }
+    if request.method == "HEAD":
+        # The size is known only once a snapshot is made (RFC 9110 9.3.2 lets
+        # HEAD leave it out), and a HEAD must not cost one; nor carry a body.
+        return web.Response(headers=headers)
+    f = await request.app[STORE].snapshot()
     with f:
-        resp = web.StreamResponse(headers={
-            "Content-Type": "application/vnd.sqlite3",
-            "Content-Disposition": 'attachment; filename="images_server.db"',
-            "Cache-Control": CACHE_NO_STORE,
-        })
-        resp.content_length = size
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = os.fstat(f.fileno()).st_size
         await resp.prepare(request)
         while chunk := await asyncio.to_thread(f.read, FLUSH_BYTES):
             await resp.write(chunk)
@@ -3230,37 +3611,6 @@ async def handle_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-class _ImageFileResponse(web.FileResponse):
-    """sendfile for large images, keeping our content-derived ETag.
-
-    aiohttp internals (checked against 3.9.5 and 3.14.5): FileResponse.prepare
-    assigns self.etag from the file's mtime and size (which would replace ours),
-    and reports 304/403/412/416 through set_status; the two overrides rely on that.
-    """
-
-    @property
-    def etag(self):  # type: ignore[override]
-        return None
-
-    @etag.setter
-    def etag(self, value) -> None:
-        pass
-
-    def set_status(self, status: int, reason: Optional[str] = None) -> None:
-        super().set_status(status, reason)
-        if status >= 400:  # e.g. the file vanished: never let a cache keep the error
-            self.headers["Cache-Control"] = CACHE_NO_STORE
-            self.headers.pop("ETag", None)
-
-
-def _etag_matches(header: str, md5: str) -> bool:
-    for tag in header.split(","):
-        tag = tag.strip()
-        if tag == "*" or tag.removeprefix("W/").strip('"') == md5:
-            return True
-    return False
-
-
 async def handle_image(request: web.Request) -> web.StreamResponse:
     """The hot path: answer from memory when the image is small and known."""
     md5, dot, ext = request.match_info["name"].partition(".")
@@ -3277,50 +3627,15 @@ async def handle_image(request: web.Request) -> web.StreamResponse:
         raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found")
     headers = {
         "Content-Type": entry.mime,
-        "ETag": f'"{md5}"',
         "Cache-Control": image_cache_control(entry.expire_at - now),
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": IMAGE_CSP,
         "Access-Control-Allow-Origin": "*",
-        "Accept-Ranges": "bytes",
     }
     if request.method == "GET":  # 304s count too (the image was shown); HEAD does not
         store.count_access(md5)
-    return send_served(request, entry, headers)
-
-
-def send_served(request: web.Request, entry: ServedImage, headers: dict) -> web.StreamResponse:
-    """An original or a variant: 304 on its ETag, ranges, from memory or by sendfile."""
-    inm = request.headers.get(hdrs.IF_NONE_MATCH)
-    if inm is not None and _etag_matches(inm, entry.md5):
-        del headers["Content-Type"]
-        return web.Response(status=304, headers=headers)
-    if entry.body is None:
-        return _ImageFileResponse(entry.path, headers=headers)
-    body = entry.body
-    if hdrs.RANGE in request.headers:
-        size = len(body)
-        try:
-            rng = request.http_range
-        except ValueError:
-            rng = None
-        if rng is None:  # malformed or several ranges
-            raise json_error(416, "range not satisfiable", "range_not_satisfiable",
-                             {"Content-Range": f"bytes */{size}"})
-        start, stop = rng.start, rng.stop
-        if start is not None or stop is not None:
-            if start is None:
-                start = 0
-            if start < 0 and stop is None:
-                start = max(0, size + start)
-                stop = size
-            stop = size if stop is None else min(stop, size)
-            if start >= size or start >= stop:
-                raise json_error(416, "range not satisfiable", "range_not_satisfiable",
-                                 {"Content-Range": f"bytes */{size}"})
-            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-            return web.Response(status=206, body=body[start:stop], headers=headers)
-    return web.Response(body=body, headers=headers)
+    return await send_representation(request, entry.path if entry.body is None else entry.body, f'"{md5}"',
+                                     headers, entry.size, entry.created_at)
 
 
 async def handle_variant(request: web.Request) -> web.StreamResponse:
@@ -3349,18 +3664,17 @@ async def handle_variant(request: web.Request) -> web.StreamResponse:
     entry = await variants.get(image, size, width, fmt)
     headers = {
         "Content-Type": entry.mime,
-        "ETag": f'"{entry.md5}"',
         "Cache-Control": image_cache_control(image.expire_at - now),
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": IMAGE_CSP,
         "Access-Control-Allow-Origin": "*",
-        "Accept-Ranges": "bytes",
     }
     if not dot:
         headers["Vary"] = "Accept"
     if request.method == "GET":
         store.count_access(md5)
-    return send_served(request, entry, headers)
+    return await send_representation(request, entry.path if entry.body is None else entry.body,
+                                     f'"{entry.md5}"', headers, entry.size, image.created_at)
 
 
 async def handle_page(request: web.Request) -> web.Response:
@@ -3441,16 +3755,6 @@ def _file_size(path: Path) -> int:
         return 0
 
 
-def _old_temp_files(storage: Storage, now: float) -> list[Path]:
-    old = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(storage.tmp):
-            with contextlib.suppress(FileNotFoundError):
-                if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > TMP_MAX_AGE:
-                    old.append(Path(entry.path))
-    return old
-
-
 async def run_cleanup_pass(store: ImageStore, dry_run: bool = False,
                            itemize: Optional[bool] = None) -> CleanupReport:
     """One pass: expired images, orphan files, dangling rows, old temp files.
@@ -3473,10 +3777,10 @@ async def run_cleanup_pass(store: ImageStore, dry_run: bool = False,
         await _cleanup_dangling(store, report, dry_run)
         await _cleanup_variants(store, report, dry_run)
         now = store.clock()
-        for path in await asyncio.to_thread(_old_temp_files, storage, time.time()):
+        for path, size in await asyncio.to_thread(sweep_dead_temp_files, storage, time.time(), dry_run):
             report.temp_files += 1
             report.note([str(path)])
-            report.bytes_freed += await asyncio.to_thread(_file_size if dry_run else _unlink_quietly, path)
+            report.bytes_freed += size
         if not dry_run:
             await store.set_meta("last_cleanup", repr(now))
     finally:
@@ -3687,6 +3991,11 @@ async def _store_ctx(app: web.Application):
     app[VARIANTS] = VariantCache(app[CONFIG], store.storage)
     if METRICS in app:
         app[METRICS].store = store
+    # What a killed process left in tmp/ goes now, not at the next pass.
+    leftovers = await asyncio.to_thread(sweep_dead_temp_files, store.storage, time.time())
+    if leftovers:
+        log.info("removed %d temp files (%d bytes) left by a process that died",
+                 len(leftovers), sum(size for _, size in leftovers))
     yield
     await app[VARIANTS].close()
     await store.close()
@@ -3748,6 +4057,7 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
     app[AUTH] = Authenticator(config.users)
     app.on_cleanup.append(lambda app: _close_auth(app))
     app[CLOCK] = clock or time.time
+    app[STREAMING] = {}
     if config.server.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
         Image.MAX_IMAGE_PIXELS = config.server.max_pixels
     app.cleanup_ctx.append(_store_ctx)
@@ -3779,6 +4089,166 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
     return app
 
 
+# ==== connections ===============================================================
+# aiohttp accepts every connection it is offered and never times out a
+# response the client stops reading. On a small box with 1024 descriptors a
+# thousand idle sockets would take the service off line, so `serve` accepts
+# through a ConnectionGuard: a cap below what the descriptor limit allows,
+# room made by closing the connections silent longest, and a watch that drops
+# a response its reader has taken nothing of for RESPONSE_STALL_TIMEOUT.
+
+def raise_fd_limit() -> int:
+    """Lift the soft open-file limit to the hard one (systemd: LimitNOFILE); returns it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def connection_limit(config: Config, fd_limit: int) -> int:
+    """server.max_connections, lowered to what the descriptors allow: each
+    connection may hold two (its socket and a file being sent or received)."""
+    allowed = max(8, (fd_limit - FD_RESERVE) // 2) if fd_limit != -1 else config.server.max_connections
+    if allowed < config.server.max_connections:
+        log.warning("server.max_connections lowered from %d to %d by the open-file limit (%d); "
+                    "raise LimitNOFILE (ulimit -n) to allow more", config.server.max_connections,
+                    allowed, fd_limit)
+    return min(config.server.max_connections, allowed)
+
+
+def _bytes_acked(transport: asyncio.BaseTransport) -> Optional[int]:
+    """What the peer has acknowledged so far (Linux TCP_INFO), or None."""
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128)
+    except (AttributeError, OSError):
+        return None
+    # struct tcp_info: tcpi_bytes_acked is the u64 at offset 120 (Linux 4.1+).
+    return int.from_bytes(info[120:128], sys.byteorder) if len(info) >= 128 else None
+
+
+class _GuardedRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, noting when the client last sent
+    anything, and answering requests its parser refuses like every other
+    error: our JSON object and headers, not a bare text/plain 400."""
+
+    last_heard = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.last_heard = time.monotonic()
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()
+        super().data_received(data)
+
+    def handle_error(self, request: Any, status: int = 500, exc: Optional[BaseException] = None,
+                     message: Optional[str] = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if an answer was begun
+        text = (f"malformed request ({type(exc).__name__})" if 400 <= status < 500 and exc is not None
+                else "malformed request" if 400 <= status < 500 else "internal server error")
+        resp = web.Response(status=status, content_type="application/json",
+                            text=json.dumps({"error": text, "code": _STATUS_CODES.get(status, "error")}),
+                            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": CACHE_NO_STORE,
+                                     "Referrer-Policy": "no-referrer"})
+        resp.force_close()
+        return resp
+
+
+class _Refusal(asyncio.Protocol):
+    """Every connection busy: a 503 straight away, and the socket is closed."""
+
+    ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+              b"Retry-After: 1\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+              b"Connection: close\r\nContent-Length: 75\r\n\r\n"
+              b'{"error": "too many connections; try again shortly", "code": "unavailable"}')
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.ANSWER)
+        transport.close()
+
+
+class ConnectionGuard:
+    """Protocol factory for `loop.create_server`: caps the connections of one process."""
+
+    def __init__(self, server: web.Server, streaming: dict, limit: int, **handler_options: Any):
+        self.server, self.streaming, self.limit = server, streaming, limit
+        self.handler_options = handler_options
+        self.connections: list[_GuardedRequestHandler] = []
+        self._progress: dict[_GuardedRequestHandler, tuple[int, float]] = {}
+        self._watch: Optional[asyncio.Task] = None
+
+    def __call__(self) -> asyncio.Protocol:
+        if len(self.connections) >= self.limit and not self._make_room():
+            return _Refusal()
+        handler = _GuardedRequestHandler(self.server, loop=asyncio.get_running_loop(), **self.handler_options)
+        self.connections.append(handler)
+        return handler
+
+    def _busy_writing(self, transport: asyncio.BaseTransport) -> bool:
+        return transport.get_write_buffer_size() > 0 or transport in self.streaming
+
+    def _make_room(self) -> bool:
+        """Close the connections silent longest with nothing left to send
+        (idle keep-alives, unfinished request heads): a sixteenth of the
+        cap at once, so a flood pays one scan per many connections."""
+        live = [h for h in self.connections if h.transport is not None and not h.transport.is_closing()]
+        self.connections = live
+        if len(live) < self.limit:
+            return True
+        quiet = sorted((h for h in live if not self._busy_writing(h.transport)), key=lambda h: h.last_heard)
+        for handler in quiet[:max(1, self.limit // 16)]:
+            handler.force_close()
+        return bool(quiet)
+
+    # -- responses that make no progress --
+    def start(self) -> None:
+        self._watch = asyncio.create_task(self._watch_stalls(), name="imgproxy-stall-watch")
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+
+    async def _watch_stalls(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, RESPONSE_STALL_TIMEOUT / 4))
+            try:
+                self.drop_stalled(time.monotonic())
+            except Exception:  # noqa: BLE001 - the watch must outlive any one connection
+                log.exception("stall watch failed; it goes on")
+
+    def drop_stalled(self, now: float) -> None:
+        progress = {}
+        for handler in self.connections:
+            transport = handler.transport
+            if transport is None or transport.is_closing() or not self._busy_writing(transport):
+                continue
+            # Progress is what the peer acknowledged (or, without TCP_INFO,
+            # any change in what waits to be written).
+            mark = _bytes_acked(transport)
+            if mark is None:
+                mark = -transport.get_write_buffer_size()
+            before = self._progress.get(handler)
+            if before is None or before[0] != mark:
+                progress[handler] = (mark, now)
+                continue
+            if now - before[1] < RESPONSE_STALL_TIMEOUT:
+                progress[handler] = before
+                continue
+            log.info("dropped a response to %s: nothing taken for %g s",
+                     transport.get_extra_info("peername", ("?",))[0], RESPONSE_STALL_TIMEOUT)
+            task = self.streaming.pop(transport, None)
+            if task is not None:
+                task.cancel()  # a native sendfile would otherwise wait on the dead socket forever
+            transport.abort()
+        self._progress = progress
+
+
 # ==== main ======================================================================
 
 class _MalformedRequestFilter(logging.Filter):
@@ -3798,6 +4268,17 @@ class _MalformedRequestFilter(logging.Filter):
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+def prepare_data_dir(config: Config) -> None:
+    """Make data_dir's folders, or say in one line why they cannot be made."""
+    data_dir = config.server.data_dir
+    try:
+        Storage(data_dir).prepare()
+    except OSError as exc:
+        reason = "exists but is not a folder" if isinstance(exc, (FileExistsError, NotADirectoryError)) \
+            else exc.strerror or str(exc)
+        raise ConfigError(f"server.data_dir: cannot use {data_dir}: {reason}") from None
 
 
 def setup_logging(config: Config) -> None:
@@ -3828,24 +4309,28 @@ async def serve(config: Config, sock: socket.socket, worker: Optional[int] = Non
     """Run until SIGTERM/SIGINT, then stop: in-flight requests get a grace period,
     access counts are flushed, background tasks are cancelled."""
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if config.server.access_log
-                           else None, shutdown_timeout=10.0, handle_signals=False,
-                           keepalive_timeout=KEEPALIVE_TIMEOUT)
+    handler_options = dict(access_log=logging.getLogger("aiohttp.access") if config.server.access_log
+                           else None, keepalive_timeout=KEEPALIVE_TIMEOUT)
+    runner = web.AppRunner(app, shutdown_timeout=10.0, handle_signals=False, **handler_options)
     await runner.setup()
-    site = web.SockSite(runner, sock)
-    await site.start()
+    loop = asyncio.get_running_loop()
+    guard = ConnectionGuard(runner.server, app[STREAMING], connection_limit(config, raise_fd_limit()),
+                            **handler_options)
+    listener = await loop.create_server(guard, sock=sock, backlog=1024)
+    guard.start()
     host, port = sock.getsockname()[:2]
     log.info("imgproxy %s%s listening on http://%s:%d (public URLs: %s)", __version__,
              "" if worker is None else f" worker {worker}",
              f"[{host}]" if ":" in host else host, port, config.base_url)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
         log.info("stopping")
     finally:
+        listener.close()
+        await guard.stop()
         await runner.cleanup()
         log.info("stopped")
 
@@ -4007,7 +4492,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"imgproxy: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config)
+    try:
+        prepare_data_dir(config)
+    except ConfigError as exc:
+        print(f"imgproxy: {exc}", file=sys.stderr)
+        return 2
+    try:
+        setup_logging(config)
+    except OSError as exc:
+        print(f"imgproxy: server.log_file: cannot write {config.server.log_file}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     port = config.server.port if args.port is None else args.port
     try:
         sock = bind_socket(host, port)
@@ -4042,6 +4537,7 @@ def _errors(*statuses: int) -> dict:
     words = {400: "bad input (malformed id, parameter or body)", 401: "no or wrong credentials",
              403: "the user lacks the needed role, or an app token where a password is needed",
              404: "not found", 408: "the upload stalled", 409: "too many tokens: revoke one first",
+             412: "a precondition failed (If-Match, If-Unmodified-Since)",
              413: "too large: bytes, pixels or header", 415: "not an accepted image",
              416: "range not satisfiable", 417: "unknown Expect", 429: "too many failed sign-ins",
              503: "database busy or data folder not writable", 507: "disk full"}
@@ -4219,10 +4715,12 @@ OPENAPI: dict = {
                     "responses": {
                         "200": {"description": "the image",
                                 "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
-                        "206": {"description": "a byte range",
-                                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
-                        "304": {"description": "not modified (If-None-Match)"},
-                        **_errors(400, 404, 416)}},
+                        "206": {"description": "a byte range, or several as multipart/byteranges",
+                                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}},
+                                            "multipart/byteranges": {"schema": {"type": "string",
+                                                                                "format": "binary"}}}},
+                        "304": {"description": "not modified (If-None-Match, If-Modified-Since)"},
+                        **_errors(400, 404, 412, 416)}},
         },
         "/i/{md5}/{variant}": {
             "parameters": [

@@ -211,6 +211,33 @@ def parse_responses(data: bytes, head_requests: tuple[bool, ...] = ()) -> list[R
     return out
 
 
+def byte_ranges(resp) -> list[tuple[int, int, int, bytes]]:
+    """(first, last, complete length, bytes) of each part of a 206: one from
+    its Content-Range header, or several from a multipart/byteranges body."""
+    def span(value: str) -> tuple[int, int, int]:
+        unit, _, rest = value.strip().partition(" ")
+        assert unit == "bytes", value
+        first_last, _, total = rest.partition("/")
+        first, _, last = first_last.partition("-")
+        return int(first), int(last), int(total)
+
+    ctype = resp.headers.get("content-type", "")
+    if not ctype.startswith("multipart/byteranges"):
+        return [(*span(resp.headers["content-range"]), resp.body)]
+    assert "content-range" not in resp.headers
+    boundary = ctype.split("boundary=", 1)[1].strip('"').encode()
+    body = resp.body
+    assert body.startswith(b"--" + boundary + b"\r\n") and body.endswith(b"\r\n--" + boundary + b"--\r\n"), body[:200]
+    parts = []
+    for chunk in body[len(boundary) + 4:-(len(boundary) + 8)].split(b"\r\n--" + boundary + b"\r\n"):
+        head, _, data = chunk.partition(b"\r\n\r\n")
+        fields = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n"))
+        first, last, total = span(fields["Content-Range"])
+        assert len(data) == last - first + 1, (fields, len(data))
+        parts.append((first, last, total, data))
+    return parts
+
+
 async def raw_exchange(port: int, data: bytes, *, timeout: float = 10.0, half_close: bool = False,
                        host: str = "127.0.0.1") -> bytes:
     """Write `data` on a fresh connection and read until the server closes or `timeout`."""
