@@ -4219,7 +4219,7 @@ class ConnectionGuard:
             await asyncio.sleep(min(1.0, RESPONSE_STALL_TIMEOUT / 4))
             try:
                 self.drop_stalled(time.monotonic())
-            except Exception:  # noqa: BLE001 - the watch must outlive any one connection
+            except Exception:
                 log.exception("stall watch failed; it goes on")
 
     def drop_stalled(self, now: float) -> None:

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import noise_png  # noqa: E402
+from helpers import noise_png
 
 ROUNDS, SECONDS = 3, 4
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"alice:alice123").decode()}
