@@ -56,6 +56,7 @@ import socket
 import sqlite3
 import struct
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -144,6 +145,21 @@ TOKEN_ID_RE = re.compile(r"[0-9a-f]{16}")
 TOKEN_NAME_MAX = 100
 TOKENS_PER_USER = 100
 IMAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+# Variants (/i/{md5}/{size}.{fmt}): output extension -> (Pillow format, MIME type).
+VARIANT_FORMATS: dict[str, tuple[str, str]] = {
+    "jpg": ("JPEG", "image/jpeg"),
+    "png": ("PNG", "image/png"),
+    "webp": ("WEBP", "image/webp"),
+    "gif": ("GIF", "image/gif"),
+    "avif": ("AVIF", "image/avif"),
+}
+DEFAULT_VARIANT_WIDTHS = (160, 320, 640, 1280, 2048)
+VARIANT_RENDER_SECONDS = 10.0   # a render still running after this answers 503 (and finishes for the next asker)
+VARIANT_QUEUE_PER_CORE = 8      # distinct renders waiting or running per core before new ones get 503
+VARIANT_TOUCH_SECONDS = 3600.0  # a served variant's mtime (its LRU rank on disk) is refreshed at most this often
+VARIANT_SWEEP_SECONDS = 300.0   # the disk budget is checked at least this often, and after renders that exceed it
+VARIANT_LOCK_STRIPES = 256      # per-variant render locks across workers, hashed onto this many files
+VARIANT_SOURCE_CACHE = 10_000   # images whose "has transparency" answer is remembered for negotiation
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
             "img-src 'self' blob: data:; connect-src 'self'; form-action 'self'; "
             "base-uri 'none'; frame-ancestors 'none'")
@@ -165,6 +181,7 @@ def image_cache_control(seconds_left: float) -> str:
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 STORE: web.AppKey[ImageStore] = web.AppKey("store")
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
+VARIANTS: web.AppKey[VariantCache] = web.AppKey("variants")
 TASKS = web.AppKey("tasks", list)
 STREAMING = web.AppKey("streaming", dict)  # transport -> the task blocked in its native sendfile
 CLOCK = web.AppKey("clock", object)
@@ -247,6 +264,8 @@ class ServerConfig:
     access_log: bool = False
     trust_forwarded_for: bool = False
     workers: int = 1
+    variant_widths: tuple[int, ...] = DEFAULT_VARIANT_WIDTHS
+    variant_cache_mb: float = 1024
     strip_metadata: bool = True
     max_connections: int = MAX_CONNECTIONS
 
@@ -387,12 +406,22 @@ def parse_config(raw: Any, base_dir: Path) -> Config:
     workers = _expect("server.workers", s.get("workers", d.workers), "int")
     if not 1 <= workers <= 64:
         raise ConfigError(f"server.workers: expected 1..64 processes, got {workers}")
+    widths = _expect("server.variant_widths", s.get("variant_widths", list(d.variant_widths)), "list")
+    for w in widths:
+        if not isinstance(w, int) or isinstance(w, bool) or not 1 <= w <= 16384:
+            raise ConfigError(f"server.variant_widths: expected widths in pixels from 1 to 16384, "
+                              f"got {json.dumps(w)[:40]}")
+    variant_cache_mb = _expect("server.variant_cache_mb", s.get("variant_cache_mb", d.variant_cache_mb), "number")
+    if not 0 < variant_cache_mb <= 1024 * 1024:
+        raise ConfigError("server.variant_cache_mb: expected more than 0 and at most 1048576 (1 TB)")
     max_connections = _expect("server.max_connections", s.get("max_connections", d.max_connections), "int")
     if not 16 <= max_connections <= 1_000_000:
         raise ConfigError(f"server.max_connections: expected 16..1000000, got {max_connections}")
     server = ServerConfig(
         workers=workers,
         max_connections=max_connections,
+        variant_widths=tuple(sorted(set(widths))),
+        variant_cache_mb=variant_cache_mb,
         domain=_expect("server.domain", s.get("domain", d.domain), "str"),
         port=port,
         host=_expect("server.host", s.get("host", d.host), "str"),
@@ -595,6 +624,7 @@ class Storage:
         self.root = Path(data_dir)
         self.uploads = self.root / "uploads"
         self.tmp = self.root / "tmp"
+        self.variants = self.root / "variants"
         self.db_path = self.root / "images.db"
         self.cleanup_lock = self.root / "cleanup.lock"
         self._made_dirs: set[Path] = set()
@@ -605,11 +635,30 @@ class Storage:
         self.in_flight: set[str] = set()
 
     def prepare(self) -> None:
-        for d in (self.root, self.uploads, self.tmp):
+        for d in (self.root, self.uploads, self.tmp, self.variants):
             d.mkdir(parents=True, exist_ok=True)
 
     def image_path(self, md5: str, ext: str) -> Path:
         return self.uploads / md5[0:2] / md5[2:4] / f"{md5}.{ext}"
+
+    def variant_path(self, md5: str, size: str, fmt: str) -> Path:
+        return self.variants / md5[0:2] / md5[2:4] / f"{md5}-{size}.{fmt}"
+
+    def remove_variants(self, md5: str) -> int:
+        """Unlink every variant of one image (blocking); returns the bytes freed.
+
+        Plain strings and os calls: the expiry pass calls this for every
+        expired image from the writer thread, where Path objects cost GIL time.
+        """
+        freed = 0
+        with contextlib.suppress(FileNotFoundError):
+            with os.scandir(f"{self.variants}/{md5[0:2]}/{md5[2:4]}") as entries:
+                for entry in entries:
+                    if entry.name.startswith(md5 + "-"):
+                        with contextlib.suppress(FileNotFoundError):
+                            freed += entry.stat().st_size
+                            os.unlink(entry.path)
+        return freed
 
     def new_tmp_path(self, kind: str = "upload") -> Path:
         return self.tmp / f"{kind}-{secrets.token_hex(8)}.part"
@@ -1253,6 +1302,7 @@ class ImageStore:
                 if txn.db.execute("SELECT COUNT(*) FROM holds WHERE md5 = ?", (md5,)).fetchone()[0] > 0:
                     return True
             _unlink_quietly(storage.image_path(md5, row["ext"]))
+            storage.remove_variants(md5)
             txn.delete_rows([md5])
             return True
 
@@ -2017,6 +2067,341 @@ def sanitize_name(raw: Optional[str], ext: str) -> str:
     if name in ("", ".", ".."):
         name = f"image.{ext}"
     return name
+
+
+# ==== variants ================================================================
+# Smaller sizes and other formats of a stored image (/i/{md5}/{size}.{fmt}):
+# rendered once on first request, kept under variants/ (tmp + rename, like
+# uploads), bounded on disk by least-recently-used eviction.
+
+def accepted_modern_format(accept: Optional[str], formats: Iterable[str]) -> Optional[str]:
+    """AVIF or WebP when the Accept header names it with q > 0; wildcards do not count."""
+    named = set()
+    for part in (accept or "").split(","):
+        mime, *params = part.split(";")
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality > 0:
+            named.add(mime.strip().lower())
+    for fmt in ("avif", "webp"):
+        if fmt in formats and VARIANT_FORMATS[fmt][1] in named:
+            return fmt
+    return None
+
+
+def has_transparency(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def source_has_transparency(path: Path) -> bool:
+    """From the header alone (no pixels decoded): can this image be see-through?"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as im:
+            return has_transparency(im)
+
+
+def render_variant(source: Path, width: Optional[int], fmt: str, max_pixels: int) -> bytes:
+    """Encode `source` at `width` (None: its own) as `fmt`; blocking and CPU-bound.
+
+    Orientation is applied, the first frame of an animation is used, the ICC
+    profile is carried over unchanged (browsers colour-manage tagged images; a
+    conversion to sRGB would need littlecms, which not every Pillow has), and
+    nothing else of the original's metadata is written.
+    """
+    pillow_format = VARIANT_FORMATS[fmt][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(source) as im:
+            if im.width * im.height > max_pixels:  # stored before a lower limit was set
+                raise UploadRejected(413, "too_many_pixels", "the original has more pixels than allowed")
+            swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            shown_w, shown_h = (im.height, im.width) if swapped else im.size
+            target_w = shown_w if width is None else min(width, shown_w)
+            target_h = max(1, round(shown_h * target_w / shown_w))
+            if im.format in ("JPEG", "MPO") and target_w < shown_w:
+                # DCT scaling: decode at 1/2, 1/4 or 1/8 straight away, never below the target.
+                im.draft(im.mode, (target_h, target_w) if swapped else (target_w, target_h))
+            icc = im.info.get("icc_profile")
+            frame = ImageOps.exif_transpose(im)
+    alpha = has_transparency(frame)
+    if frame.mode not in ("RGB", "RGBA", "L", "LA"):
+        if frame.mode == "CMYK":
+            icc = None  # a CMYK profile would mislabel the RGB pixels
+        frame = frame.convert("RGBA" if alpha else "RGB")
+    if frame.width != target_w:
+        # reducing_gap: a cheap box reduction first, LANCZOS for the last factor of 3.
+        frame = frame.resize((target_w, target_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if pillow_format == "JPEG" and frame.mode in ("RGBA", "LA"):
+        frame = frame.convert("RGBA")
+        flat = Image.new("RGB", frame.size, (255, 255, 255))
+        flat.paste(frame, mask=frame.getchannel("A"))
+        frame = flat
+    if pillow_format == "GIF" and frame.mode in ("RGBA", "LA"):
+        # GIF has one see-through palette entry: pixels under half opacity get it.
+        frame = frame.convert("RGBA")
+        clear = frame.getchannel("A").point(lambda a: 255 if a < 128 else 0)
+        frame = frame.convert("RGB").quantize(255)
+        frame.paste(255, mask=clear)
+        frame.info["transparency"] = 255
+    transparency = frame.info.get("transparency") if pillow_format == "GIF" else None
+    frame.info = {}  # no EXIF, XMP, comments or text chunks from the original
+    options: dict[str, Any] = {}
+    if icc and pillow_format != "GIF":
+        options["icc_profile"] = icc
+    if transparency is not None:
+        options["transparency"] = transparency
+    if pillow_format == "JPEG":
+        options.update(quality=85)
+    elif pillow_format == "WEBP":
+        options.update(quality=80, method=2)  # method 4+ doubles the encode time for ~3% smaller files
+    elif pillow_format == "AVIF":
+        options.update(quality=60, speed=8)  # speed 8: a 640 px render in tens of ms
+    elif pillow_format == "PNG":
+        options.update(compress_level=6)
+    out = io.BytesIO()
+    frame.save(out, pillow_format, **options)
+    return out.getvalue()
+
+
+class VariantCache:
+    """Rendered variants of the stored images: memory, disk, renders.
+
+    A render runs in a pool sized to the cores, at most once at a time per
+    variant: in this process one task is shared by everyone who asks (a dict
+    of futures), across workers an flock on a striped lock file, taken before
+    the disk is checked again. Too many distinct renders waiting answer 503.
+
+    Disk use is bounded by `variant_cache_mb`. Recency is the file's mtime,
+    refreshed by a hit at most once an hour, so a hit costs no write; a sweep
+    removes the oldest files when the total grows past the budget.
+    """
+
+    def __init__(self, config: Config, storage: Storage):
+        self.storage = storage
+        self.widths = config.server.variant_widths
+        self.max_pixels = config.server.max_pixels
+        self.disk_budget = int(config.server.variant_cache_mb * 1024 * 1024)
+        self.memory_budget = int(config.server.cache_mb * 1024 * 1024)
+        Image.init()
+        self.formats = tuple(f for f, (pil, _) in VARIANT_FORMATS.items() if pil in Image.SAVE)
+        cores = os.cpu_count() or 1
+        self.pool = concurrent.futures.ThreadPoolExecutor(cores, thread_name_prefix="imgproxy-render",
+                                                          initializer=_lower_thread_priority)
+        self.queue_limit = cores * VARIANT_QUEUE_PER_CORE
+        self.inflight: dict[str, asyncio.Future] = {}
+        self.rendering = 0
+        self.renders = 0  # renders done by this process (tests and benchmarks read it)
+        self.memory: collections.OrderedDict[str, ServedImage] = collections.OrderedDict()
+        self.memory_bytes = 0
+        self.touched: dict[str, float] = {}
+        self.transparency: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        self.disk_bytes: Optional[int] = None  # unknown until the first sweep
+        self.last_sweep = 0.0
+        self.sweeper: Optional[asyncio.Task] = None
+
+    async def close(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.sweeper
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def size_width(self, size: str) -> Optional[int]:
+        """The width a size label asks for (None: the original's); 400 if not offered."""
+        if size == "full":
+            return None
+        if size.isdigit() and size.isascii() and int(size) in self.widths:
+            return int(size)
+        raise self.bad_variant(f"size {size[:20]!r} is not offered")
+
+    def bad_variant(self, problem: str) -> web.HTTPException:
+        sizes = ", ".join(["full", *map(str, self.widths)])
+        return json_error(400, f"{problem}: sizes are {sizes}; formats are {', '.join(self.formats)}",
+                          "bad_variant")
+
+    async def choose_format(self, image: ServedImage, accept: Optional[str]) -> str:
+        modern = accepted_modern_format(accept, self.formats)
+        if modern:
+            return modern
+        if image.ext in ("jpg", "bmp"):
+            return "jpg"
+        see_through = self.transparency.get(image.md5)
+        if see_through is None:
+            see_through = await asyncio.to_thread(source_has_transparency, image.path)
+            self.transparency[image.md5] = see_through
+            if len(self.transparency) > VARIANT_SOURCE_CACHE:
+                self.transparency.popitem(last=False)
+        return "png" if see_through else "jpg"
+
+    async def get(self, image: ServedImage, size: str, width: Optional[int], fmt: str) -> ServedImage:
+        """The variant, from memory, from disk or rendered now (raises 503 when busy)."""
+        key = f"{image.md5}-{size}.{fmt}"
+        entry = self.memory.get(key)
+        if entry is not None:
+            self.memory.move_to_end(key)
+            self._touch(key, entry.path)
+            return entry
+        task = self.inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._obtain(key, image, size, width, fmt))
+            self.inflight[key] = task
+            task.add_done_callback(lambda _: self.inflight.pop(key, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), VARIANT_RENDER_SECONDS)
+        except asyncio.TimeoutError:
+            # The render goes on and is kept; this asker comes back for it.
+            raise json_error(503, "this size is still being rendered; try again shortly", "unavailable",
+                             {"Retry-After": "5"}) from None
+
+    async def _obtain(self, key: str, image: ServedImage, size: str, width: Optional[int],
+                      fmt: str) -> ServedImage:
+        path = self.storage.variant_path(image.md5, size, fmt)
+        data = await asyncio.to_thread(self._read_and_refresh, path)
+        if data is None:
+            if self.rendering >= self.queue_limit:
+                raise json_error(503, "too many images are being resized right now; try again shortly",
+                                 "unavailable", {"Retry-After": "2"})
+            self.rendering += 1
+            started = time.perf_counter()
+            try:
+                data, rendered = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, self._render_once, path, image.path, width, fmt)
+            except FileNotFoundError:  # the image was deleted while we waited
+                raise json_error(404, "no such image (never uploaded, deleted or expired)",
+                                 "not_found") from None
+            finally:
+                self.rendering -= 1
+            if rendered:
+                self.renders += 1
+                log.debug("rendered variant %s in %.0f ms", key, (time.perf_counter() - started) * 1000)
+                if self.disk_bytes is not None:
+                    self.disk_bytes += len(data)
+                self._maybe_sweep()
+        entry = ServedImage(hashlib.md5(data).hexdigest(), fmt, VARIANT_FORMATS[fmt][1], len(data), 0.0, path)
+        if len(data) <= BODY_CACHE_MAX_FILE and len(data) <= self.memory_budget:
+            entry.body = data
+            self.memory_bytes += len(data)
+        self.memory[key] = entry
+        self.touched[key] = time.monotonic()
+        while self.memory and (self.memory_bytes > self.memory_budget or len(self.memory) > META_CACHE_ENTRIES):
+            old_key, old = self.memory.popitem(last=False)
+            self.touched.pop(old_key, None)
+            if old.body is not None:
+                self.memory_bytes -= len(old.body)
+        return entry
+
+    def _read_and_refresh(self, path: Path) -> Optional[bytes]:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+                if time.time() - os.fstat(f.fileno()).st_mtime > VARIANT_TOUCH_SECONDS:
+                    os.utime(path)
+                return data
+        except FileNotFoundError:
+            return None
+
+    def _render_once(self, path: Path, source: Path, width: Optional[int], fmt: str) -> tuple[bytes, bool]:
+        """Render to disk unless another process did meanwhile; returns (bytes, rendered here)."""
+        stripe = hashlib.md5(path.name.encode()).digest()[0] % VARIANT_LOCK_STRIPES
+        locks = self.storage.variants / "locks"
+        locks.mkdir(exist_ok=True)
+        lock_fd = os.open(locks / f"{stripe:02x}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                return path.read_bytes(), False
+            data = render_variant(source, width, fmt, self.max_pixels)
+            # Locked while in tmp/, so no leftover sweep takes it from under us.
+            tmp_path, fd = self.storage.create_tmp("variant")
+            try:
+                with open(fd, "wb", closefd=False) as f:
+                    f.write(data)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp_path, path)  # atomic: no reader or crash sees half a variant
+            except BaseException:
+                _unlink_quietly(tmp_path)
+                raise
+            finally:
+                os.close(fd)
+                self.storage.in_flight.discard(tmp_path.name)
+            return data, True
+        finally:
+            os.close(lock_fd)
+
+    def _touch(self, key: str, path: Path) -> None:
+        now = time.monotonic()
+        if now - self.touched.get(key, now) < VARIANT_TOUCH_SECONDS:
+            return
+        self.touched[key] = now
+        asyncio.get_running_loop().run_in_executor(None, _touch_quietly, path)
+
+    def _maybe_sweep(self) -> None:
+        due = (self.disk_bytes is None or self.disk_bytes > self.disk_budget
+               or time.monotonic() - self.last_sweep > VARIANT_SWEEP_SECONDS)
+        if due and (self.sweeper is None or self.sweeper.done()):
+            self.sweeper = asyncio.create_task(self.sweep(), name="imgproxy-variant-sweep")
+
+    async def sweep(self) -> int:
+        """Evict the least recently used variants beyond the budget; returns the bytes kept."""
+        self.last_sweep = time.monotonic()
+        kept, removed = await asyncio.to_thread(_evict_variants, self.storage, self.disk_budget)
+        self.disk_bytes = kept
+        for name in removed:
+            self.forget_key(name)
+        return kept
+
+    def forget_key(self, key: str) -> None:
+        old = self.memory.pop(key, None)
+        self.touched.pop(key, None)
+        if old is not None and old.body is not None:
+            self.memory_bytes -= len(old.body)
+
+
+def _lower_thread_priority() -> None:
+    # Renders run at nice 10 (Linux sets it per thread): while they fill every
+    # core, the event loop still gets the CPU at once for cached images.
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+def _touch_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def _scan_variants(storage: Storage) -> list[tuple[str, os.stat_result, Path]]:
+    """Every variant file as (its md5 or '' for foreign names, stat, path); lock files excluded."""
+    found = []
+    for dirpath, dirs, files in os.walk(storage.variants):
+        if dirpath == str(storage.variants):
+            dirs[:] = [d for d in dirs if d != "locks"]
+        for f in files:
+            path = Path(dirpath) / f
+            with contextlib.suppress(FileNotFoundError):
+                stem = f.partition("-")[0]
+                found.append((stem if MD5_RE.fullmatch(stem) else "", path.stat(), path))
+    return found
+
+
+def _evict_variants(storage: Storage, budget: int) -> tuple[int, list[str]]:
+    """Oldest mtime first until the variants fit in 90% of the budget (room for new ones)."""
+    files = _scan_variants(storage)
+    total = sum(st.st_size for _, st, _ in files)
+    removed = []
+    if total > budget:
+        for _, st, path in sorted(files, key=lambda item: item[1].st_mtime):
+            if total <= budget * 0.9:
+                break
+            total -= _unlink_quietly(path)
+            removed.append(path.name)
+    return total, removed
 
 
 # ==== metadata ==================================================================
@@ -3743,6 +4128,45 @@ async def handle_image(request: web.Request) -> web.StreamResponse:
                                      headers, entry.size, entry.created_at)
 
 
+async def handle_variant(request: web.Request) -> web.StreamResponse:
+    """/i/{md5}/{size}.{fmt} and /i/{md5}/{size}: checked, then served or rendered once."""
+    variants = request.app[VARIANTS]
+    if not variants.widths:
+        raise json_error(404, "not found (sizes are turned off on this server)", "not_found")
+    size, dot, fmt = request.match_info["variant"].partition(".")
+    width = variants.size_width(size)
+    if dot and fmt not in variants.formats:
+        raise variants.bad_variant(f"format {fmt[:10]!r} is not offered")
+    md5 = request.match_info["md5"]
+    if not MD5_RE.fullmatch(md5):
+        raise json_error(400, "not an image id: expected /i/<md5>/<size>.<format>", "bad_md5")
+    store = request.app[STORE]
+    store.check_generation()
+    image = await store.served_image(md5)
+    now = store.clock()
+    if image is not None and image.expire_at <= now:
+        store.forget(md5)  # maybe renewed by another process since it was cached
+        image = await store.served_image(md5)
+    if image is None or image.expire_at <= now:
+        raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found")
+    if not dot:
+        fmt = await variants.choose_format(image, request.headers.get(hdrs.ACCEPT))
+    entry = await variants.get(image, size, width, fmt)
+    headers = {
+        "Content-Type": entry.mime,
+        "Cache-Control": image_cache_control(image.expire_at - now),
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": IMAGE_CSP,
+        "Access-Control-Allow-Origin": "*",
+    }
+    if not dot:
+        headers["Vary"] = "Accept"
+    if request.method == "GET":
+        store.count_access(md5)
+    return await send_representation(request, entry.path if entry.body is None else entry.body,
+                                     f'"{entry.md5}"', headers, entry.size, image.created_at)
+
+
 async def handle_page(request: web.Request) -> web.Response:
     return web.Response(text=PAGE_HTML, content_type="text/html", charset="utf-8",
                         headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": CACHE_NO_CACHE,
@@ -3782,6 +4206,7 @@ class CleanupReport:
     orphan_files: int = 0
     dangling_rows: int = 0
     temp_files: int = 0
+    orphan_variants: int = 0
     bytes_freed: int = 0
     skipped: bool = False
     dry_run: bool = False
@@ -3796,9 +4221,10 @@ class CleanupReport:
         if self.skipped:
             return "cleanup skipped: another cleanup pass is running"
         verb = "would remove" if self.dry_run else "removed"
+        variants = f"{self.orphan_variants} orphan variants, " if self.orphan_variants else ""
         return (f"cleanup {verb}: {self.expired} expired images, {self.orphan_files} orphan files, "
                 f"{self.dangling_rows} dangling rows, {self.temp_files} temp files, "
-                f"{self.bytes_freed} bytes")
+                f"{variants}{self.bytes_freed} bytes")
 
 
 def _scan_uploads(storage: Storage) -> list[tuple[str, str, Path]]:
@@ -3839,6 +4265,7 @@ async def run_cleanup_pass(store: ImageStore, dry_run: bool = False,
         await _cleanup_expired(store, report, dry_run)
         await _cleanup_orphans(store, report, dry_run)
         await _cleanup_dangling(store, report, dry_run)
+        await _cleanup_variants(store, report, dry_run)
         now = store.clock()
         for path, size in await asyncio.to_thread(sweep_dead_temp_files, storage, time.time(), dry_run):
             report.temp_files += 1
@@ -3875,6 +4302,8 @@ async def _cleanup_expired(store: ImageStore, report: CleanupReport, dry_run: bo
                     os.unlink(path)
             except FileNotFoundError:
                 pass
+            if not dry_run:
+                freed += storage.remove_variants(m)
         report.bytes_freed += freed
         if md5s and not dry_run:
             txn.delete_rows(md5s, expired=True)
@@ -3938,6 +4367,24 @@ async def _cleanup_dangling(store: ImageStore, report: CleanupReport, dry_run: b
             for m, _ in missing:
                 store.forget(m)
         await asyncio.sleep(0)
+
+
+async def _cleanup_variants(store: ImageStore, report: CleanupReport, dry_run: bool) -> None:
+    """Variants whose image is gone (a delete that raced a render, a crash, files put there by hand)."""
+    files = await asyncio.to_thread(_scan_variants, store.storage)
+    for i in range(0, len(files), CLEANUP_BATCH):
+        chunk = files[i:i + CLEANUP_BATCH]
+        md5s = sorted({m for m, _, _ in chunk if m})
+        known: set[str] = set()
+        if md5s:
+            marks = ",".join("?" * len(md5s))
+            async with store.db_read.execute(f"SELECT md5 FROM images WHERE md5 IN ({marks})", md5s) as cur:
+                known = {r[0] for r in await cur.fetchall()}
+        orphans = [path for m, _, path in chunk if m not in known]
+        report.orphan_variants += len(orphans)
+        report.note(f"orphan variant {p}" for p in orphans)
+        report.bytes_freed += await asyncio.to_thread(
+            lambda: sum(map(_file_size if dry_run else _unlink_quietly, orphans)))
 
 
 def next_cleanup_after(now: float, at: dt.time) -> float:
@@ -4009,9 +4456,14 @@ async def reset_store(config: Config) -> None:
             if storage.uploads.exists():
                 os.replace(storage.uploads, trash)
             storage.uploads.mkdir(parents=True, exist_ok=True)
+            if storage.variants.exists():
+                os.replace(storage.variants, storage.tmp / f"reset-{secrets.token_hex(6)}-variants")
+            storage.variants.mkdir(parents=True, exist_ok=True)
 
         await store.write(wipe)
         await asyncio.to_thread(shutil.rmtree, trash, True)
+        for leftover in storage.tmp.glob("reset-*-variants"):
+            await asyncio.to_thread(shutil.rmtree, leftover, True)
         await store._in_writer(lambda db: db.execute("VACUUM"))
     finally:
         await store.close()
@@ -4026,6 +4478,7 @@ async def _store_ctx(app: web.Application):
         log.info("HEIC uploads are refused: %s", HEIF_HOWTO)
     store = await ImageStore(app[CONFIG], app[CLOCK]).open()
     app[STORE] = store
+    app[VARIANTS] = VariantCache(app[CONFIG], store.storage)
     if METRICS in app:
         app[METRICS].store = store
     # What a killed process left in tmp/ goes now, not at the next pass.
@@ -4034,6 +4487,7 @@ async def _store_ctx(app: web.Application):
         log.info("removed %d temp files (%d bytes) left by a process that died",
                  len(leftovers), sum(size for _, size in leftovers))
     yield
+    await app[VARIANTS].close()
     await store.close()
 
 
@@ -4110,6 +4564,7 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
         app.on_response_prepare.append(app[METRICS].on_response_prepare)
     r = app.router
     r.add_get("/i/{name}", handle_image)
+    r.add_get("/i/{md5}/{variant}", handle_variant)
     r.add_route("POST", "/upload", handle_upload, expect_handler=upload_expect)
     r.add_route("PUT", "/upload", handle_upload, expect_handler=upload_expect)
     r.add_route("PUT", "/upload/{filename}", handle_upload, expect_handler=upload_expect)
@@ -4762,6 +5217,25 @@ OPENAPI: dict = {
                         "304": {"description": "not modified (If-None-Match, If-Modified-Since)"},
                         **_errors(400, 404, 412, 416)}},
         },
+        "/i/{md5}/{variant}": {
+            "parameters": [
+                _MD5_PARAM,
+                {"name": "variant", "in": "path", "required": True,
+                 "description": "{size}.{fmt} or {size}: size is a width from server.variant_widths "
+                                "(default 160, 320, 640, 1280, 2048) or 'full'; fmt is jpg, png, webp, "
+                                "gif or avif (where the server can write it). Without .{fmt} the "
+                                "Accept header chooses (AVIF, WebP, else JPEG or PNG) and Vary: Accept "
+                                "is sent.",
+                 "schema": {"type": "string", "pattern": "^(full|[1-9][0-9]{0,4})(\\.(jpg|png|webp|gif|avif))?$"}}],
+            "get": {"summary": "a size and format of the image, rendered once (public)", "security": [],
+                    "responses": {
+                        "200": {"description": "the variant",
+                                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                        "206": {"description": "a byte range",
+                                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                        "304": {"description": "not modified (If-None-Match)"},
+                        **_errors(400, 404, 416, 503)}},
+        },
         "/healthz": {
             "get": {"summary": "database and data folder answer", "security": [],
                     "responses": {"200": _json("Health", "healthy"), "503": _json("Health", "unhealthy")}},
@@ -4852,7 +5326,7 @@ PAGE_HTML = r"""<!doctype html>
         <button type="button" class="btn btn-quiet" id="mine-refresh">Refresh</button>
       </div>
       <p id="mine-status" class="hint" role="status"></p>
-      <ul id="mine" class="cards"></ul>
+      <ul id="mine" class="cards grid"></ul>
       <nav class="pager" id="mine-pager" aria-label="My images pages" hidden>
         <button type="button" class="btn" id="mine-prev">← Newer</button>
         <span id="mine-range"></span>
@@ -5092,6 +5566,15 @@ kbd {
 .thumb img { max-width: 100%; max-height: 100%; object-fit: contain; }
 .thumb-label { color: var(--muted); font-size: 12px; padding: 4px; text-align: center; }
 
+/* "My images": a grid of 320 px thumbnails, the links under each */
+.cards.grid { grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); }
+.grid .card { grid-template-columns: minmax(0, 1fr); gap: 10px; }
+.grid .thumb { width: 100%; height: 180px; }
+.grid .thumb img { width: 100%; height: 100%; object-fit: cover; }
+.grid .no-preview .thumb-label { font-size: 14px; }
+.size-pick { font: inherit; font-size: 13px; padding: 3px 4px; border: 1px solid var(--line);
+  border-radius: 6px; background: var(--panel); color: inherit; }
+
 progress {
   width: 100%;
   height: 8px;
@@ -5180,6 +5663,8 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
   var AUTH_KEY = "imgproxy.auth";   // sessionStorage: lives as long as this tab
   var USER_KEY = "imgproxy.user";
   var PAGE_SIZE = 12;
+  var COPY_SIZES = [null, 1280, 640, 320];   // widths offered for copying; null: the original
+  var GRID_WIDTH = 320;                      // "My images" shows this size, never the original
   var PARALLEL_UPLOADS = 3;
   var AUTH_MESSAGE = "该用户权限不足，请联系管理员";
 
@@ -5456,9 +5941,52 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     return button;
   }
 
+  // A size of an image: /i/{md5}/{width}, the format chosen by the browser's
+  // Accept header (AVIF or WebP where it can show them). Null: the original.
+  function variantUrl(url, width) {
+    var match = /^(.*\/)([0-9a-f]{32})\.[a-z0-9]+$/.exec(String(url));
+    return width && match ? match[1] + match[2] + "/" + width : url;
+  }
+
+  // The snippets for one size; HTML offers the double width to sharp screens.
+  function sizedSnippets(info, width) {
+    var url = variantUrl(info.url, width);
+    var parts = snippets({ name: info.name, md5: info.md5, url: url });
+    if (width && COPY_SIZES.indexOf(width * 2) >= 0) {
+      var sharp = variantUrl(info.url, width * 2);
+      parts.forEach(function (part) {
+        if (part.key !== "html") return;
+        part.text = '<img src="' + escapeHtml(url) + '" srcset="' + escapeHtml(url) + " 1x, " +
+          escapeHtml(sharp) + ' 2x" alt="' + escapeHtml(info.name || info.md5 || "image") + '">';
+      });
+    }
+    return parts;
+  }
+
+  // "My images": the link block with a size picker in front of the copy buttons.
+  function sizedLinkBlock(info) {
+    var parts = sizedSnippets(info, null);
+    var nodes = linkBlock(info, parts);
+    var row = nodes[1];
+    var open = row.querySelector("a.open");
+    var pick = el("select", { className: "size-pick", "aria-label": "Size to copy" },
+      COPY_SIZES.map(function (width) {
+        return el("option", { value: width || "", text: width ? width + " px" : "Original" });
+      }));
+    pick.addEventListener("change", function () {
+      var width = parseInt(pick.value, 10) || null;
+      var fresh = sizedSnippets(info, width);
+      parts.forEach(function (part, i) { part.text = fresh[i].text; });
+      nodes[0].value = variantUrl(info.url, width);
+      open.setAttribute("href", safeUrl(nodes[0].value) || "");
+    });
+    row.insertBefore(pick, row.children[1]);
+    return nodes;
+  }
+
   // The link block every image card shows: URL, copy buttons, expiry.
-  function linkBlock(info) {
-    var parts = snippets(info);
+  function linkBlock(info, parts) {
+    parts = parts || snippets(info);
     var url = el("input", {
       type: "text", className: "url", readonly: true, value: info.url,
       "aria-label": "Image URL", spellcheck: "false"
@@ -5740,7 +6268,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
 
   function mineCard(info) {
     var name = info.name || info.md5;
-    var thumb = preview(info.url, name, info.format || "no preview");
+    var thumb = preview(variantUrl(info.url, GRID_WIDTH), name, info.format || "no preview");
     thumb.img.setAttribute("loading", "lazy");
     var del = el("button", {
       type: "button", className: "btn btn-small btn-danger-quiet delete",
@@ -5750,7 +6278,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     var body = el("div", { className: "card-body" }, [
       el("p", { className: "name", text: name, title: name }),
       el("p", { className: "meta", text: metaLine(info) + viewsText(info.access_count) })
-    ].concat(linkBlock(info), [expiryLine(info), el("div", { className: "card-actions" }, [del])]));
+    ].concat(sizedLinkBlock(info), [expiryLine(info), el("div", { className: "card-actions" }, [del])]));
     return el("li", { className: "card", "data-md5": info.md5 || "" }, [thumb.box, body]);
   }
 

@@ -7,6 +7,8 @@
   var AUTH_KEY = "imgproxy.auth";   // sessionStorage: lives as long as this tab
   var USER_KEY = "imgproxy.user";
   var PAGE_SIZE = 12;
+  var COPY_SIZES = [null, 1280, 640, 320];   // widths offered for copying; null: the original
+  var GRID_WIDTH = 320;                      // "My images" shows this size, never the original
   var PARALLEL_UPLOADS = 3;
   var AUTH_MESSAGE = "该用户权限不足，请联系管理员";
 
@@ -283,9 +285,52 @@
     return button;
   }
 
+  // A size of an image: /i/{md5}/{width}, the format chosen by the browser's
+  // Accept header (AVIF or WebP where it can show them). Null: the original.
+  function variantUrl(url, width) {
+    var match = /^(.*\/)([0-9a-f]{32})\.[a-z0-9]+$/.exec(String(url));
+    return width && match ? match[1] + match[2] + "/" + width : url;
+  }
+
+  // The snippets for one size; HTML offers the double width to sharp screens.
+  function sizedSnippets(info, width) {
+    var url = variantUrl(info.url, width);
+    var parts = snippets({ name: info.name, md5: info.md5, url: url });
+    if (width && COPY_SIZES.indexOf(width * 2) >= 0) {
+      var sharp = variantUrl(info.url, width * 2);
+      parts.forEach(function (part) {
+        if (part.key !== "html") return;
+        part.text = '<img src="' + escapeHtml(url) + '" srcset="' + escapeHtml(url) + " 1x, " +
+          escapeHtml(sharp) + ' 2x" alt="' + escapeHtml(info.name || info.md5 || "image") + '">';
+      });
+    }
+    return parts;
+  }
+
+  // "My images": the link block with a size picker in front of the copy buttons.
+  function sizedLinkBlock(info) {
+    var parts = sizedSnippets(info, null);
+    var nodes = linkBlock(info, parts);
+    var row = nodes[1];
+    var open = row.querySelector("a.open");
+    var pick = el("select", { className: "size-pick", "aria-label": "Size to copy" },
+      COPY_SIZES.map(function (width) {
+        return el("option", { value: width || "", text: width ? width + " px" : "Original" });
+      }));
+    pick.addEventListener("change", function () {
+      var width = parseInt(pick.value, 10) || null;
+      var fresh = sizedSnippets(info, width);
+      parts.forEach(function (part, i) { part.text = fresh[i].text; });
+      nodes[0].value = variantUrl(info.url, width);
+      open.setAttribute("href", safeUrl(nodes[0].value) || "");
+    });
+    row.insertBefore(pick, row.children[1]);
+    return nodes;
+  }
+
   // The link block every image card shows: URL, copy buttons, expiry.
-  function linkBlock(info) {
-    var parts = snippets(info);
+  function linkBlock(info, parts) {
+    parts = parts || snippets(info);
     var url = el("input", {
       type: "text", className: "url", readonly: true, value: info.url,
       "aria-label": "Image URL", spellcheck: "false"
@@ -567,7 +612,7 @@
 
   function mineCard(info) {
     var name = info.name || info.md5;
-    var thumb = preview(info.url, name, info.format || "no preview");
+    var thumb = preview(variantUrl(info.url, GRID_WIDTH), name, info.format || "no preview");
     thumb.img.setAttribute("loading", "lazy");
     var del = el("button", {
       type: "button", className: "btn btn-small btn-danger-quiet delete",
@@ -577,7 +622,7 @@
     var body = el("div", { className: "card-body" }, [
       el("p", { className: "name", text: name, title: name }),
       el("p", { className: "meta", text: metaLine(info) + viewsText(info.access_count) })
-    ].concat(linkBlock(info), [expiryLine(info), el("div", { className: "card-actions" }, [del])]));
+    ].concat(sizedLinkBlock(info), [expiryLine(info), el("div", { className: "card-actions" }, [del])]));
     return el("li", { className: "card", "data-md5": info.md5 || "" }, [thumb.box, body]);
   }
 
