@@ -3813,6 +3813,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     var detail = body && typeof body.error === "string" ? body.error.trim() : "";
     if (status === 400) return "The server refused the name: " + (detail || "use 1 to 100 characters") + ".";
     if (status === 401 || status === 403) return detail || AUTH_MESSAGE;
+    if (status === 409 && detail) return detail;   // too many tokens: the server says how many
     return errorText(status, body);
   }
 

@@ -847,6 +847,7 @@
     var detail = body && typeof body.error === "string" ? body.error.trim() : "";
     if (status === 400) return "The server refused the name: " + (detail || "use 1 to 100 characters") + ".";
     if (status === 401 || status === 403) return detail || AUTH_MESSAGE;
+    if (status === 409 && detail) return detail;   // too many tokens: the server says how many
     return errorText(status, body);
   }
 
