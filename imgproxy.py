@@ -103,6 +103,14 @@ AUTH_FAIL_TABLE = 10_000        # addresses the limiter remembers at most
 UPLOAD_IDLE_TIMEOUT = 60.0      # an upload body that sends nothing for this long is dropped (408)
 KEEPALIVE_TIMEOUT = 75.0        # idle connections and unfinished request heads are closed
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+# App tokens: "imgp_" + 43 base62 characters = 256 bits; the fixed prefix lets
+# secret scanners (GitHub's, gitleaks) recognise a leaked one.
+TOKEN_PREFIX = "imgp_"
+TOKEN_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+TOKEN_CHARS = 43
+TOKEN_ID_RE = re.compile(r"[0-9a-f]{16}")
+TOKEN_NAME_MAX = 100
+TOKENS_PER_USER = 100
 IMAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
             "img-src 'self' blob: data:; connect-src 'self'; form-action 'self'; "
@@ -211,6 +219,7 @@ class ClientConfig:
     username: Optional[str] = None
     password: Optional[str] = dataclasses.field(default=None, repr=False)
     cache_path: Optional[str] = None
+    token: Optional[str] = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,11 +401,12 @@ def parse_config(raw: Any, base_dir: Path, path: Optional[Path] = None) -> Confi
         users.append(UserConfig(username=name, role=role, password=pw, password_hash=ph))
 
     cl = _expect("client", raw.get("client", {}) or {}, "object")
-    _only_keys("client", cl, ("username", "password", "cache_path"))
+    _only_keys("client", cl, ("username", "password", "cache_path", "token"))
     client = ClientConfig(
         username=None if cl.get("username") is None else _expect("client.username", cl["username"], "str"),
         password=None if cl.get("password") is None else _expect("client.password", cl["password"], "str"),
         cache_path=None if cl.get("cache_path") is None else _expect("client.cache_path", cl["cache_path"], "str"),
+        token=None if cl.get("token") is None else _expect("client.token", cl["token"], "str"),
     )
     return Config(server=server, cleanup=cleanup, users=tuple(users), client=client, path=path)
 
@@ -650,6 +660,20 @@ CREATE INDEX IF NOT EXISTS holds_user ON holds(username, held_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 IMAGE_COLUMNS = "md5, ext, format, mime, name, size, width, height, access_count, created_at, expire_at"
+# App tokens, kept apart from the image tables: an older database gains this
+# table on its next open and nothing else changes. Only the SHA-256 of a secret
+# is stored; requests find their token by that digest through the unique index.
+TOKENS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    id           TEXT PRIMARY KEY,
+    username     TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    secret_sha256 BLOB NOT NULL UNIQUE,
+    created_at   REAL NOT NULL,
+    last_used_at REAL
+);
+CREATE INDEX IF NOT EXISTS tokens_user ON tokens(username, created_at);
+"""
 
 
 def open_write_db(path: Path) -> sqlite3.Connection:
@@ -670,6 +694,7 @@ def open_write_db(path: Path) -> sqlite3.Connection:
                 time.sleep(0.1)
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(SCHEMA)
+        db.executescript(TOKENS_SCHEMA)
     except BaseException:
         db.close()
         raise
@@ -753,6 +778,7 @@ class ImageStore:
         self._writer: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._wdb: Optional[sqlite3.Connection] = None
         self.pending_counts: collections.Counter[str] = collections.Counter()
+        self.pending_token_use: dict[str, float] = {}
         self.served: collections.OrderedDict[str, ServedImage] = collections.OrderedDict()
         self.body_bytes = 0
         self.body_budget = int(config.server.cache_mb * 1024 * 1024)
@@ -782,6 +808,8 @@ class ImageStore:
         if self._wdb is not None:
             with contextlib.suppress(Exception):
                 await self.flush_counts()
+            with contextlib.suppress(Exception):
+                await self.flush_token_use()
         if self.db_read is not None:
             with contextlib.suppress(Exception):
                 await self.db_read.close()
@@ -1015,6 +1043,65 @@ class ImageStore:
         except BaseException:
             self.pending_counts.update(counts)  # keep them for the next attempt
             raise
+
+    # -- app tokens --
+    # Every request reads its token's row (one indexed lookup): a revocation
+    # committed by any process, on any machine sharing the database, holds for
+    # the very next request, with no cache to invalidate.
+    async def token_owner(self, secret_sha256: bytes) -> Optional[tuple[str, str]]:
+        """(token id, username) for a token's digest, or None."""
+        async with self.db_read.execute("SELECT id, username FROM tokens WHERE secret_sha256 = ?",
+                                        (secret_sha256,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else (row["id"], row["username"])
+
+    def note_token_use(self, token_id: str) -> None:
+        self.pending_token_use[token_id] = self.clock()
+
+    async def flush_token_use(self) -> None:
+        if not self.pending_token_use or self._wdb is None:
+            return
+        uses, self.pending_token_use = self.pending_token_use, {}
+        try:
+            await self.write(lambda txn: txn.db.executemany(
+                "UPDATE tokens SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
+                [(at, token_id) for token_id, at in uses.items()]))
+        except BaseException:
+            for token_id, at in uses.items():
+                self.pending_token_use.setdefault(token_id, at)
+            raise
+
+    def _token_info(self, row: sqlite3.Row) -> dict:
+        last = max(row["last_used_at"] or 0.0, self.pending_token_use.get(row["id"], 0.0))
+        return {"id": row["id"], "name": row["name"], "created_at": iso(row["created_at"]),
+                "last_used_at": iso(last) if last else None}
+
+    async def create_token(self, user: str, name: str, secret_sha256: bytes) -> Optional[dict]:
+        """A new token row for `user`; None when the user already has TOKENS_PER_USER."""
+        now = self.clock()
+        token_id = secrets.token_hex(8)
+
+        def txn_create(txn: Txn) -> Optional[sqlite3.Row]:
+            held = txn.db.execute("SELECT COUNT(*) FROM tokens WHERE username = ?", (user,)).fetchone()[0]
+            if held >= TOKENS_PER_USER:
+                return None
+            txn.db.execute("INSERT INTO tokens (id, username, name, secret_sha256, created_at) "
+                           "VALUES (?, ?, ?, ?, ?)", (token_id, user, name, secret_sha256, now))
+            return txn.db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+
+        row = await self.write(txn_create)
+        return None if row is None else self._token_info(row)
+
+    async def list_tokens(self, user: str) -> list[dict]:
+        async with self.db_read.execute("SELECT * FROM tokens WHERE username = ? ORDER BY created_at DESC, id",
+                                        (user,)) as cur:
+            return [self._token_info(row) for row in await cur.fetchall()]
+
+    async def revoke_token(self, user: str, token_id: str) -> bool:
+        found = await self.write(lambda txn: txn.db.execute(
+            "DELETE FROM tokens WHERE id = ? AND username = ?", (token_id, user)).rowcount > 0)
+        self.pending_token_use.pop(token_id, None)
+        return found
 
     # -- serving cache --
     async def served_image(self, md5: str) -> Optional[ServedImage]:
@@ -1346,6 +1433,25 @@ class Authenticator:
         return user
 
 
+def new_token_secret() -> str:
+    return TOKEN_PREFIX + "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(TOKEN_CHARS))
+
+
+def token_digest(token: str) -> bytes:
+    """What the database keeps of a token. A fast hash is enough: a 256-bit
+    random secret cannot be guessed from its digest (slow hashes exist for
+    low-entropy passwords), and a fast digest keeps every request cheap."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def bearer_token(header: Optional[str]) -> Optional[str]:
+    """The token of an `Authorization: Bearer ...` header, else None."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
 def client_address(request: web.Request) -> str:
     if request.app[CONFIG].server.trust_forwarded_for:
         forwarded = request.headers.get("X-Forwarded-For")
@@ -1358,11 +1464,34 @@ def denied(status: int, request: web.Request) -> web.HTTPException:
     headers = {}
     # The upload page asks without the browser's own login dialog.
     if status == 401 and "X-Requested-With" not in request.headers:
-        headers["WWW-Authenticate"] = 'Basic realm="imgproxy", charset="UTF-8"'
+        if bearer_token(request.headers.get(hdrs.AUTHORIZATION)) is not None:
+            # RFC 6750: the app's token was refused; no login dialog makes sense.
+            headers["WWW-Authenticate"] = 'Bearer realm="imgproxy", error="invalid_token"'
+        else:
+            headers["WWW-Authenticate"] = 'Basic realm="imgproxy", charset="UTF-8"'
     return json_error(status, DENIED_MESSAGE, "unauthorized" if status == 401 else "forbidden", headers)
 
 
-async def require_user(request: web.Request, role: str = "uploader") -> UserConfig:
+async def _token_user(request: web.Request, token: str) -> Optional[UserConfig]:
+    """The user an app token acts for, or None (unknown, revoked, or its user
+    no longer in the config)."""
+    store = request.app[STORE]
+    owner = await store.token_owner(token_digest(token))
+    if owner is None:
+        return None
+    token_id, username = owner
+    user = request.app[AUTH].users.get(username)
+    if user is not None:
+        store.note_token_use(token_id)
+    return user
+
+
+async def require_user(request: web.Request, role: str = "uploader",
+                       password_only: bool = False) -> UserConfig:
+    """The signed-in user (Basic password, or an app's Bearer token), else 401/403/429.
+
+    `password_only`: managing tokens and downloading the database need the
+    person's password; a token that is valid gets 403 there."""
     auth = request.app[AUTH]
     address = client_address(request)
     wait = auth.blocked_for(address)
@@ -1370,12 +1499,13 @@ async def require_user(request: web.Request, role: str = "uploader") -> UserConf
         raise json_error(429, f"too many failed sign-ins from this address; try again in {math.ceil(wait)} s",
                          "rate_limited", {"Retry-After": str(math.ceil(wait))})
     header = request.headers.get(hdrs.AUTHORIZATION)
-    user = await auth.check(header)
+    token = bearer_token(header)
+    user = await (_token_user(request, token) if token is not None else auth.check(header))
     if user is None:
         if header:
             auth.record_failure(address)
         raise denied(401, request)
-    if role == "admin" and user.role != "admin":
+    if (role == "admin" and user.role != "admin") or (password_only and token is not None):
         raise denied(403, request)
     return user
 
@@ -1669,7 +1799,7 @@ async def handle_list(request: web.Request) -> web.Response:
 
 
 async def handle_db(request: web.Request) -> web.StreamResponse:
-    await require_user(request, "admin")
+    await require_user(request, "admin", password_only=True)
     store = request.app[STORE]
     snapshot = await store.snapshot()
 
@@ -1697,6 +1827,44 @@ async def handle_db(request: web.Request) -> web.StreamResponse:
             await resp.write(chunk)
         await resp.write_eof()
         return resp
+
+
+async def _token_name(request: web.Request) -> str:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise json_error(400, 'the body must be JSON like {"name": "laptop ShareX"}', "bad_request") from None
+    name = body.get("name") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= TOKEN_NAME_MAX or not name.isprintable():
+        raise json_error(400, f"name: 1 to {TOKEN_NAME_MAX} printable characters, naming the app",
+                         "bad_request")
+    return name.strip()
+
+
+async def handle_token_create(request: web.Request) -> web.Response:
+    user = await require_user(request, password_only=True)
+    name = await _token_name(request)
+    secret = new_token_secret()
+    info = await request.app[STORE].create_token(user.username, name, token_digest(secret))
+    if info is None:
+        raise json_error(409, f"you already have {TOKENS_PER_USER} tokens; revoke one first", "too_many_tokens")
+    log.info("token %s created for %s", info["id"], user.username)
+    # The only time the secret leaves the server; it is not kept here.
+    return web.json_response({**info, "token": secret}, status=201, dumps=_dumps)
+
+
+async def handle_token_list(request: web.Request) -> web.Response:
+    user = await require_user(request, password_only=True)
+    return web.json_response({"tokens": await request.app[STORE].list_tokens(user.username)}, dumps=_dumps)
+
+
+async def handle_token_revoke(request: web.Request) -> web.Response:
+    user = await require_user(request, password_only=True)
+    token_id = request.match_info["token_id"]
+    if not TOKEN_ID_RE.fullmatch(token_id) or not await request.app[STORE].revoke_token(user.username, token_id):
+        raise json_error(404, "you have no token with this id", "not_found")
+    log.info("token %s revoked by %s", token_id, user.username)
+    return web.Response(status=204)
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -2083,6 +2251,7 @@ async def _background_ctx(app: web.Application):
             try:
                 await store.notice_other_writers()
                 await store.flush_counts()
+                await store.flush_token_use()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -2129,6 +2298,9 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
     r.add_delete("/api/images/{md5}", handle_delete)
     r.add_post("/api/images/{md5}/renew", handle_renew)
     r.add_get("/api/db", handle_db)
+    r.add_post("/api/tokens", handle_token_create)
+    r.add_get("/api/tokens", handle_token_list)
+    r.add_delete("/api/tokens/{token_id}", handle_token_revoke)
     r.add_get("/healthz", handle_health)
     r.add_get("/", handle_page)
     r.add_get("/static/{asset}", handle_asset)
@@ -2328,7 +2500,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _errors(*statuses: int) -> dict:
     words = {400: "bad input (malformed id, parameter or body)", 401: "no or wrong credentials",
-             403: "the user lacks the needed role", 404: "not found", 408: "the upload stalled",
+             403: "the user lacks the needed role, or an app token where a password is needed",
+             404: "not found", 408: "the upload stalled", 409: "too many tokens: revoke one first",
              413: "too large: bytes, pixels or header", 415: "not an accepted image",
              416: "range not satisfiable", 417: "unknown Expect", 429: "too many failed sign-ins",
              503: "database busy or data folder not writable", 507: "disk full"}
@@ -2363,7 +2536,10 @@ _UPLOADED = {
 }
 _RAW_BODY = {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}
-_BASIC = [{"basic": []}]
+_BASIC = [{"basic": []}, {"bearer": []}]  # a password, or an app token acting for its user
+_PASSWORD_ONLY = [{"basic": []}]
+_TOKEN_ID_PARAM = {"name": "token_id", "in": "path", "required": True, "description": "a token's id",
+                   "schema": {"type": "string", "pattern": "^[0-9a-f]{16}$"}}
 
 OPENAPI: dict = {
     "openapi": "3.0.3",
@@ -2371,7 +2547,9 @@ OPENAPI: dict = {
              "description": "Self-hosted image host: upload an image, get a public URL. "
                             "Errors are JSON {error, code}."},
     "components": {
-        "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
+        "securitySchemes": {"basic": {"type": "http", "scheme": "basic"},
+                            "bearer": {"type": "http", "scheme": "bearer",
+                                       "description": "an app token (imgp_...) from POST /api/tokens"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error", "code"],
                       "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
@@ -2398,6 +2576,19 @@ OPENAPI: dict = {
                           "properties": {"images": {"type": "array",
                                                     "items": {"$ref": "#/components/schemas/ImageInfo"}},
                                          "total": {"type": "integer", "minimum": 0}}},
+            "Token": {"type": "object", "required": ["id", "name", "created_at", "last_used_at"],
+                      "properties": {"id": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                                     "name": {"type": "string", "minLength": 1, "maxLength": TOKEN_NAME_MAX},
+                                     "created_at": {"type": "string", "format": "date-time"},
+                                     "last_used_at": {"type": "string", "format": "date-time",
+                                                      "nullable": True}}},
+            "NewToken": {"allOf": [{"$ref": "#/components/schemas/Token"},
+                                   {"type": "object", "required": ["token"],
+                                    "properties": {"token": {"type": "string",
+                                                             "pattern": "^imgp_[0-9A-Za-z]{43}$"}}}]},
+            "TokenList": {"type": "object", "required": ["tokens"],
+                          "properties": {"tokens": {"type": "array",
+                                                    "items": {"$ref": "#/components/schemas/Token"}}}},
             "Health": {"type": "object", "required": ["status"],
                        "properties": {"status": {"type": "string", "enum": ["ok", "error"]},
                                       "error": {"type": "string"}, "code": {"type": "string"}}},
@@ -2445,11 +2636,32 @@ OPENAPI: dict = {
                                    **_errors(400, 401, 404, 429, 503, 507)}},
         },
         "/api/db": {
-            "get": {"summary": "consistent snapshot of the server database (admin)", "security": _BASIC,
+            "get": {"summary": "consistent snapshot of the server database (admin)", "security": _PASSWORD_ONLY,
                     "responses": {"200": {"description": "SQLite database file",
                                           "content": {"application/vnd.sqlite3": {
                                               "schema": {"type": "string", "format": "binary"}}}},
                                   **_errors(401, 403, 429, 503, 507)}},
+        },
+        "/api/tokens": {
+            "post": {"summary": "create an app token (password only); the secret is in this answer only",
+                     "security": _PASSWORD_ONLY,
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                         "type": "object", "required": ["name"],
+                         "properties": {"name": {"type": "string", "minLength": 1,
+                                                 "maxLength": TOKEN_NAME_MAX}}}}}},
+                     "responses": {"201": _json("NewToken", "created"),
+                                   **_errors(400, 401, 403, 409, 413, 429, 503, 507)}},
+            "get": {"summary": "the caller's app tokens, without secrets (password only)",
+                    "security": _PASSWORD_ONLY,
+                    "responses": {"200": _json("TokenList", "the caller's tokens"),
+                                  **_errors(401, 403, 429, 503)}},
+        },
+        "/api/tokens/{token_id}": {
+            "parameters": [_TOKEN_ID_PARAM],
+            "delete": {"summary": "revoke one of the caller's tokens, in every process at once (password only)",
+                       "security": _PASSWORD_ONLY,
+                       "responses": {"204": {"description": "revoked"},
+                                     **_errors(401, 403, 404, 429, 503, 507)}},
         },
         "/i/{name}": {
             "parameters": [{"name": "name", "in": "path", "required": True, "description": "{md5}.{ext}",

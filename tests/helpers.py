@@ -289,3 +289,18 @@ def store_problems(data_dir: Path, *, rows_need_files: bool = True, files_need_r
     if files_need_rows:
         problems += [f"file without row: {m}.{e}" for m, e in files.items() if rows.get(m) != e]
     return problems
+
+
+# ---- blocking HTTP (for servers in other processes) ------------------------------
+
+def call_url(url: str, method: str = "GET", data: Optional[bytes] = None,
+             headers: Optional[dict] = None, timeout: float = 30) -> tuple[int, bytes]:
+    """(status, body) of one urllib request; HTTP errors are answers, not exceptions."""
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()

@@ -1,0 +1,274 @@
+"""App tokens (API.md "App tokens"): who may do what with a token, a password or
+nothing; revocation seen at once by every worker; wrong tokens cost the same; only
+a digest is stored; client.py signs in with a token."""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import sqlite3
+import statistics
+import time
+
+import aiohttp
+import pytest
+
+import imgproxy
+from conftest import ALICE, BOB, basic
+from helpers import call_url, png_bytes
+
+TOKEN_RE = re.compile(r"imgp_[0-9A-Za-z]{43}")
+
+
+async def create_token(client, who: dict, name: str = "laptop ShareX") -> dict:
+    resp = await client.post("/api/tokens", json={"name": name}, headers=who)
+    assert resp.status == 201, await resp.text()
+    return await resp.json()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# ---- creating, listing, revoking ------------------------------------------------------
+
+async def test_create_list_revoke(make_client, clock):
+    client = await make_client(clock=clock)
+    made = await create_token(client, BOB, "laptop ShareX")
+    assert set(made) == {"id", "name", "token", "created_at", "last_used_at"}
+    assert TOKEN_RE.fullmatch(made["token"]) and made["name"] == "laptop ShareX"
+    assert made["last_used_at"] is None and made["created_at"].endswith("Z")
+
+    listed = await (await client.get("/api/tokens", headers=BOB)).json()
+    assert listed == {"tokens": [{k: made[k] for k in ("id", "name", "created_at", "last_used_at")}]}
+    assert (await (await client.get("/api/tokens", headers=ALICE)).json()) == {"tokens": []}
+
+    clock.advance(5)
+    assert (await client.get("/api/images", headers=bearer(made["token"]))).status == 200
+    used = (await (await client.get("/api/tokens", headers=BOB)).json())["tokens"][0]
+    assert used["last_used_at"] == imgproxy.iso(clock())
+
+    # someone else's id is a 404 and revokes nothing
+    assert (await client.delete(f"/api/tokens/{made['id']}", headers=ALICE)).status == 404
+    assert (await client.get("/api/images", headers=bearer(made["token"]))).status == 200
+    assert (await client.delete(f"/api/tokens/{made['id']}", headers=BOB)).status == 204
+    assert (await client.delete(f"/api/tokens/{made['id']}", headers=BOB)).status == 404
+    assert (await (await client.get("/api/tokens", headers=BOB)).json()) == {"tokens": []}
+    resp = await client.get("/api/images", headers=bearer(made["token"]))
+    assert resp.status == 401
+    assert (await resp.json()) == {"error": imgproxy.DENIED_MESSAGE, "code": "unauthorized"}
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer ")
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"not json", b"[]", b'{"name": ""}', b'{"name": "   "}', b'{"name": 7}', b'{}',
+    json.dumps({"name": "x" * 101}).encode(), json.dumps({"name": "tab\there"}).encode(),
+], ids=["empty", "not-json", "list", "empty-name", "blank-name", "number", "no-name", "101-chars", "control"])
+async def test_bad_token_names_are_400(make_client, body):
+    client = await make_client()
+    resp = await client.post("/api/tokens", data=body, headers={**BOB, "Content-Type": "application/json"})
+    assert resp.status == 400
+    assert (await resp.json())["code"] == "bad_request"
+    assert (await (await client.get("/api/tokens", headers=BOB)).json()) == {"tokens": []}
+
+
+async def test_a_hundred_characters_is_a_good_name_and_tokens_per_user_are_capped(make_client, monkeypatch):
+    monkeypatch.setattr(imgproxy, "TOKENS_PER_USER", 3)
+    client = await make_client()
+    assert (await create_token(client, BOB, "é" * 100))["name"] == "é" * 100
+    await create_token(client, BOB)
+    await create_token(client, BOB)
+    resp = await client.post("/api/tokens", json={"name": "one too many"}, headers=BOB)
+    assert resp.status == 409 and (await resp.json())["code"] == "too_many_tokens"
+    await create_token(client, ALICE)  # the cap is per user
+
+
+# ---- the authorization matrix ---------------------------------------------------------
+
+# What each kind of caller gets from each route: None = the route's success.
+ROUTES = ["upload-multipart", "upload-put", "list", "lookup", "renew", "delete",
+          "db", "token-create", "token-list", "token-revoke"]
+MATRIX = {
+    "none":           dict.fromkeys(ROUTES, 401),
+    "wrong-token":    dict.fromkeys(ROUTES, 401),
+    "revoked-token":  dict.fromkeys(ROUTES, 401),
+    "bob-password":   {**dict.fromkeys(ROUTES), "db": 403},
+    "bob-token":      {**dict.fromkeys(ROUTES), "db": 403, "token-create": 403, "token-list": 403,
+                       "token-revoke": 403},
+    "alice-password": dict.fromkeys(ROUTES),
+    "alice-token":    {**dict.fromkeys(ROUTES), "db": 403, "token-create": 403, "token-list": 403,
+                       "token-revoke": 403},
+}
+SUCCESS = {"upload-multipart": 201, "upload-put": 201, "list": 200, "lookup": 200, "renew": 200,
+           "delete": 204, "db": 200, "token-create": 201, "token-list": 200, "token-revoke": 204}
+
+
+@pytest.mark.parametrize("caller", list(MATRIX))
+async def test_authorization_matrix(make_client, caller):
+    client = await make_client()
+    user, password_headers = ("alice", ALICE) if caller.startswith("alice") else ("bob", BOB)
+    token = (await create_token(client, password_headers))["token"]
+    headers = {
+        "none": {},
+        "wrong-token": bearer("imgp_" + "".join(secrets.choice(imgproxy.TOKEN_ALPHABET) for _ in range(43))),
+        "revoked-token": bearer(token),
+        "bob-password": BOB, "alice-password": ALICE,
+        "bob-token": bearer(token), "alice-token": bearer(token),
+    }[caller]
+    if caller == "revoked-token":
+        token_id = (await (await client.get("/api/tokens", headers=BOB)).json())["tokens"][0]["id"]
+        assert (await client.delete(f"/api/tokens/{token_id}", headers=BOB)).status == 204
+
+    for i, route in enumerate(ROUTES):
+        # each route gets an image the caller's user holds, and a token of theirs to revoke
+        image = png_bytes(color=(i, 7, len(caller)))
+        resp = await client.put(f"/upload/{route}.png", data=image, headers=password_headers)
+        md5 = (await resp.json())["md5"]
+        victim = (await create_token(client, password_headers, f"victim {route}"))["id"]
+        form = aiohttp.FormData()
+        form.add_field("file", png_bytes(color=(i, 8, len(caller))), filename="a.png")
+        resp = {
+            "upload-multipart": lambda: client.post("/upload", data=form, headers=headers),
+            "upload-put": lambda: client.put("/upload/b.png", data=png_bytes(color=(i, 9, len(caller))),
+                                             headers=headers),
+            "list": lambda: client.get("/api/images", headers=headers),
+            "lookup": lambda: client.get(f"/api/images/{md5}", headers=headers),
+            "renew": lambda: client.post(f"/api/images/{md5}/renew", headers=headers),
+            "delete": lambda: client.delete(f"/api/images/{md5}", headers=headers),
+            "db": lambda: client.get("/api/db", headers=headers),
+            "token-create": lambda: client.post("/api/tokens", json={"name": "new"}, headers=headers),
+            "token-list": lambda: client.get("/api/tokens", headers=headers),
+            "token-revoke": lambda: client.delete(f"/api/tokens/{victim}", headers=headers),
+        }[route]
+        answer = await resp()
+        expected = MATRIX[caller][route] or SUCCESS[route]
+        assert answer.status == expected, (caller, route, await answer.text())
+        if expected >= 400:
+            body = await answer.json()
+            assert body["error"] == imgproxy.DENIED_MESSAGE, (caller, route)
+            assert body["code"] == ("unauthorized" if expected == 401 else "forbidden")
+            assert token not in await answer.text()
+        if expected == 401:
+            scheme = "Bearer" if "token" in caller else "Basic"
+            assert answer.headers["WWW-Authenticate"].startswith(scheme + " "), (caller, route)
+        if route == "list" and expected == 200:
+            listed = (await answer.json())["images"]
+            assert md5 in {img["md5"] for img in listed}  # the token acts as its own user
+    if caller == "bob-token":  # and an upload with bob's token is held by bob
+        mine = await (await client.get("/api/images", headers=BOB)).json()
+        assert len(mine["images"]) >= len(ROUTES)
+
+
+async def test_token_of_a_user_removed_from_the_config_stops_working(make_config, make_client):
+    config = make_config()
+    client = await make_client(config)
+    token = (await create_token(client, BOB))["token"]
+    raw = json.loads(config.read_text())
+    raw["users"] = [u for u in raw["users"] if u["username"] != "bob"]
+    config.write_text(json.dumps(raw))
+    restarted = await make_client(config)
+    assert (await restarted.get("/api/images", headers=bearer(token))).status == 401
+
+
+async def test_wrong_tokens_count_toward_the_sign_in_limiter(make_client):
+    client = await make_client()
+    for i in range(imgproxy.AUTH_FAIL_LIMIT):
+        assert (await client.get("/api/images", headers=bearer(f"imgp_guess{i}"))).status == 401
+    resp = await client.get("/api/images", headers=ALICE)
+    assert resp.status == 429 and int(resp.headers["Retry-After"]) > 0
+
+
+# ---- revocation across processes ------------------------------------------------------
+
+def test_revocation_holds_at_once_in_every_worker(make_config, server_process):
+    proc = server_process(make_config(server={"workers": 2}))
+    base = proc.base_url
+    status, body = call_url(base + "/api/tokens", "POST", json.dumps({"name": "script"}).encode(),
+                            {**BOB, "Content-Type": "application/json"})
+    assert status == 201
+    made = json.loads(body)
+    # a new connection each time: both workers answer some of these
+    for i in range(30):
+        status, _ = call_url(base + f"/upload/{i}.png", "PUT", png_bytes(color=(i, 1, 2)), bearer(made["token"]))
+        assert status == 201
+    status, _ = call_url(base + f"/api/tokens/{made['id']}", "DELETE", headers=BOB)
+    assert status == 204
+    # fewer than the limiter's ten failures, so every answer is the token's verdict
+    answers = {call_url(base + "/api/images", headers=bearer(made["token"]))[0]
+               for _ in range(imgproxy.AUTH_FAIL_LIMIT - 1)}
+    assert answers == {401}
+    status, body = call_url(base + "/api/images?limit=1000", headers=BOB)
+    assert json.loads(body)["total"] == 30  # what the token uploaded stays bob's
+    assert proc.terminate() == 0
+    assert made["token"] not in proc.log and "Traceback" not in proc.log
+
+
+# ---- timing ---------------------------------------------------------------------------
+
+async def test_wrong_token_timing_does_not_depend_on_how_close_it_is(make_client, monkeypatch):
+    """Tokens are found by the digest of the whole secret: a guess sharing a long
+    prefix with a real token costs the same as any other wrong guess."""
+    monkeypatch.setattr(imgproxy, "AUTH_FAIL_LIMIT", 10**9)
+    client = await make_client()
+    real = (await create_token(client, BOB))["token"]
+    near = real[:-1] + ("A" if real[-1] != "A" else "B")
+
+    async def median_of(token: str, n: int = 150) -> float:
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            resp = await client.get("/api/images/" + "0" * 32, headers=bearer(token))
+            await resp.read()
+            assert resp.status == 401
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    far = "imgp_" + "z" * 43
+    ratios = [await median_of(near) / await median_of(far) for _ in range(3)]
+    assert 0.67 < statistics.median(ratios) < 1.5, ratios
+
+
+# ---- storage: a digest, never the secret ------------------------------------------------
+
+def test_only_a_digest_is_stored_and_nothing_secret_is_logged(make_config, server_process):
+    config = make_config(server={"access_log": True, "log_level": "DEBUG"})
+    proc = server_process(config)
+    status, body = call_url(proc.base_url + "/api/tokens", "POST", b'{"name": "editor"}',
+                            {**ALICE, "Content-Type": "application/json"})
+    token = json.loads(body)["token"]
+    assert call_url(proc.base_url + "/upload/a.png", "PUT", png_bytes(), bearer(token))[0] == 201
+    assert call_url(proc.base_url + "/api/images", headers=bearer(token[:-2] + "xx"))[0] == 401
+    status, snapshot = call_url(proc.base_url + "/api/db", headers=ALICE)
+    assert status == 200
+    time.sleep(0.3)
+    assert proc.terminate() == 0
+    data_dir = config.parent / "data"
+    on_disk = b"".join(p.read_bytes() for p in data_dir.glob("images.db*")) + snapshot
+    secret_part = token[len("imgp_"):]
+    assert token.encode() not in on_disk and secret_part.encode() not in on_disk
+    assert secret_part[:20] not in proc.log and token[:-2] not in proc.log
+    db = sqlite3.connect(data_dir / "images.db")
+    digest, = db.execute("SELECT secret_sha256 FROM tokens").fetchone()
+    db.close()
+    assert digest == imgproxy.token_digest(token)
+
+
+def test_an_existing_database_gains_the_tokens_table(make_config, live_server):
+    config = make_config()
+    data_dir = config.parent / "data"
+    data_dir.mkdir()
+    old = sqlite3.connect(data_dir / "images.db")  # the schema of the release before tokens
+    old.executescript(imgproxy.SCHEMA)
+    old.close()
+    server = live_server(config)
+    status, body = call_url(server.base_url + "/api/tokens", "POST", b'{"name": "x"}',
+                            {**BOB, "Content-Type": "application/json"})
+    assert status == 201
+    assert call_url(server.base_url + "/api/images", headers=bearer(json.loads(body)["token"]))[0] == 200
+
+
+def test_client_token_is_accepted_in_the_server_config(make_config):
+    config = imgproxy.load_config(make_config(client={"username": "bob", "token": "imgp_x"}))
+    assert config.client.token == "imgp_x" and "imgp_x" not in repr(config)
+    with pytest.raises(imgproxy.ConfigError, match="client.token"):
+        imgproxy.load_config(make_config(client={"token": 5}))
