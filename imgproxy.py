@@ -3857,7 +3857,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     var host = base.replace(/^https?:\/\//i, "");
     var sharex = {
       Version: SHAREX_VERSION,
-      Name: sharexLiteral("imgproxy " + host),
+      Name: "imgproxy " + host,   // shown in ShareX's list, not parsed
       DestinationType: "ImageUploader",
       RequestMethod: "POST",
       RequestURL: sharexLiteral(uploadUrl),

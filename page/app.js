@@ -679,7 +679,7 @@
     var host = base.replace(/^https?:\/\//i, "");
     var sharex = {
       Version: SHAREX_VERSION,
-      Name: sharexLiteral("imgproxy " + host),
+      Name: "imgproxy " + host,   // shown in ShareX's list, not parsed
       DestinationType: "ImageUploader",
       RequestMethod: "POST",
       RequestURL: sharexLiteral(uploadUrl),

@@ -211,6 +211,20 @@ def test_a_bad_name_is_explained(open_page, server):
     assert tab.unexpected_errors(400) == []
 
 
+def test_hostile_app_name_stays_text(open_page, server):
+    tab = open_page()
+    page = tab.page
+    tab.sign_in()
+    name = '"><img src=nowhere id=injected>{json:x}|%y'
+    setups = create_token_on_page(tab, name)
+    assert page.locator("#injected").count() == 0
+    expect(page.locator("#tokens li.token .name")).to_have_text(name)
+    assert setups.sharex_file_name == "imgproxy-img-src-nowhere-id-injected-json-x-y.sxcu"
+    assert json.loads(setups.sharex)["Headers"] == {"Authorization": "Bearer " + setups.token}
+    assert [t["name"] for t in list_tokens(server)] == [name]
+    assert tab.unexpected_errors() == []
+
+
 def test_keyboard_only(open_page, server):
     tab = open_page()
     page = tab.page
