@@ -15,7 +15,9 @@ in a small SQLite cache until the image expires.  The wire format is API.md.
 
 Configuration: config.json (named by IMGPROXY_CONFIG, else found beside this
 file, else in the working directory), overridden by the environment variables
-IMGPROXY_URL, IMGPROXY_USER and IMGPROXY_PASSWORD.
+IMGPROXY_URL, IMGPROXY_USER and IMGPROXY_PASSWORD.  An app token
+(IMGPROXY_TOKEN or ``client.token``; make one with ``--create-token NAME``) is
+preferred over any password.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class Settings:
     password: Optional[str]
     cache_path: Optional[Path]
     config_path: Optional[Path]
+    token: Optional[str] = None
 
 
 def find_config(environ: Optional[Mapping[str, str]] = None) -> Optional[Path]:
@@ -160,7 +163,8 @@ def load_settings(environ: Optional[Mapping[str, str]] = None, *,
     Order, strongest first: the ``server``/``user`` arguments (CLI flags), the
     environment, the config's ``client`` section, the config's ``server`` and
     ``users``.  The password may come out None (only a password_hash known);
-    callers decide whether to prompt or fail.
+    callers decide whether to prompt or fail.  A token (IMGPROXY_TOKEN, then
+    ``client.token``) is used instead of the password when there is one.
     """
     env = os.environ if environ is None else environ
     config_path = find_config(env)
@@ -215,7 +219,10 @@ def load_settings(environ: Optional[Mapping[str, str]] = None, *,
         cache_path = Path(str(client_cfg["cache_path"])).expanduser()
         if not cache_path.is_absolute() and config_path:
             cache_path = config_path.resolve().parent / cache_path
-    return Settings(base_url, username, password, cache_path, config_path)
+    token = env.get("IMGPROXY_TOKEN") or client_cfg.get("token") or None
+    if token is not None and not isinstance(token, str):
+        raise ConfigError(f"{config_path}: client.token must be a string")
+    return Settings(base_url, username, password, cache_path, config_path, token)
 
 
 def default_cache_path(environ: Optional[Mapping[str, str]] = None) -> Path:
@@ -536,10 +543,12 @@ class Client:
 
     def __init__(self, base_url: str, username: Optional[str], password: Optional[str],
                  cache_path: Optional[PathLike] = None, timeout: float = DEFAULT_TIMEOUT,
-                 *, use_cache: bool = True, progress: Optional[bool] = None) -> None:
+                 *, use_cache: bool = True, progress: Optional[bool] = None,
+                 token: Optional[str] = None) -> None:
         self.base_url = _check_base_url(base_url, "base_url")
         self.username = username
         self._password = password
+        self._token = token.strip() if token else None
         self.timeout = timeout
         self.progress = progress   # None: only on a terminal, for big files
         parts = urllib.parse.urlsplit(self.base_url)
@@ -557,7 +566,9 @@ class Client:
 
     # -- HTTP plumbing
 
-    def _auth_header(self) -> str:
+    def _auth_header(self, password_only: bool = False) -> str:
+        if self._token and not password_only:
+            return "Bearer " + self._token
         if not self.username or self._password is None:
             raise _Failure("no user name and password configured: set IMGPROXY_USER and "
                            "IMGPROXY_PASSWORD, or a \"client\" section in config.json",
@@ -572,8 +583,8 @@ class Client:
         return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout,
                                           blocksize=UPLOAD_BLOCK)
 
-    def _headers(self, **extra: str) -> dict:
-        headers = {"Authorization": self._auth_header(), "Accept": "application/json",
+    def _headers(self, password_only: bool = False, **extra: str) -> dict:
+        headers = {"Authorization": self._auth_header(password_only), "Accept": "application/json",
                    "User-Agent": USER_AGENT}
         headers.update(extra)
         return headers
@@ -716,7 +727,7 @@ class Client:
         ``{"error": ..., "code": ...}`` on any failure."""
         try:
             md5 = self._hash_file(path)
-            user = self.username or ""
+            user = self._cache_identity()
             if self.cache:
                 cached = self.cache.get_info(self.base_url, user, md5)
                 if cached is not None:
@@ -728,6 +739,28 @@ class Client:
             if self.cache:
                 self.cache.put_info(self.base_url, user, info)
             return info
+        except _Failure as e:
+            return e.as_dict()
+
+    def _cache_identity(self) -> str:
+        """Whose uploads the cache remembers. A token may not say which user it
+        acts for, so it is named by a short digest (never the secret itself)."""
+        if self._token:
+            return "token:" + hashlib.sha256(self._token.encode("utf-8")).hexdigest()[:16]
+        return self.username or ""
+
+    def create_token(self, name: str) -> dict:
+        """A new app token for this client's user, made with the password:
+        ``{"id", "name", "token", ...}`` (the secret is in this answer only),
+        or ``{"error": ..., "code": ...}``."""
+        try:
+            body = json.dumps({"name": name}).encode("utf-8")
+            headers = self._headers(password_only=True, **{"Content-Type": "application/json",
+                                                           "Content-Length": str(len(body))})
+            reply = self._request("POST", "/api/tokens", headers, body)
+            if reply.status != 201 or not isinstance((reply.body or {}).get("token"), str):
+                raise _server_failure(reply, "the server did not make a token")
+            return reply.body
         except _Failure as e:
             return e.as_dict()
 
@@ -830,7 +863,7 @@ def default_client() -> Client:
     if _default is not None and _default[0] == settings:
         return _default[1]
     client = Client(settings.base_url, settings.username, settings.password,
-                    cache_path=settings.cache_path)
+                    cache_path=settings.cache_path, token=settings.token)
     _default = (settings, client)
     return client
 
@@ -868,8 +901,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         prog="client.py",
         description="Upload images to an imgproxy server and print their URLs, "
                     "one per line, in argument order.",
-        epilog="The password comes from IMGPROXY_PASSWORD, config.json, or a prompt "
-               "on a terminal. Exit status: 0 when every file succeeded, else 1.")
+        epilog="Credentials: an app token from IMGPROXY_TOKEN, --token-stdin or client.token "
+               "in config.json is preferred; else the password comes from IMGPROXY_PASSWORD, "
+               "config.json, or a prompt on a terminal. --create-token NAME asks for the "
+               "password and prints only the new token. "
+               "Exit status: 0 when every file succeeded, else 1.")
     parser.add_argument("files", nargs="*", metavar="FILE", help="image files to upload")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON info object per line instead of URLs")
@@ -881,14 +917,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--user", metavar="NAME", help="user name (over IMGPROXY_USER)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"network timeout (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--token-stdin", action="store_true",
+                        help="read an app token from the first line of standard input (over IMGPROXY_TOKEN)")
+    parser.add_argument("--create-token", metavar="NAME",
+                        help="make an app token named NAME with your password (asked for, never "
+                             "stored) and print only the token")
     args = parser.parse_args(argv)
-    if not args.files and args.download_db is None:
-        parser.error("give at least one FILE, or --download-db")
+    if not args.files and args.download_db is None and args.create_token is None:
+        parser.error("give at least one FILE, --download-db or --create-token")
 
     try:
         settings = load_settings(server=args.server, user=args.user)
     except ConfigError as e:
         raise SystemExit(f"client.py: {e}") from None
+    token = settings.token
+    if args.token_stdin:
+        token = sys.stdin.readline().strip()
+        if not token:
+            raise SystemExit("client.py: --token-stdin: standard input held no token")
+    if args.create_token is not None:
+        return _create_token_command(settings, args)
+    if token and args.download_db is None:
+        client = Client(settings.base_url, settings.username, None, cache_path=settings.cache_path,
+                        timeout=args.timeout, use_cache=not args.no_cache, token=token)
+        try:
+            return 1 if _run(client, args) else 0
+        except KeyboardInterrupt:
+            print("client.py: interrupted", file=sys.stderr)
+            return 130
     password = settings.password
     if not settings.username:
         raise SystemExit("client.py: no user configured: set IMGPROXY_USER and IMGPROXY_PASSWORD, "
@@ -908,6 +964,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("client.py: interrupted", file=sys.stderr)
         return 130
     return 1 if failed else 0
+
+
+def _create_token_command(settings: Settings, args: argparse.Namespace) -> int:
+    """--create-token: the password from IMGPROXY_PASSWORD or a prompt (never from
+    a file, never written), the token alone on stdout so it can be piped."""
+    if not settings.username:
+        raise SystemExit("client.py: --create-token needs a user: use --user or IMGPROXY_USER")
+    password = os.environ.get("IMGPROXY_PASSWORD")
+    if not password:
+        try:
+            password = getpass.getpass(f"password for {settings.username} at {settings.base_url}: ")
+        except (EOFError, OSError):
+            password = ""
+    if not password:
+        raise SystemExit("client.py: --create-token needs the password (a prompt on a terminal, "
+                         "or IMGPROXY_PASSWORD)")
+    client = Client(settings.base_url, settings.username, password, timeout=args.timeout, use_cache=False)
+    made = client.create_token(args.create_token)
+    if "error" in made:
+        print(f"client.py: could not create the token: {made['error']}", file=sys.stderr)
+        return 1
+    print(made["token"])
+    print(f"client.py: token {made['id']} ({made['name']}) created; it is shown only now. "
+          "Use it as IMGPROXY_TOKEN or client.token in config.json.", file=sys.stderr)
+    return 0
 
 
 def _run(client: Client, args: argparse.Namespace) -> bool:

@@ -272,3 +272,99 @@ def test_client_token_is_accepted_in_the_server_config(make_config):
     assert config.client.token == "imgp_x" and "imgp_x" not in repr(config)
     with pytest.raises(imgproxy.ConfigError, match="client.token"):
         imgproxy.load_config(make_config(client={"token": 5}))
+
+
+# ---- client.py with a token -------------------------------------------------------------
+
+def run_client(tmp_path, *args: str, stdin: str = "", **env: str):
+    """client.py in a child process, with no IMGPROXY_* or cache from outside."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPROXY_")}
+    child_env.update(XDG_CACHE_HOME=str(tmp_path / "client-cache"), **env)
+    return subprocess.run([sys.executable, str(ROOT / "client.py"), *args], input=stdin,
+                          capture_output=True, text=True, timeout=60, env=child_env)
+
+
+def password_free_config(tmp_path, base_url: str, **client: str):
+    """A client's config.json with a server address and no password anywhere."""
+    path = tmp_path / "client-config.json"
+    path.write_text(json.dumps({"server": {"base_url": base_url}, "client": client}))
+    return path
+
+
+def make_token_over_http(base_url: str, who: dict) -> dict:
+    status, body = call_url(base_url + "/api/tokens", "POST", b'{"name": "client.py"}',
+                            {**who, "Content-Type": "application/json"})
+    assert status == 201
+    return json.loads(body)
+
+
+def held_by(base_url: str, who: dict) -> set[str]:
+    return {img["url"] for img in json.loads(call_url(base_url + "/api/images", headers=who)[1])["images"]}
+
+
+def test_client_cli_with_imgproxy_token_and_no_password_on_disk(make_config, live_server, tmp_path):
+    server = live_server(make_config())
+    token = make_token_over_http(server.base_url, BOB)["token"]
+    image = tmp_path / "shot.png"
+    image.write_bytes(png_bytes(color=(3, 4, 5)))
+    config = password_free_config(tmp_path, server.base_url)
+    out = run_client(tmp_path, str(image), IMGPROXY_CONFIG=str(config), IMGPROXY_TOKEN=token)
+    assert out.returncode == 0, out.stderr
+    url = out.stdout.strip()
+    assert url in held_by(server.base_url, BOB)  # the token acted as bob
+    again = run_client(tmp_path, str(image), "--json", IMGPROXY_CONFIG=str(config), IMGPROXY_TOKEN=token)
+    assert json.loads(again.stdout)["status"] == "cached"
+    assert token not in out.stderr + again.stderr + again.stdout
+
+
+def test_client_token_stdin_and_config_token_beat_a_password(make_config, live_server, tmp_path):
+    server = live_server(make_config())
+    token = make_token_over_http(server.base_url, BOB)["token"]
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes(color=(6, 6, 6)))
+    # a wrong password in the config: the token is used, not the password
+    config = password_free_config(tmp_path, server.base_url, username="bob", password="wrong", token=token)
+    out = run_client(tmp_path, "--no-cache", str(image), IMGPROXY_CONFIG=str(config))
+    assert out.returncode == 0, out.stderr
+    # --token-stdin: the secret never on a command line or in a file
+    config = password_free_config(tmp_path, server.base_url)
+    out = run_client(tmp_path, "--no-cache", "--token-stdin", str(image), stdin=token + "\n",
+                     IMGPROXY_CONFIG=str(config))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in held_by(server.base_url, BOB)
+
+
+def test_client_create_token_prints_only_the_token(make_config, live_server, tmp_path):
+    server = live_server(make_config())
+    config = password_free_config(tmp_path, server.base_url)
+    out = run_client(tmp_path, "--create-token", "Typora on laptop", "--user", "bob",
+                     IMGPROXY_CONFIG=str(config), IMGPROXY_PASSWORD="bob123")
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip()
+    assert TOKEN_RE.fullmatch(token)
+    assert "bob123" not in out.stdout + out.stderr + config.read_text()
+    listed = json.loads(call_url(server.base_url + "/api/tokens", headers=BOB)[1])["tokens"]
+    assert [t["name"] for t in listed] == ["Typora on laptop"]
+    assert call_url(server.base_url + "/api/images", headers=bearer(token))[0] == 200
+    wrong = run_client(tmp_path, "--create-token", "x", "--user", "bob",
+                       IMGPROXY_CONFIG=str(config), IMGPROXY_PASSWORD="nope")
+    assert wrong.returncode == 1 and not wrong.stdout
+    assert imgproxy.DENIED_MESSAGE in wrong.stderr
+
+
+def test_client_api_with_a_revoked_token_is_an_error_dict(make_config, live_server, tmp_path):
+    import client as imgclient
+    server = live_server(make_config())
+    made = make_token_over_http(server.base_url, ALICE)
+    app = imgclient.Client(server.base_url, None, None, use_cache=False, token=made["token"])
+    image = tmp_path / "b.png"
+    image.write_bytes(png_bytes(color=(8, 8, 9)))
+    assert app.upload_or_get(image)["status"] == "uploaded"
+    assert made["token"] not in repr(app)
+    assert call_url(server.base_url + f"/api/tokens/{made['id']}", "DELETE", headers=ALICE)[0] == 204
+    assert app.upload_or_get(image) == {"error": imgproxy.DENIED_MESSAGE, "code": "unauthorized"}
+    assert "error" in app.create_token("needs a password")  # a token cannot make tokens
