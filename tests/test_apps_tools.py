@@ -28,12 +28,12 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
 from helpers import multipart
-from test_page_apps import (DENIED, AppSetups, api, browser, create_token_on_page, list_tokens,  # noqa: F401
+from test_client import clean_env
+from test_page_apps import (DENIED, AppSetups, api, browser, create_token_on_page,  # noqa: F401  (fixtures)
                             open_page, server)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,12 +321,6 @@ def user_command(line: str, client_path: Path) -> str:
     return line.replace("/path/to/client.py", shlex.quote(str(client_path)))
 
 
-def clean_env(home: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPROXY_")}
-    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
-    return env
-
-
 def test_typora_custom_command_from_the_page(setups, server, corpus, tmp_path):
     # As the page says: client.py saved somewhere on its own, no config.json beside it.
     folder = tmp_path / "notes"
@@ -337,8 +331,9 @@ def test_typora_custom_command_from_the_page(setups, server, corpus, tmp_path):
     images = [corpus / "hopper.gif", corpus / "basn3p04.png", corpus / "testorig.jpg"]
     # Typora appends each image path in double quotes and runs the line in a shell.
     typora_line = command + "".join(f' "{path}"' for path in images)
+    env = clean_env(tmp_path, HOME=str(tmp_path / "home"))
     done = subprocess.run(["sh", "-c", typora_line], capture_output=True, text=True, timeout=120,
-                          cwd=folder, env=clean_env(tmp_path / "home"))
+                          cwd=folder, env=env)
     assert done.returncode == 0, done.stderr
     urls = done.stdout.strip().splitlines()[-len(images):]
     assert len(urls) == len(images)
@@ -352,7 +347,7 @@ def test_typora_custom_command_from_the_page(setups, server, corpus, tmp_path):
     revoke(server, setups)
     held = image_md5s(server)
     done = subprocess.run(["sh", "-c", command + f' "{corpus / "lossless1.webp"}"'], capture_output=True,
-                          text=True, timeout=120, cwd=folder, env=clean_env(tmp_path / "home"))
+                          text=True, timeout=120, cwd=folder, env=env)
     assert done.returncode == 1 and done.stdout.strip() == "", done.stdout
     assert DENIED in done.stderr and setups.token not in done.stderr
     assert image_md5s(server) == held

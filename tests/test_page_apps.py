@@ -14,9 +14,8 @@ import dataclasses
 import json
 import re
 
-import pytest
-
 from test_page import DENIED, PageSession, api, browser, expect, open_page, server  # noqa: F401  (fixtures)
+from test_tokens import bearer
 
 TOKEN_RE = re.compile(r"^imgp_[0-9A-Za-z]{43}$")
 
@@ -71,10 +70,6 @@ def create_token_on_page(tab: PageSession, name: str) -> AppSetups:
     curl = copied(tab, "curl")
     return AppSetups(token_id=token_id, token=token, sharex_file_name=download.suggested_filename,
                      sharex=sharex, picgo=picgo, client=client, curl=curl)
-
-
-def bearer(token: str) -> dict:
-    return {"Authorization": "Bearer " + token}
 
 
 def list_tokens(server, user=("bob", "bob123")) -> list[dict]:
