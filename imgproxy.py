@@ -98,8 +98,12 @@ CLEANUP_PAUSE = 0.005           # seconds between expiry batches (100,000 images
 BODY_CACHE_MAX_FILE = 512 * 1024
 META_CACHE_ENTRIES = 100_000
 AUTH_FAIL_LIMIT = 10            # failed sign-ins per address ...
-AUTH_FAIL_WINDOW = 60.0         # ... within this many seconds block that address this long
+AUTH_FAIL_WINDOW = 60.0         # ... within this many seconds block that address ...
+AUTH_BLOCK_SECONDS = 60.0       # ... for this long from the failure that tripped it (= Retry-After)
 AUTH_FAIL_TABLE = 10_000        # addresses the limiter remembers at most
+AUTH_CHECKS_PER_ADDRESS = 2     # password checks one address may have running at once
+AUTH_HASH_THREADS = 2           # password hashing's own threads (file reads never wait on them)
+AUTH_FAILED_CHECK_FACTOR = 1.5  # a failed check lasts this times the costliest hash at least
 UPLOAD_IDLE_TIMEOUT = 60.0      # an upload body that sends nothing for this long is dropped (408)
 KEEPALIVE_TIMEOUT = 75.0        # idle connections and unfinished request heads are closed
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -1327,13 +1331,44 @@ def sanitize_name(raw: Optional[str], ext: str) -> str:
 
 # ==== auth ======================================================================
 
+class SignInWait(Exception):
+    """The limiter refused to run a check now; retry after `seconds`."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class _Attempts:
+    """What the limiter knows of one address."""
+    __slots__ = ("failures", "blocked_until", "pending", "slots")
+
+    def __init__(self) -> None:
+        self.failures: collections.deque[float] = collections.deque()  # recent, oldest first
+        self.blocked_until = 0.0
+        self.pending = 0  # admitted checks without a verdict yet
+        self.slots: Optional[asyncio.Semaphore] = None
+
+
 class Authenticator:
     """HTTP Basic against the config's users, with a limiter for guessing.
 
-    Timing does not tell a missing user from a wrong password: both run the
-    same kind of check (a plain compare of digests, or scrypt when the config
-    uses hashes). A successful (user, password) pair is remembered as an HMAC
-    under a per-process key, so scrypt runs once per client, not per request.
+    The limiter admits a check only while the address's recent failures plus
+    its undecided checks stay under AUTH_FAIL_LIMIT, so a burst of concurrent
+    guesses gets that many verdicts and 429 for the rest, not a verdict each.
+    AUTH_FAIL_LIMIT failures within AUTH_FAIL_WINDOW block the address for
+    AUTH_BLOCK_SECONDS from the last of them, exactly what Retry-After says;
+    after that it starts from zero.
+
+    Timing does not tell which users exist, whatever the config mixes: when any
+    user has a password_hash, every check runs one scrypt in the password
+    threads (the user's own hash, or for a plain or missing user an
+    unmatchable hash with the costliest configured settings), and a failed
+    check is held back to a floor measured from that costliest hash, so users
+    whose hash is cheaper fail no faster. With plain passwords only, every
+    check is one compare of digests. A successful (user, password) pair is
+    remembered as an HMAC under a per-process key, so scrypt runs once per
+    client, not per request; identical checks running at once share one.
     """
 
     def __init__(self, users: Iterable[UserConfig], clock: Callable[[], float] = time.monotonic):
@@ -1342,14 +1377,22 @@ class Authenticator:
                        for u in self.users.values() if u.password is not None}
         self._key = secrets.token_bytes(32)
         hashes = [u.password_hash for u in self.users.values() if u.password_hash]
-        # A missing user costs one scrypt with the same parameters as a real
-        # one (a hash made with other settings would time differently).
-        self._dummy_hash = _unmatchable_hash_like(hashes[0]) if hashes else None
+        costliest = max(hashes, key=lambda h: math.prod(_parse_scrypt_hash(h)[:3]), default=None)
+        self._dummy_hash = _unmatchable_hash_like(costliest) if costliest else None
         self._dummy_plain = hashlib.sha256(secrets.token_bytes(16)).digest()
+        self._failed_check_floor: Optional[float] = None  # seconds, measured on first use
+        self._hash_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._accepted: collections.OrderedDict[bytes, str] = collections.OrderedDict()
-        self._failures: dict[str, list[float]] = {}
+        self._checking: dict[bytes, asyncio.Future] = {}
+        self._failures: collections.OrderedDict[str, _Attempts] = collections.OrderedDict()
         self.clock = clock
 
+    def close(self) -> None:
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=False, cancel_futures=True)
+            self._hash_pool = None
+
+    # -- the limiter --
     @staticmethod
     def _limiter_key(address: str) -> str:
         """One IPv6 client owns a whole /64: count its failures together."""
@@ -1363,74 +1406,173 @@ class Authenticator:
             return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
+    @staticmethod
+    def _recent_failures(entry: _Attempts, now: float) -> int:
+        while entry.failures and now - entry.failures[0] >= AUTH_FAIL_WINDOW:
+            entry.failures.popleft()
+        return len(entry.failures)
+
     def blocked_for(self, address: str) -> float:
-        address = self._limiter_key(address)
-        entry = self._failures.get(address)
+        """Seconds this address must wait before its next check (0: go ahead)."""
+        entry = self._failures.get(self._limiter_key(address))
         if entry is None:
             return 0.0
-        count, start = entry
-        elapsed = self.clock() - start
-        if elapsed > AUTH_FAIL_WINDOW:
-            if count < AUTH_FAIL_LIMIT or elapsed > 2 * AUTH_FAIL_WINDOW:
-                del self._failures[address]
-            return 0.0 if count < AUTH_FAIL_LIMIT or elapsed > 2 * AUTH_FAIL_WINDOW \
-                else 2 * AUTH_FAIL_WINDOW - elapsed
-        return AUTH_FAIL_WINDOW - elapsed if count >= AUTH_FAIL_LIMIT else 0.0
+        now = self.clock()
+        if entry.blocked_until > now:
+            return entry.blocked_until - now
+        if entry.pending and self._recent_failures(entry, now) + entry.pending >= AUTH_FAIL_LIMIT:
+            return 1.0  # checks already running may use up the allowance; ask again then
+        return 0.0
+
+    def admit(self, address: str) -> float:
+        """Reserve a check for this address before it runs: 0.0, or the seconds to wait."""
+        wait = self.blocked_for(address)
+        if wait > 0:
+            return wait
+        key = self._limiter_key(address)
+        entry = self._failures.get(key)
+        if entry is None:
+            entry = self._failures[key] = _Attempts()
+            self._bound_table()
+        entry.pending += 1
+        return 0.0
+
+    def settle(self, address: str, failed: bool) -> None:
+        """The verdict of a check that admit() reserved."""
+        key = self._limiter_key(address)
+        entry = self._failures.get(key)
+        if entry is not None:
+            entry.pending = max(0, entry.pending - 1)
+        if failed:
+            self.record_failure(address)
+        elif entry is not None and not entry.pending and not entry.failures \
+                and entry.blocked_until <= self.clock():
+            del self._failures[key]
+
+    def _check_slots(self, address: str) -> asyncio.Semaphore:
+        """At most AUTH_CHECKS_PER_ADDRESS checks of one address run at once;
+        its other admitted checks wait their turn (there are few: see admit)."""
+        entry = self._failures.get(self._limiter_key(address))
+        if entry is None:  # dropped from a full table meanwhile: do not hold it up
+            return asyncio.Semaphore(AUTH_CHECKS_PER_ADDRESS)
+        if entry.slots is None:
+            entry.slots = asyncio.Semaphore(AUTH_CHECKS_PER_ADDRESS)
+        return entry.slots
 
     def record_failure(self, address: str) -> None:
-        address = self._limiter_key(address)
+        key = self._limiter_key(address)
         now = self.clock()
-        entry = self._failures.get(address)
-        if entry is None or now - entry[1] > AUTH_FAIL_WINDOW and entry[0] < AUTH_FAIL_LIMIT:
-            self._failures[address] = [1, now]
+        entry = self._failures.get(key)
+        if entry is None:
+            entry = self._failures[key] = _Attempts()
         else:
-            entry[0] += 1
-            if entry[0] == AUTH_FAIL_LIMIT:
-                entry[1] = now  # the block runs from the failure that tripped it
-        if len(self._failures) > AUTH_FAIL_TABLE:
-            # Many addresses at once (a botnet): drop stale entries, then the
-            # oldest, down to 90% so that one scan pays for many failures and
-            # the table never outgrows its cap.
-            for addr in [a for a, (_, t) in self._failures.items() if now - t > 2 * AUTH_FAIL_WINDOW]:
-                del self._failures[addr]
-            for addr in list(itertools.islice(self._failures, len(self._failures) - AUTH_FAIL_TABLE * 9 // 10)):
-                del self._failures[addr]
+            self._failures.move_to_end(key)
+        self._recent_failures(entry, now)
+        entry.failures.append(now)
+        if len(entry.failures) >= AUTH_FAIL_LIMIT:
+            entry.blocked_until = now + AUTH_BLOCK_SECONDS
+            entry.failures.clear()  # after the block the address starts from zero
+        self._bound_table()
 
-    async def check(self, header: Optional[str]) -> Optional[UserConfig]:
-        """The user for an Authorization header, or None."""
+    def _bound_table(self) -> None:
+        if len(self._failures) <= AUTH_FAIL_TABLE:
+            return
+        # Many addresses at once (a botnet): drop entries that no longer
+        # matter, then the least recently failed, down to 90%, so that one scan
+        # pays for many failures and the table never outgrows its cap.
+        now = self.clock()
+        for key in [k for k, e in self._failures.items() if not e.pending and e.blocked_until <= now
+                    and (not e.failures or now - e.failures[-1] >= AUTH_FAIL_WINDOW)]:
+            del self._failures[key]
+        for key in list(itertools.islice(self._failures, max(0, len(self._failures) - AUTH_FAIL_TABLE * 9 // 10))):
+            del self._failures[key]
+
+    # -- checking a password --
+    def _hash_job(self, user: Optional[UserConfig], password: str) -> tuple[bool, float]:
+        """(matches, seconds spent): one scrypt, whoever `user` is. Runs in the
+        password threads."""
+        if self._failed_check_floor is None:
+            started = time.perf_counter()
+            verify_password_hash("", self._dummy_hash)
+            self._failed_check_floor = AUTH_FAILED_CHECK_FACTOR * (time.perf_counter() - started)
+        started = time.perf_counter()
+        if user is not None and user.password_hash is not None:
+            ok = verify_password_hash(password, user.password_hash)
+        else:
+            verify_password_hash(password, self._dummy_hash)
+            expected = self._plain.get(user.username) if user is not None else None
+            ok = hmac.compare_digest(hashlib.sha256(password.encode()).digest(), expected or self._dummy_plain) \
+                and expected is not None
+        return ok, time.perf_counter() - started
+
+    async def _verify(self, username: str, password: str) -> bool:
+        user = self.users.get(username)
+        if self._dummy_hash is None:  # plain passwords only: one compare of digests, like it or not
+            expected = self._plain.get(username)
+            same = hmac.compare_digest(hashlib.sha256(password.encode()).digest(), expected or self._dummy_plain)
+            return same and expected is not None
+        if self._hash_pool is None:
+            self._hash_pool = concurrent.futures.ThreadPoolExecutor(
+                AUTH_HASH_THREADS, thread_name_prefix="imgproxy-password")
+        ok, spent = await asyncio.get_running_loop().run_in_executor(self._hash_pool, self._hash_job, user, password)
+        if not ok:
+            # Held back on the event loop, not in a password thread.
+            await asyncio.sleep(max(0.0, (self._failed_check_floor or 0.0) - spent))
+        return ok
+
+    async def _limited_verify(self, username: str, password: str, address: Optional[str]) -> bool:
+        if address is None:
+            return await self._verify(username, password)
+        ok = False
+        try:
+            async with self._check_slots(address):
+                ok = await self._verify(username, password)
+        finally:
+            self.settle(address, failed=not ok)
+        return ok
+
+    def _malformed(self, address: Optional[str]) -> None:
+        if address is not None:
+            self.record_failure(address)
+
+    async def check(self, header: Optional[str], address: Optional[str] = None) -> Optional[UserConfig]:
+        """The user for an Authorization header, or None. With `address`, the
+        limiter admits the check first (or raises SignInWait) and counts it."""
         if not header:
             return None
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "basic":
-            return None
+            return self._malformed(address)
         try:
             decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
         except (binascii.Error, ValueError):
-            return None
+            return self._malformed(address)
         username, sep, password = decoded.partition(":")
         if not sep:
-            return None
+            return self._malformed(address)
         memo = hmac.new(self._key, decoded.encode(), hashlib.sha256).digest()
         if memo in self._accepted:
             self._accepted.move_to_end(memo)
             return self.users.get(self._accepted[memo])
-        user = self.users.get(username)
-        if user is not None and user.password_hash is not None:
-            ok = await asyncio.to_thread(verify_password_hash, password, user.password_hash)
-        elif user is not None:
-            ok = hmac.compare_digest(hashlib.sha256(password.encode()).digest(), self._plain[username])
-        elif self._dummy_hash is not None:
-            await asyncio.to_thread(verify_password_hash, password, self._dummy_hash)
-            ok = False
-        else:
-            hmac.compare_digest(hashlib.sha256(password.encode()).digest(), self._dummy_plain)
-            ok = False
-        if not ok:
+        running = self._checking.get(memo)
+        if running is None:
+            # Only a new guess costs an attempt: requests repeating one already
+            # being checked wait for its verdict (a client opening many
+            # connections at once with the right password is not refused).
+            if address is not None:
+                wait = self.admit(address)
+                if wait > 0:
+                    raise SignInWait(wait)
+            # Its own task: the verdict is recorded even if the client leaves.
+            running = self._checking[memo] = asyncio.ensure_future(
+                self._limited_verify(username, password, address))
+            running.add_done_callback(lambda _: self._checking.pop(memo, None))
+        if not await asyncio.shield(running):
             return None
         self._accepted[memo] = username
         if len(self._accepted) > 1024:
             self._accepted.popitem(last=False)
-        return user
+        return self.users.get(username)
 
 
 def new_token_secret() -> str:
@@ -1472,6 +1614,12 @@ def denied(status: int, request: web.Request) -> web.HTTPException:
     return json_error(status, DENIED_MESSAGE, "unauthorized" if status == 401 else "forbidden", headers)
 
 
+def rate_limited(wait: float) -> web.HTTPException:
+    seconds = math.ceil(wait)
+    return json_error(429, f"too many failed sign-ins from this address; try again in {seconds} s",
+                      "rate_limited", {"Retry-After": str(seconds)})
+
+
 async def _token_user(request: web.Request, token: str) -> Optional[UserConfig]:
     """The user an app token acts for, or None (unknown, revoked, or its user
     no longer in the config)."""
@@ -1494,16 +1642,26 @@ async def require_user(request: web.Request, role: str = "uploader",
     person's password; a token that is valid gets 403 there."""
     auth = request.app[AUTH]
     address = client_address(request)
-    wait = auth.blocked_for(address)
-    if wait > 0:
-        raise json_error(429, f"too many failed sign-ins from this address; try again in {math.ceil(wait)} s",
-                         "rate_limited", {"Retry-After": str(math.ceil(wait))})
     header = request.headers.get(hdrs.AUTHORIZATION)
     token = bearer_token(header)
-    user = await (_token_user(request, token) if token is not None else auth.check(header))
+    # Every attempt is reserved before it is checked and settled after.
+    wait = auth.admit(address) if token is not None else auth.blocked_for(address)
+    if wait > 0:
+        raise rate_limited(wait)
+    if token is not None:
+        user = None
+        try:
+            user = await _token_user(request, token)
+        finally:
+            # A check cut short (the client left) counts as failed: leaving
+            # must not buy an attacker extra guesses.
+            auth.settle(address, failed=user is None)
+    else:
+        try:
+            user = await auth.check(header, address)
+        except SignInWait as exc:
+            raise rate_limited(exc.seconds) from None
     if user is None:
-        if header:
-            auth.record_failure(address)
         raise denied(401, request)
     if (role == "admin" and user.role != "admin") or (password_only and token is not None):
         raise denied(403, request)
@@ -2277,11 +2435,16 @@ async def _background_ctx(app: web.Application):
             await t
 
 
+async def _close_auth(app: web.Application) -> None:
+    app[AUTH].close()
+
+
 def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> web.Application:
     """The aiohttp application for `config`; nothing starts until it runs."""
     app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
     app[CONFIG] = config
     app[AUTH] = Authenticator(config.users)
+    app.on_cleanup.append(lambda app: _close_auth(app))
     app[CLOCK] = clock or time.time
     if config.server.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
         Image.MAX_IMAGE_PIXELS = config.server.max_pixels
