@@ -33,8 +33,8 @@ import pytest
 
 from helpers import multipart
 from test_client import clean_env
-from test_page_apps import (DENIED, AppSetups, api, browser, create_token_on_page,  # noqa: F401  (fixtures)
-                            open_page, server)
+from conftest import api
+from test_page_apps import DENIED, AppSetups, create_token_on_page
 
 ROOT = Path(__file__).resolve().parent.parent
 PICGO_DIR = Path(os.environ.get("IMGPROXY_PICGO_DIR", Path.home() / ".cache" / "imgproxy-picgo"))

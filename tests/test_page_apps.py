@@ -4,8 +4,8 @@ A token is made on the page with the signed-in password, shown once, and the
 set-ups for it (ShareX .sxcu, PicGo settings, client.py and curl lines) are
 read back the way a person gets them: the download and the copy buttons.
 tests/test_apps_tools.py feeds those same texts to the real tools.
-Browser fixtures come from tests/test_page.py (skips when Playwright or
-Chromium is missing).
+Browser fixtures (browser, server, open_page) come from conftest.py and skip
+when Playwright or Chromium is missing.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import dataclasses
 import json
 import re
 
-from test_page import DENIED, PageSession, api, browser, expect, open_page, server  # noqa: F401  (fixtures)
+from conftest import PageSession, api, expect
+from test_page import DENIED
 from test_tokens import bearer
 
 TOKEN_RE = re.compile(r"^imgp_[0-9A-Za-z]{43}$")
