@@ -73,7 +73,11 @@ def assert_serves_its_md5(url: str) -> None:
 
 
 # ---- ShareX ------------------------------------------------------------------------
-# The custom uploader format as ShareX 13.7.1+ reads it (CustomUploaderItem.cs).
+# The custom uploader format as ShareX 13.7.1+ reads it, written from ShareX's
+# sources (ShareX.UploadersLib/CustomUploader: CustomUploaderItem.cs for the keys,
+# the Version checks and the name parser on headers; ShareXSyntaxParser.cs for
+# {function:arg|arg} and "\"; CustomUploaderFunctionJson.cs for {json:path}; the
+# enums for DestinationType, RequestMethod and Body).
 
 SHAREX_KEYS = {"Version": str, "Name": str, "DestinationType": str, "RequestMethod": str,
                "RequestURL": str, "Parameters": dict, "Headers": dict, "Body": str, "Arguments": dict,
