@@ -95,7 +95,7 @@ async def test_limiter_timeline(make_client, clock):
     assert await status(wrong) == (401, 0)  # the limit-th failure in 60 s
     code, retry_after = await status(ALICE)
     assert code == 429
-    assert retry_after == imgproxy.AUTH_FAIL_WINDOW  # (60: the block's whole length)
+    assert retry_after == imgproxy.AUTH_BLOCK_SECONDS  # the whole block, from the tripping failure
     clock.advance(retry_after / 2)
     assert await status(ALICE) == (429, retry_after / 2)  # it counts down
     clock.advance(retry_after / 2 - 0.5)
