@@ -1065,15 +1065,15 @@ class ImageStore:
     async def flush_token_use(self) -> None:
         if not self.pending_token_use or self._wdb is None:
             return
-        uses, self.pending_token_use = self.pending_token_use, {}
-        try:
-            await self.write(lambda txn: txn.db.executemany(
-                "UPDATE tokens SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
-                [(at, token_id) for token_id, at in uses.items()]))
-        except BaseException:
-            for token_id, at in uses.items():
-                self.pending_token_use.setdefault(token_id, at)
-            raise
+        # The uses stay in pending_token_use until the write has committed: a
+        # token list read while the write runs would otherwise see neither.
+        uses = dict(self.pending_token_use)
+        await self.write(lambda txn: txn.db.executemany(
+            "UPDATE tokens SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
+            [(at, token_id) for token_id, at in uses.items()]))
+        for token_id, at in uses.items():
+            if self.pending_token_use.get(token_id) == at:   # not used again meanwhile
+                del self.pending_token_use[token_id]
 
     def _token_info(self, row: sqlite3.Row) -> dict:
         last = max(row["last_used_at"] or 0.0, self.pending_token_use.get(row["id"], 0.0))
