@@ -3674,7 +3674,7 @@ async def handle_db(request: web.Request) -> web.StreamResponse:
 async def _token_name(request: web.Request) -> str:
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, LookupError):  # LookupError: a charset Python does not know
         raise json_error(400, 'the body must be JSON like {"name": "laptop ShareX"}', "bad_request") from None
     name = body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not 1 <= len(name.strip()) <= TOKEN_NAME_MAX or not name.isprintable():

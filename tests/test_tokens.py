@@ -368,3 +368,15 @@ def test_client_api_with_a_revoked_token_is_an_error_dict(make_config, live_serv
     assert call_url(server.base_url + f"/api/tokens/{made['id']}", "DELETE", headers=ALICE)[0] == 204
     assert app.upload_or_get(image) == {"error": imgproxy.DENIED_MESSAGE, "code": "unauthorized"}
     assert "error" in app.create_token("needs a password")  # a token cannot make tokens
+
+
+# ---- found in review ------------------------------------------------------------------
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=bogus", "application/json; charset=utf-99"])
+async def test_a_token_request_with_an_unknown_charset_is_400_not_500(make_client, content_type):
+    client = await make_client()
+    resp = await client.post("/api/tokens", data=b'{"name": "x"}', headers={**BOB, "Content-Type": content_type})
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["code"] == "bad_request"
+    assert (await (await client.get("/api/tokens", headers=BOB)).json()) == {"tokens": []}
+
