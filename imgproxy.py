@@ -3002,19 +3002,23 @@ async def require_user(request: web.Request, role: str = "uploader",
     address = client_address(request)
     header = request.headers.get(hdrs.AUTHORIZATION)
     token = bearer_token(header)
-    # Every attempt is reserved before it is checked and settled after.
-    wait = auth.admit(address) if token is not None else auth.blocked_for(address)
+    wait = auth.blocked_for(address)
     if wait > 0:
         count_signin(request, "blocked")
         raise rate_limited(wait)
     if token is not None:
+        # Not reserved like a password check: a lookup is cheap and a 256-bit
+        # secret is not guessed in ten tries or ten thousand, while a
+        # reservation per request would turn an app's burst of good requests
+        # into 429s. A wrong token counts as a failure once looked up.
         user = None
         try:
             user = await _token_user(request, token)
         finally:
             # A check cut short (the client left) counts as failed: leaving
             # must not buy an attacker extra guesses.
-            auth.settle(address, failed=user is None)
+            if user is None:
+                auth.record_failure(address)
     else:
         try:
             user = await auth.check(header, address)
