@@ -64,7 +64,7 @@ from typing import Any, Awaitable, Callable, Iterable, Optional
 
 import aiosqlite
 from aiohttp import BodyPartReader, MultipartReader, hdrs, http_exceptions, web
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, TiffImagePlugin
 
 # ==== constants =================================================================
 
@@ -2317,14 +2317,17 @@ def _tiff_without_metadata(source: bytes | Path) -> Optional[bytes]:
         if tags <= _TIFF_STRUCTURE and not turned:
             return None
         icc = im.info.get("icc_profile")
-        pages = []
-        for i in range(frames):
-            im.seek(i)
-            pages.append(_clean_copy(ImageOps.exif_transpose(im)))
-    out = io.BytesIO()
-    compression = "group4" if all(p.mode == "1" for p in pages) else "tiff_adobe_deflate"
-    pages[0].save(out, "TIFF", save_all=len(pages) > 1, append_images=pages[1:],
-                  compression=compression, icc_profile=icc)
+        out = io.BytesIO()
+        # Page by page, as inspection decoded them: holding every page at once
+        # would let ten pages at max_pixels cost ten decode budgets.
+        with TiffImagePlugin.AppendingTiffWriter(out) as tiff:
+            for i in range(frames):
+                im.seek(i)
+                page = _clean_copy(ImageOps.exif_transpose(im))
+                page.save(tiff, "TIFF", icc_profile=icc,
+                          compression="group4" if page.mode == "1" else "tiff_adobe_deflate")
+                tiff.newFrame()
+                del page
     return out.getvalue()
 
 
