@@ -394,3 +394,15 @@ async def test_concurrent_requests_with_a_valid_token_are_never_rate_limited(mak
                                       for _ in range(4 * imgproxy.AUTH_FAIL_LIMIT)])
     assert collections.Counter(resp.status for resp in statuses) == {200: 4 * imgproxy.AUTH_FAIL_LIMIT}
     assert (await client.get("/api/images", headers=BOB)).status == 200
+
+
+@pytest.mark.parametrize("token", ["imgp_first\nsecond-line-9f3k", "imgp_caf\u00e9-9f3k"], ids=["newline", "non-ascii"])
+def test_client_with_a_malformed_token_fails_in_one_line_without_echoing_it(make_config, live_server, tmp_path,
+                                                                            token):
+    server = live_server(make_config())
+    image = tmp_path / "c.png"
+    image.write_bytes(png_bytes(color=(3, 8, 9)))
+    out = run_client(tmp_path, "--no-cache", str(image), IMGPROXY_URL=server.base_url, IMGPROXY_TOKEN=token)
+    assert out.returncode == 1 and not out.stdout
+    assert "Traceback" not in out.stderr and "9f3k" not in out.stderr, out.stderr
+    assert "token" in out.stderr
