@@ -2272,10 +2272,6 @@ def metadata_cuts(source: bytes, fmt: str) -> Optional[list]:
     return None if cutter is None else cutter(source)
 
 
-def apply_cuts(source: bytes, pieces: list) -> bytes:
-    return b"".join(source[p[0]:p[1]] if isinstance(p, tuple) else p for p in pieces)
-
-
 def _write_pieces(buf, pieces: list, path: Path) -> tuple[str, int]:
     """Write the pieces to a new file at `path`; returns (md5, size)."""
     digest, size = hashlib.md5(), 0

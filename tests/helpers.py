@@ -492,6 +492,11 @@ def photo_bytes(fmt: str, size=(64, 48), color=(10, 200, 30), orientation: int =
     return buf.getvalue()
 
 
+def apply_cuts(source: bytes, pieces: list) -> bytes:
+    """What imgproxy's _write_pieces writes for metadata_cuts' pieces, as bytes in memory."""
+    return b"".join(source[p[0]:p[1]] if isinstance(p, tuple) else p for p in pieces)
+
+
 def metadata_leaks(data: bytes) -> list[str]:
     """What of gps_exif() can still be found in `data`: by Pillow's EXIF reader
     and by a byte search for the values themselves."""
