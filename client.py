@@ -570,6 +570,12 @@ class Client:
 
     def _auth_header(self, password_only: bool = False) -> str:
         if self._token and not password_only:
+            # A token is printable ASCII without spaces; anything else (a pasted
+            # second line, a stray character) would fail deep in http.client
+            # with a traceback that prints the secret.
+            if not (self._token.isascii() and self._token.isprintable() and " " not in self._token):
+                raise _Failure("the app token is malformed (check IMGPROXY_TOKEN or client.token)",
+                               "bad_token")
             return "Bearer " + self._token
         if not self.username or self._password is None:
             raise _Failure("no user name and password configured: set IMGPROXY_USER and "

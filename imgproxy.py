@@ -65,7 +65,7 @@ from typing import Any, Awaitable, Callable, Iterable, Optional
 
 import aiosqlite
 from aiohttp import BodyPartReader, MultipartReader, hdrs, http_exceptions, web
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, TiffImagePlugin
 
 # ==== constants =================================================================
 
@@ -2657,10 +2657,6 @@ def metadata_cuts(source: bytes, fmt: str) -> Optional[list]:
     return None if cutter is None else cutter(source)
 
 
-def apply_cuts(source: bytes, pieces: list) -> bytes:
-    return b"".join(source[p[0]:p[1]] if isinstance(p, tuple) else p for p in pieces)
-
-
 def _write_pieces(buf, pieces: list, path: Path) -> tuple[str, int]:
     """Write the pieces to a new file at `path`; returns (md5, size)."""
     digest, size = hashlib.md5(), 0
@@ -2702,14 +2698,17 @@ def _tiff_without_metadata(source: bytes | Path) -> Optional[bytes]:
         if tags <= _TIFF_STRUCTURE and not turned:
             return None
         icc = im.info.get("icc_profile")
-        pages = []
-        for i in range(frames):
-            im.seek(i)
-            pages.append(_clean_copy(ImageOps.exif_transpose(im)))
-    out = io.BytesIO()
-    compression = "group4" if all(p.mode == "1" for p in pages) else "tiff_adobe_deflate"
-    pages[0].save(out, "TIFF", save_all=len(pages) > 1, append_images=pages[1:],
-                  compression=compression, icc_profile=icc)
+        out = io.BytesIO()
+        # Page by page, as inspection decoded them: holding every page at once
+        # would let ten pages at max_pixels cost ten decode budgets.
+        with TiffImagePlugin.AppendingTiffWriter(out) as tiff:
+            for i in range(frames):
+                im.seek(i)
+                page = _clean_copy(ImageOps.exif_transpose(im))
+                page.save(tiff, "TIFF", icc_profile=icc,
+                          compression="group4" if page.mode == "1" else "tiff_adobe_deflate")
+                tiff.newFrame()
+                del page
     return out.getvalue()
 
 
@@ -3387,19 +3386,23 @@ async def require_user(request: web.Request, role: str = "uploader",
     address = client_address(request)
     header = request.headers.get(hdrs.AUTHORIZATION)
     token = bearer_token(header)
-    # Every attempt is reserved before it is checked and settled after.
-    wait = auth.admit(address) if token is not None else auth.blocked_for(address)
+    wait = auth.blocked_for(address)
     if wait > 0:
         count_signin(request, "blocked")
         raise rate_limited(wait)
     if token is not None:
+        # Not reserved like a password check: a lookup is cheap and a 256-bit
+        # secret is not guessed in ten tries or ten thousand, while a
+        # reservation per request would turn an app's burst of good requests
+        # into 429s. A wrong token counts as a failure once looked up.
         user = None
         try:
             user = await _token_user(request, token)
         finally:
             # A check cut short (the client left) counts as failed: leaving
             # must not buy an attacker extra guesses.
-            auth.settle(address, failed=user is None)
+            if user is None:
+                auth.record_failure(address)
     else:
         try:
             user = await auth.check(header, address)
@@ -4059,7 +4062,7 @@ async def handle_db(request: web.Request) -> web.StreamResponse:
 async def _token_name(request: web.Request) -> str:
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, LookupError):  # LookupError: a charset Python does not know
         raise json_error(400, 'the body must be JSON like {"name": "laptop ShareX"}', "bad_request") from None
     name = body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not 1 <= len(name.strip()) <= TOKEN_NAME_MAX or not name.isprintable():
