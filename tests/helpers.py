@@ -643,7 +643,7 @@ try:
     facts = imgproxy.inspect_image(path, path.stat().st_size, {tuple(formats)!r}, {max_pixels})
     out["frames"] = facts.frames
     if {strip!r}:
-        stored = imgproxy.prepare_stored(path, facts, lambda: Path({f.name!r} + ".stored"), True)
+        stored = imgproxy.prepare_stored(path, facts, lambda: Path({f.name!r} + ".stored"), True, {max_pixels})
         out["stripped"] = stored is not None
 except imgproxy.UploadRejected as exc:
     out = {{"status": exc.status, "code": exc.code, "message": str(exc)}}
