@@ -3998,6 +3998,7 @@ async def handle_upload(request: web.Request) -> web.Response:
             await sink.discard()
         sink.release()
         for path, fd in stripped_locks:
+            _unlink_quietly(path)  # gone once published; still here if stripping or publish failed
             store.storage.release_tmp(path, fd)
     log.debug("%s %s.%s (%d bytes) for %s", "stored" if created else "renewed", md5,
              FORMATS[facts.format][0], facts.size, user.username)
