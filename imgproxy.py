@@ -597,7 +597,8 @@ class Storage:
         self.tmp = self.root / "tmp"
         self.db_path = self.root / "images.db"
         self.cleanup_lock = self.root / "cleanup.lock"
-        self._made_dirs: set[Path] = set()
+        self._uploads_dir = str(self.uploads)
+        self._made_dirs: set[str] = set()
         # Names of the tmp/ files this process is writing. A sweep here skips
         # them rather than test their lock: on NFS, flock is a POSIX lock, one
         # process's locks do not conflict with each other, and closing any
@@ -642,25 +643,36 @@ class Storage:
         os.close(fd)
         self.in_flight.discard(path.name)
 
-    def place(self, md5: str, ext: str, tmp_path: Path) -> Path:
+    def place(self, md5: str, ext: str, tmp_path: Path) -> str:
         """Move a validated upload from tmp/ to its final path (blocking; run in a thread).
 
         The rename is atomic on one file system, so a reader or a crash never
         sees a half-written image.
         """
-        final = self.image_path(md5, ext)
-        if final.parent not in self._made_dirs:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if len(self._made_dirs) < 70_000:  # at most 65,536 leaf folders exist
-                self._made_dirs.add(final.parent)
+        # Plain strings and bare syscalls: this runs in the database writer
+        # thread for every new image, where pathlib objects were most of its cost.
+        leaf = f"{self._uploads_dir}/{md5[0:2]}/{md5[2:4]}"
+        final = f"{leaf}/{md5}.{ext}"
+        if leaf not in self._made_dirs:
+            self._make_leaf(leaf)
         try:
             os.replace(tmp_path, final)
         except FileNotFoundError:
             # The leaf folder went away (a reset moved uploads/ aside): remake it.
-            self._made_dirs.discard(final.parent)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.discard(leaf)
+            self._make_leaf(leaf)
             os.replace(tmp_path, final)
         return final
+
+    def _make_leaf(self, leaf: str) -> None:
+        try:
+            os.mkdir(leaf)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # its parent is new too (or uploads/ itself went away)
+            os.makedirs(leaf, exist_ok=True)
+        if len(self._made_dirs) < 70_000:  # at most 65,536 leaf folders exist
+            self._made_dirs.add(leaf)
 
 
 def _unlink_quietly(path: Optional[Path]) -> int:
