@@ -15,6 +15,7 @@ Reports medians: MiB/s, the ratio to md5sum in the same round, and server CPU
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -87,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _delete(srv: harness.Server, path: Path) -> None:
-    import hashlib
     md5 = hashlib.md5(path.read_bytes()).hexdigest()
     status, _, body = harness.request(srv.base, "DELETE", f"/api/images/{md5}",
                                       headers={"Authorization": harness.AUTH})
