@@ -733,10 +733,11 @@ class UploadSink:
     write in flight at a time, so hashing and disk work overlap with reading
     the network. An upload smaller than that is written once, by complete(),
     and its bytes are also handed to inspection so it need not read them back.
-    `observer`, if given, sees every piece in order (a streaming check), in a
-    second worker thread beside the one that hashes and writes the same
-    piece: hashlib and zlib release the GIL on large buffers, so with two
-    cores the check costs the upload almost no time of its own.
+    `observer`, if given, sees every piece in order (a streaming check). It
+    then runs with the file write in a second worker thread, beside the one
+    that hashes the same piece: hashlib, zlib and file writes release the GIL
+    on large buffers, so with two cores the check costs the upload almost no
+    time of its own, and the MD5, as costly as all the rest, sets the pace.
     """
 
     def __init__(self, storage: Storage, limit: int,
@@ -769,11 +770,15 @@ class UploadSink:
         if self._pending is not None:
             await self._pending
         loop = asyncio.get_running_loop()
-        written = loop.run_in_executor(None, self._write, data)
         if self.observer is None:
-            self._pending = written
+            self._pending = loop.run_in_executor(None, self._hash_and_write, data)
         else:
-            self._pending = asyncio.gather(written, loop.run_in_executor(None, self._observe, data))
+            self._pending = asyncio.gather(loop.run_in_executor(None, self._hash, data),
+                                           loop.run_in_executor(None, self._write_and_observe, data))
+
+    def _hash(self, data: list[bytes]) -> None:
+        for piece in data:
+            self.md5.update(piece)
 
     def _write(self, data: list[bytes]) -> None:
         if self._file is None:
@@ -781,10 +786,14 @@ class UploadSink:
             self.tmp_name = self.tmp_path.name
             self._file = open(fd, "wb")
         for piece in data:
-            self.md5.update(piece)
             self._file.write(piece)
 
-    def _observe(self, data: list[bytes]) -> None:
+    def _hash_and_write(self, data: list[bytes]) -> None:
+        self._hash(data)
+        self._write(data)
+
+    def _write_and_observe(self, data: list[bytes]) -> None:
+        self._write(data)
         for piece in data:
             self.observer(piece)
 
@@ -804,9 +813,10 @@ class UploadSink:
         small = b"".join(rest) if self._file is None else None
         if small is not None:
             rest = [small]  # one piece: hashed and checked at once
-        self._write(rest)
+        self._hash_and_write(rest)
         if self.observer is not None:
-            self._observe(rest)
+            for piece in rest:
+                self.observer(piece)
         self._file.flush()  # stays open, and locked, until published: see release()
         return self.md5.hexdigest(), small
 
