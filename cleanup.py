@@ -6,7 +6,7 @@
 
 The pass is imgproxy.py's own `run_cleanup_pass` (the one the server schedules
 daily): expired images, files without rows, rows without files, and temp
-files older than an hour. It is safe while the server runs. Exit codes: 0
+files no live process holds. It is safe while the server runs. Exit codes: 0
 done, 1 failure, 2 bad config or usage.
 """
 from __future__ import annotations

@@ -5,6 +5,7 @@ One file, standard library only, so it can be copied into any project:
     from client import get_image_url, upload_or_get, download_db, Client
 
     url = get_image_url("photo.png")          # the URL, or None on any failure
+    thumb = get_image_url("photo.png", size=640, fmt="webp")   # a variant's URL
     info = upload_or_get("photo.png")         # the info object, or {"error": ...}
 
     $ python3 client.py a.png b.jpg           # one URL per line on stdout
@@ -32,6 +33,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import socket
 import sqlite3
 import ssl
@@ -49,6 +51,7 @@ from typing import IO, Any, Iterator, Mapping, Optional, Union
 PERMISSION_MESSAGE = "该用户权限不足，请联系管理员"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_DB_NAME = "images_server.db"
+VARIANT_FORMATS = ("jpg", "png", "webp", "gif", "avif")   # /i/{md5}/{size}.{fmt}
 HASH_CHUNK = 1 << 20
 # http.client reads a file body in blocks of this size (its default is 8 KiB,
 # which means many small send() calls for big uploads).
@@ -567,6 +570,12 @@ class Client:
 
     def _auth_header(self, password_only: bool = False) -> str:
         if self._token and not password_only:
+            # A token is printable ASCII without spaces; anything else (a pasted
+            # second line, a stray character) would fail deep in http.client
+            # with a traceback that prints the secret.
+            if not (self._token.isascii() and self._token.isprintable() and " " not in self._token):
+                raise _Failure("the app token is malformed (check IMGPROXY_TOKEN or client.token)",
+                               "bad_token")
             return "Bearer " + self._token
         if not self.username or self._password is None:
             raise _Failure("no user name and password configured: set IMGPROXY_USER and "
@@ -763,11 +772,15 @@ class Client:
         except _Failure as e:
             return e.as_dict()
 
-    def get_image_url(self, path: PathLike) -> Optional[str]:
-        """The public URL of the image, or None on any failure."""
+    def get_image_url(self, path: PathLike, size: Union[int, str, None] = None,
+                      fmt: Optional[str] = None) -> Optional[str]:
+        """The public URL of the image (of its variant when `size` or `fmt` is
+        given), or None on any failure."""
         info = self.upload_or_get(path)
         url = info.get("url")
-        return url if "error" not in info and isinstance(url, str) else None
+        if "error" in info or not isinstance(url, str):
+            return None
+        return url if size is None and fmt is None else variant_url(url, size, fmt)
 
     def download_db(self, dest: PathLike = DEFAULT_DB_NAME) -> Union[str, dict]:
         """Save the server's database snapshot (admin only) to ``dest``.
@@ -877,11 +890,35 @@ def upload_or_get(path: PathLike) -> dict:
     return client.upload_or_get(path)
 
 
-def get_image_url(path: PathLike) -> Optional[str]:
-    """The public URL for the image at ``path``, or None on any failure."""
+def variant_url(image_url: str, size: Union[int, str, None] = None, fmt: Optional[str] = None) -> str:
+    """The URL of a size and format of an image, from the image's URL (no request).
+
+    ``size`` is a width the server offers (server.variant_widths) or "full"
+    (the default); ``fmt`` one of VARIANT_FORMATS, or None to let the server
+    choose from the browser's Accept header. Raises ValueError for values
+    that can never be right.
+    """
+    size = "full" if size is None else str(size)
+    if size != "full" and not (size.isdigit() and size.isascii() and int(size) > 0 and size[0] != "0"):
+        raise ValueError(f"size must be a width in pixels or 'full', not {size!r}")
+    if fmt is not None and fmt not in VARIANT_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(VARIANT_FORMATS)}, not {fmt!r}")
+    head, sep, name = image_url.rpartition("/")
+    md5 = name.partition(".")[0]
+    if not sep or not re.fullmatch(r"[0-9a-f]{32}", md5):
+        raise ValueError(f"not an image URL: {image_url!r}")
+    return f"{head}/{md5}/{size}" + (f".{fmt}" if fmt else "")
+
+
+def get_image_url(path: PathLike, size: Union[int, str, None] = None,
+                  fmt: Optional[str] = None) -> Optional[str]:
+    """The public URL for the image at ``path`` (of its variant when ``size``
+    or ``fmt`` is given: see variant_url), or None on any failure."""
     info = upload_or_get(path)
     url = info.get("url")
-    return url if "error" not in info and isinstance(url, str) else None
+    if "error" in info or not isinstance(url, str):
+        return None
+    return url if size is None and fmt is None else variant_url(url, size, fmt)
 
 
 def download_db(dest: PathLike = DEFAULT_DB_NAME) -> Union[str, dict]:
@@ -921,7 +958,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--create-token", metavar="NAME",
                         help="make an app token named NAME with your password (asked for, never "
                              "stored) and print only the token")
+    parser.add_argument("--size", metavar="WIDTH",
+                        help="print the URL of this width (one the server offers, e.g. 640, or 'full')")
+    parser.add_argument("--format", choices=VARIANT_FORMATS, dest="fmt",
+                        help="print the URL of this format (default with --size: chosen by the browser)")
     args = parser.parse_args(argv)
+    if args.size is not None:
+        try:
+            variant_url("http://x/i/" + "0" * 32 + ".png", args.size)
+        except ValueError as e:
+            parser.error(f"--size: {e}")
     if not args.files and args.download_db is None and args.create_token is None:
         parser.error("give at least one FILE, --download-db or --create-token")
 
@@ -999,10 +1045,13 @@ def _run(client: Client, args: argparse.Namespace) -> bool:
             failed = True
             where = "" if name in info["error"] else f"{name}: "
             print(f"client.py: {where}{info['error']}", file=sys.stderr)
+        wants_variant = args.size is not None or args.fmt is not None
+        if wants_variant and "error" not in info:
+            info = {**info, "variant_url": variant_url(info["url"], args.size, args.fmt)}
         if args.json:
             print(json.dumps({**info, "file": name}, ensure_ascii=False))
         elif "error" not in info:
-            print(info["url"])
+            print(info["variant_url"] if wants_variant else info["url"])
         sys.stdout.flush()   # Typora and pipes read lines as they come
 
     if args.download_db is not None:

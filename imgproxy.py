@@ -56,6 +56,7 @@ import socket
 import sqlite3
 import struct
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -64,7 +65,7 @@ from typing import Any, Awaitable, Callable, Iterable, Optional
 
 import aiosqlite
 from aiohttp import BodyPartReader, MultipartReader, hdrs, http_exceptions, web
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, TiffImagePlugin
 
 # ==== constants =================================================================
 
@@ -110,6 +111,8 @@ DECODE_CPU_SECONDS = 20.0       # CPU time one upload's decode may use (checked 
 # Peak bytes a pixel costs while Pillow decodes these (measured with bench/decode_memory.py;
 # an ICO's BMP entry: image, its RGBA copy and the mask); others hold DECODE_BYTES_PER_PIXEL.
 DECODE_COST = {"WEBP": 20, "AVIF": 12, "APNG": 12, "ICO-BMP": 9}
+AVIF_FRAME_COST = 8             # ... an AVIF sequence, for each frame past the first ...
+AVIF_REWRITE_COST = 28          # ... and re-encoding an AVIF (metadata removal), per pixel of every frame
 TMP_MAX_AGE = 3600.0            # unlocked tmp/ files other than .part are leftovers past this age
 COUNT_FLUSH_SECONDS = 2.0       # access counts reach the database this often
 CLEANUP_BATCH = 500
@@ -144,6 +147,21 @@ TOKEN_ID_RE = re.compile(r"[0-9a-f]{16}")
 TOKEN_NAME_MAX = 100
 TOKENS_PER_USER = 100
 IMAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+# Variants (/i/{md5}/{size}.{fmt}): output extension -> (Pillow format, MIME type).
+VARIANT_FORMATS: dict[str, tuple[str, str]] = {
+    "jpg": ("JPEG", "image/jpeg"),
+    "png": ("PNG", "image/png"),
+    "webp": ("WEBP", "image/webp"),
+    "gif": ("GIF", "image/gif"),
+    "avif": ("AVIF", "image/avif"),
+}
+DEFAULT_VARIANT_WIDTHS = (160, 320, 640, 1280, 2048)
+VARIANT_RENDER_SECONDS = 10.0   # a render still running after this answers 503 (and finishes for the next asker)
+VARIANT_QUEUE_PER_CORE = 8      # distinct renders waiting or running per core before new ones get 503
+VARIANT_TOUCH_SECONDS = 3600.0  # a served variant's mtime (its LRU rank on disk) is refreshed at most this often
+VARIANT_SWEEP_SECONDS = 300.0   # the disk budget is checked at least this often, and after renders that exceed it
+VARIANT_LOCK_STRIPES = 256      # per-variant render locks across workers, hashed onto this many files
+VARIANT_SOURCE_CACHE = 10_000   # images whose "has transparency" answer is remembered for negotiation
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
             "img-src 'self' blob: data:; connect-src 'self'; form-action 'self'; "
             "base-uri 'none'; frame-ancestors 'none'")
@@ -165,6 +183,7 @@ def image_cache_control(seconds_left: float) -> str:
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 STORE: web.AppKey[ImageStore] = web.AppKey("store")
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
+VARIANTS: web.AppKey[VariantCache] = web.AppKey("variants")
 TASKS = web.AppKey("tasks", list)
 STREAMING = web.AppKey("streaming", dict)  # transport -> the task blocked in its native sendfile
 CLOCK = web.AppKey("clock", object)
@@ -247,6 +266,8 @@ class ServerConfig:
     access_log: bool = False
     trust_forwarded_for: bool = False
     workers: int = 1
+    variant_widths: tuple[int, ...] = DEFAULT_VARIANT_WIDTHS
+    variant_cache_mb: float = 1024
     strip_metadata: bool = True
     max_connections: int = MAX_CONNECTIONS
 
@@ -387,12 +408,22 @@ def parse_config(raw: Any, base_dir: Path) -> Config:
     workers = _expect("server.workers", s.get("workers", d.workers), "int")
     if not 1 <= workers <= 64:
         raise ConfigError(f"server.workers: expected 1..64 processes, got {workers}")
+    widths = _expect("server.variant_widths", s.get("variant_widths", list(d.variant_widths)), "list")
+    for w in widths:
+        if not isinstance(w, int) or isinstance(w, bool) or not 1 <= w <= 16384:
+            raise ConfigError(f"server.variant_widths: expected widths in pixels from 1 to 16384, "
+                              f"got {json.dumps(w)[:40]}")
+    variant_cache_mb = _expect("server.variant_cache_mb", s.get("variant_cache_mb", d.variant_cache_mb), "number")
+    if not 0 < variant_cache_mb <= 1024 * 1024:
+        raise ConfigError("server.variant_cache_mb: expected more than 0 and at most 1048576 (1 TB)")
     max_connections = _expect("server.max_connections", s.get("max_connections", d.max_connections), "int")
     if not 16 <= max_connections <= 1_000_000:
         raise ConfigError(f"server.max_connections: expected 16..1000000, got {max_connections}")
     server = ServerConfig(
         workers=workers,
         max_connections=max_connections,
+        variant_widths=tuple(sorted(set(widths))),
+        variant_cache_mb=variant_cache_mb,
         domain=_expect("server.domain", s.get("domain", d.domain), "str"),
         port=port,
         host=_expect("server.host", s.get("host", d.host), "str"),
@@ -595,9 +626,11 @@ class Storage:
         self.root = Path(data_dir)
         self.uploads = self.root / "uploads"
         self.tmp = self.root / "tmp"
+        self.variants = self.root / "variants"
         self.db_path = self.root / "images.db"
         self.cleanup_lock = self.root / "cleanup.lock"
-        self._made_dirs: set[Path] = set()
+        self._uploads_dir = str(self.uploads)
+        self._made_dirs: set[str] = set()
         # Names of the tmp/ files this process is writing. A sweep here skips
         # them rather than test their lock: on NFS, flock is a POSIX lock, one
         # process's locks do not conflict with each other, and closing any
@@ -605,11 +638,30 @@ class Storage:
         self.in_flight: set[str] = set()
 
     def prepare(self) -> None:
-        for d in (self.root, self.uploads, self.tmp):
+        for d in (self.root, self.uploads, self.tmp, self.variants):
             d.mkdir(parents=True, exist_ok=True)
 
     def image_path(self, md5: str, ext: str) -> Path:
         return self.uploads / md5[0:2] / md5[2:4] / f"{md5}.{ext}"
+
+    def variant_path(self, md5: str, size: str, fmt: str) -> Path:
+        return self.variants / md5[0:2] / md5[2:4] / f"{md5}-{size}.{fmt}"
+
+    def remove_variants(self, md5: str) -> int:
+        """Unlink every variant of one image (blocking); returns the bytes freed.
+
+        Plain strings and os calls: the expiry pass calls this for every
+        expired image from the writer thread, where Path objects cost GIL time.
+        """
+        freed = 0
+        with contextlib.suppress(FileNotFoundError):
+            with os.scandir(f"{self.variants}/{md5[0:2]}/{md5[2:4]}") as entries:
+                for entry in entries:
+                    if entry.name.startswith(md5 + "-"):
+                        with contextlib.suppress(FileNotFoundError):
+                            freed += entry.stat().st_size
+                            os.unlink(entry.path)
+        return freed
 
     def new_tmp_path(self, kind: str = "upload") -> Path:
         return self.tmp / f"{kind}-{secrets.token_hex(8)}.part"
@@ -642,25 +694,36 @@ class Storage:
         os.close(fd)
         self.in_flight.discard(path.name)
 
-    def place(self, md5: str, ext: str, tmp_path: Path) -> Path:
+    def place(self, md5: str, ext: str, tmp_path: Path) -> str:
         """Move a validated upload from tmp/ to its final path (blocking; run in a thread).
 
         The rename is atomic on one file system, so a reader or a crash never
         sees a half-written image.
         """
-        final = self.image_path(md5, ext)
-        if final.parent not in self._made_dirs:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if len(self._made_dirs) < 70_000:  # at most 65,536 leaf folders exist
-                self._made_dirs.add(final.parent)
+        # Plain strings and bare syscalls: this runs in the database writer
+        # thread for every new image, where pathlib objects were most of its cost.
+        leaf = f"{self._uploads_dir}/{md5[0:2]}/{md5[2:4]}"
+        final = f"{leaf}/{md5}.{ext}"
+        if leaf not in self._made_dirs:
+            self._make_leaf(leaf)
         try:
             os.replace(tmp_path, final)
         except FileNotFoundError:
             # The leaf folder went away (a reset moved uploads/ aside): remake it.
-            self._made_dirs.discard(final.parent)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.discard(leaf)
+            self._make_leaf(leaf)
             os.replace(tmp_path, final)
         return final
+
+    def _make_leaf(self, leaf: str) -> None:
+        try:
+            os.mkdir(leaf)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # its parent is new too (or uploads/ itself went away)
+            os.makedirs(leaf, exist_ok=True)
+        if len(self._made_dirs) < 70_000:  # at most 65,536 leaf folders exist
+            self._made_dirs.add(leaf)
 
 
 def _unlink_quietly(path: Optional[Path]) -> int:
@@ -721,8 +784,11 @@ class UploadSink:
     write in flight at a time, so hashing and disk work overlap with reading
     the network. An upload smaller than that is written once, by complete(),
     and its bytes are also handed to inspection so it need not read them back.
-    `observer`, if given, sees every piece in order in that thread too (a
-    streaming check).
+    `observer`, if given, sees every piece in order (a streaming check). It
+    then runs with the file write in a second worker thread, beside the one
+    that hashes the same piece: hashlib, zlib and file writes release the GIL
+    on large buffers, so with two cores the check costs the upload almost no
+    time of its own, and the MD5, as costly as all the rest, sets the pace.
     """
 
     def __init__(self, storage: Storage, limit: int,
@@ -732,7 +798,9 @@ class UploadSink:
         self.observer = observer
         self.size = 0
         self.md5 = hashlib.md5()
-        self.buf = bytearray()
+        # Received pieces as they came (no copy on the event loop), and their bytes.
+        self.pieces: list[bytes] = []
+        self.buffered = 0
         self.tmp_path: Optional[Path] = None
         self.tmp_name: Optional[str] = None  # listed in storage.in_flight until release()
         self._file: Optional[io.BufferedWriter] = None
@@ -743,25 +811,42 @@ class UploadSink:
         if self.size > self.limit:
             raise UploadRejected(413, "too_large",
                                  f"file is larger than the {self.limit / 1048576:g} MB upload limit")
-        self.buf += chunk
-        if len(self.buf) >= FLUSH_BYTES:
+        self.pieces.append(chunk if type(chunk) is bytes else bytes(chunk))  # only immutable bytes are shared with threads
+        self.buffered += len(chunk)
+        if self.buffered >= FLUSH_BYTES:
             await self._flush()
 
     async def _flush(self) -> None:
-        data, self.buf = self.buf, bytearray()
+        data, self.pieces, self.buffered = self.pieces, [], 0
         if self._pending is not None:
             await self._pending
-        self._pending = asyncio.get_running_loop().run_in_executor(None, self._write, data)
+        loop = asyncio.get_running_loop()
+        if self.observer is None:
+            self._pending = loop.run_in_executor(None, self._hash_and_write, data)
+        else:
+            self._pending = asyncio.gather(loop.run_in_executor(None, self._hash, data),
+                                           loop.run_in_executor(None, self._write_and_observe, data))
 
-    def _write(self, data: bytes | bytearray) -> None:
+    def _hash(self, data: list[bytes]) -> None:
+        for piece in data:
+            self.md5.update(piece)
+
+    def _write(self, data: list[bytes]) -> None:
         if self._file is None:
             self.tmp_path, fd = self.storage.create_tmp()
             self.tmp_name = self.tmp_path.name
             self._file = open(fd, "wb")
-        self.md5.update(data)
-        self._file.write(data)
-        if self.observer is not None:
-            self.observer(data)
+        for piece in data:
+            self._file.write(piece)
+
+    def _hash_and_write(self, data: list[bytes]) -> None:
+        self._hash(data)
+        self._write(data)
+
+    def _write_and_observe(self, data: list[bytes]) -> None:
+        self._write(data)
+        for piece in data:
+            self.observer(piece)
 
     async def drain(self) -> None:
         """Wait for the write in flight, if any."""
@@ -775,9 +860,14 @@ class UploadSink:
         Returns (md5 hex, the bytes when the upload was small enough to have
         stayed in memory, so inspection need not read them back).
         """
-        small = bytes(self.buf) if self._file is None else None
-        rest, self.buf = self.buf, bytearray()
-        self._write(rest)
+        rest, self.pieces, self.buffered = self.pieces, [], 0
+        small = b"".join(rest) if self._file is None else None
+        if small is not None:
+            rest = [small]  # one piece: hashed and checked at once
+        self._hash_and_write(rest)
+        if self.observer is not None:
+            for piece in rest:
+                self.observer(piece)
         self._file.flush()  # stays open, and locked, until published: see release()
         return self.md5.hexdigest(), small
 
@@ -1253,6 +1343,7 @@ class ImageStore:
                 if txn.db.execute("SELECT COUNT(*) FROM holds WHERE md5 = ?", (md5,)).fetchone()[0] > 0:
                     return True
             _unlink_quietly(storage.image_path(md5, row["ext"]))
+            storage.remove_variants(md5)
             txn.delete_rows([md5])
             return True
 
@@ -1293,15 +1384,15 @@ class ImageStore:
     async def flush_token_use(self) -> None:
         if not self.pending_token_use or self._wdb is None:
             return
-        uses, self.pending_token_use = self.pending_token_use, {}
-        try:
-            await self.write(lambda txn: txn.db.executemany(
-                "UPDATE tokens SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
-                [(at, token_id) for token_id, at in uses.items()]))
-        except BaseException:
-            for token_id, at in uses.items():
-                self.pending_token_use.setdefault(token_id, at)
-            raise
+        # The uses stay in pending_token_use until the write has committed: a
+        # token list read while the write runs would otherwise see neither.
+        uses = dict(self.pending_token_use)
+        await self.write(lambda txn: txn.db.executemany(
+            "UPDATE tokens SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
+            [(at, token_id) for token_id, at in uses.items()]))
+        for token_id, at in uses.items():
+            if self.pending_token_use.get(token_id) == at:   # not used again meanwhile
+                del self.pending_token_use[token_id]
 
     def _token_info(self, row: sqlite3.Row) -> dict:
         last = max(row["last_used_at"] or 0.0, self.pending_token_use.get(row["id"], 0.0))
@@ -1905,8 +1996,13 @@ def check_structure(view: bytes | mmap.mmap, formats: tuple[str, ...], guard: De
 
 def decode_cost(fmt: str, im: Image.Image) -> int:
     """Peak bytes a pixel of this image's canvas costs while Pillow decodes it."""
-    if fmt == "PNG" and getattr(im, "n_frames", 1) > 1:
+    frames = getattr(im, "n_frames", 1)
+    if fmt == "PNG" and frames > 1:
         return DECODE_COST["APNG"]
+    if fmt == "AVIF" and frames > 1:
+        # libavif's decoder keeps more of an image sequence the further it goes
+        # (37, 74, 96, 144 MB for 1, 2, 4, 9 frames of 4 MP, measured in review).
+        return DECODE_COST["AVIF"] + AVIF_FRAME_COST * (frames - 1)
     return DECODE_COST.get(fmt, DECODE_BYTES_PER_PIXEL)
 
 
@@ -2017,6 +2113,341 @@ def sanitize_name(raw: Optional[str], ext: str) -> str:
     if name in ("", ".", ".."):
         name = f"image.{ext}"
     return name
+
+
+# ==== variants ================================================================
+# Smaller sizes and other formats of a stored image (/i/{md5}/{size}.{fmt}):
+# rendered once on first request, kept under variants/ (tmp + rename, like
+# uploads), bounded on disk by least-recently-used eviction.
+
+def accepted_modern_format(accept: Optional[str], formats: Iterable[str]) -> Optional[str]:
+    """AVIF or WebP when the Accept header names it with q > 0; wildcards do not count."""
+    named = set()
+    for part in (accept or "").split(","):
+        mime, *params = part.split(";")
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality > 0:
+            named.add(mime.strip().lower())
+    for fmt in ("avif", "webp"):
+        if fmt in formats and VARIANT_FORMATS[fmt][1] in named:
+            return fmt
+    return None
+
+
+def has_transparency(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def source_has_transparency(path: Path) -> bool:
+    """From the header alone (no pixels decoded): can this image be see-through?"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as im:
+            return has_transparency(im)
+
+
+def render_variant(source: Path, width: Optional[int], fmt: str, max_pixels: int) -> bytes:
+    """Encode `source` at `width` (None: its own) as `fmt`; blocking and CPU-bound.
+
+    Orientation is applied, the first frame of an animation is used, the ICC
+    profile is carried over unchanged (browsers colour-manage tagged images; a
+    conversion to sRGB would need littlecms, which not every Pillow has), and
+    nothing else of the original's metadata is written.
+    """
+    pillow_format = VARIANT_FORMATS[fmt][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(source) as im:
+            if im.width * im.height > max_pixels:  # stored before a lower limit was set
+                raise UploadRejected(413, "too_many_pixels", "the original has more pixels than allowed")
+            swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            shown_w, shown_h = (im.height, im.width) if swapped else im.size
+            target_w = shown_w if width is None else min(width, shown_w)
+            target_h = max(1, round(shown_h * target_w / shown_w))
+            if im.format in ("JPEG", "MPO") and target_w < shown_w:
+                # DCT scaling: decode at 1/2, 1/4 or 1/8 straight away, never below the target.
+                im.draft(im.mode, (target_h, target_w) if swapped else (target_w, target_h))
+            icc = im.info.get("icc_profile")
+            frame = ImageOps.exif_transpose(im)
+    alpha = has_transparency(frame)
+    if frame.mode not in ("RGB", "RGBA", "L", "LA"):
+        if frame.mode == "CMYK":
+            icc = None  # a CMYK profile would mislabel the RGB pixels
+        frame = frame.convert("RGBA" if alpha else "RGB")
+    if frame.width != target_w:
+        # reducing_gap: a cheap box reduction first, LANCZOS for the last factor of 3.
+        frame = frame.resize((target_w, target_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if pillow_format == "JPEG" and frame.mode in ("RGBA", "LA"):
+        frame = frame.convert("RGBA")
+        flat = Image.new("RGB", frame.size, (255, 255, 255))
+        flat.paste(frame, mask=frame.getchannel("A"))
+        frame = flat
+    if pillow_format == "GIF" and frame.mode in ("RGBA", "LA"):
+        # GIF has one see-through palette entry: pixels under half opacity get it.
+        frame = frame.convert("RGBA")
+        clear = frame.getchannel("A").point(lambda a: 255 if a < 128 else 0)
+        frame = frame.convert("RGB").quantize(255)
+        frame.paste(255, mask=clear)
+        frame.info["transparency"] = 255
+    transparency = frame.info.get("transparency") if pillow_format == "GIF" else None
+    frame.info = {}  # no EXIF, XMP, comments or text chunks from the original
+    options: dict[str, Any] = {}
+    if icc and pillow_format != "GIF":
+        options["icc_profile"] = icc
+    if transparency is not None:
+        options["transparency"] = transparency
+    if pillow_format == "JPEG":
+        options.update(quality=85)
+    elif pillow_format == "WEBP":
+        options.update(quality=80, method=2)  # method 4+ doubles the encode time for ~3% smaller files
+    elif pillow_format == "AVIF":
+        options.update(quality=60, speed=8)  # speed 8: a 640 px render in tens of ms
+    elif pillow_format == "PNG":
+        options.update(compress_level=6)
+    out = io.BytesIO()
+    frame.save(out, pillow_format, **options)
+    return out.getvalue()
+
+
+class VariantCache:
+    """Rendered variants of the stored images: memory, disk, renders.
+
+    A render runs in a pool sized to the cores, at most once at a time per
+    variant: in this process one task is shared by everyone who asks (a dict
+    of futures), across workers an flock on a striped lock file, taken before
+    the disk is checked again. Too many distinct renders waiting answer 503.
+
+    Disk use is bounded by `variant_cache_mb`. Recency is the file's mtime,
+    refreshed by a hit at most once an hour, so a hit costs no write; a sweep
+    removes the oldest files when the total grows past the budget.
+    """
+
+    def __init__(self, config: Config, storage: Storage):
+        self.storage = storage
+        self.widths = config.server.variant_widths
+        self.max_pixels = config.server.max_pixels
+        self.disk_budget = int(config.server.variant_cache_mb * 1024 * 1024)
+        self.memory_budget = int(config.server.cache_mb * 1024 * 1024)
+        Image.init()
+        self.formats = tuple(f for f, (pil, _) in VARIANT_FORMATS.items() if pil in Image.SAVE)
+        cores = os.cpu_count() or 1
+        self.pool = concurrent.futures.ThreadPoolExecutor(cores, thread_name_prefix="imgproxy-render",
+                                                          initializer=_lower_thread_priority)
+        self.queue_limit = cores * VARIANT_QUEUE_PER_CORE
+        self.inflight: dict[str, asyncio.Future] = {}
+        self.rendering = 0
+        self.renders = 0  # renders done by this process (tests and benchmarks read it)
+        self.memory: collections.OrderedDict[str, ServedImage] = collections.OrderedDict()
+        self.memory_bytes = 0
+        self.touched: dict[str, float] = {}
+        self.transparency: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        self.disk_bytes: Optional[int] = None  # unknown until the first sweep
+        self.last_sweep = 0.0
+        self.sweeper: Optional[asyncio.Task] = None
+
+    async def close(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.sweeper
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def size_width(self, size: str) -> Optional[int]:
+        """The width a size label asks for (None: the original's); 400 if not offered."""
+        if size == "full":
+            return None
+        if size.isdigit() and size.isascii() and int(size) in self.widths:
+            return int(size)
+        raise self.bad_variant(f"size {size[:20]!r} is not offered")
+
+    def bad_variant(self, problem: str) -> web.HTTPException:
+        sizes = ", ".join(["full", *map(str, self.widths)])
+        return json_error(400, f"{problem}: sizes are {sizes}; formats are {', '.join(self.formats)}",
+                          "bad_variant")
+
+    async def choose_format(self, image: ServedImage, accept: Optional[str]) -> str:
+        modern = accepted_modern_format(accept, self.formats)
+        if modern:
+            return modern
+        if image.ext in ("jpg", "bmp"):
+            return "jpg"
+        see_through = self.transparency.get(image.md5)
+        if see_through is None:
+            see_through = await asyncio.to_thread(source_has_transparency, image.path)
+            self.transparency[image.md5] = see_through
+            if len(self.transparency) > VARIANT_SOURCE_CACHE:
+                self.transparency.popitem(last=False)
+        return "png" if see_through else "jpg"
+
+    async def get(self, image: ServedImage, size: str, width: Optional[int], fmt: str) -> ServedImage:
+        """The variant, from memory, from disk or rendered now (raises 503 when busy)."""
+        key = f"{image.md5}-{size}.{fmt}"
+        entry = self.memory.get(key)
+        if entry is not None:
+            self.memory.move_to_end(key)
+            self._touch(key, entry.path)
+            return entry
+        task = self.inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._obtain(key, image, size, width, fmt))
+            self.inflight[key] = task
+            task.add_done_callback(lambda _: self.inflight.pop(key, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), VARIANT_RENDER_SECONDS)
+        except asyncio.TimeoutError:
+            # The render goes on and is kept; this asker comes back for it.
+            raise json_error(503, "this size is still being rendered; try again shortly", "unavailable",
+                             {"Retry-After": "5"}) from None
+
+    async def _obtain(self, key: str, image: ServedImage, size: str, width: Optional[int],
+                      fmt: str) -> ServedImage:
+        path = self.storage.variant_path(image.md5, size, fmt)
+        data = await asyncio.to_thread(self._read_and_refresh, path)
+        if data is None:
+            if self.rendering >= self.queue_limit:
+                raise json_error(503, "too many images are being resized right now; try again shortly",
+                                 "unavailable", {"Retry-After": "2"})
+            self.rendering += 1
+            started = time.perf_counter()
+            try:
+                data, rendered = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, self._render_once, path, image.path, width, fmt)
+            except FileNotFoundError:  # the image was deleted while we waited
+                raise json_error(404, "no such image (never uploaded, deleted or expired)",
+                                 "not_found") from None
+            finally:
+                self.rendering -= 1
+            if rendered:
+                self.renders += 1
+                log.debug("rendered variant %s in %.0f ms", key, (time.perf_counter() - started) * 1000)
+                if self.disk_bytes is not None:
+                    self.disk_bytes += len(data)
+                self._maybe_sweep()
+        entry = ServedImage(hashlib.md5(data).hexdigest(), fmt, VARIANT_FORMATS[fmt][1], len(data), 0.0, path)
+        if len(data) <= BODY_CACHE_MAX_FILE and len(data) <= self.memory_budget:
+            entry.body = data
+            self.memory_bytes += len(data)
+        self.memory[key] = entry
+        self.touched[key] = time.monotonic()
+        while self.memory and (self.memory_bytes > self.memory_budget or len(self.memory) > META_CACHE_ENTRIES):
+            old_key, old = self.memory.popitem(last=False)
+            self.touched.pop(old_key, None)
+            if old.body is not None:
+                self.memory_bytes -= len(old.body)
+        return entry
+
+    def _read_and_refresh(self, path: Path) -> Optional[bytes]:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+                if time.time() - os.fstat(f.fileno()).st_mtime > VARIANT_TOUCH_SECONDS:
+                    os.utime(path)
+                return data
+        except FileNotFoundError:
+            return None
+
+    def _render_once(self, path: Path, source: Path, width: Optional[int], fmt: str) -> tuple[bytes, bool]:
+        """Render to disk unless another process did meanwhile; returns (bytes, rendered here)."""
+        stripe = hashlib.md5(path.name.encode()).digest()[0] % VARIANT_LOCK_STRIPES
+        locks = self.storage.variants / "locks"
+        locks.mkdir(exist_ok=True)
+        lock_fd = os.open(locks / f"{stripe:02x}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                return path.read_bytes(), False
+            data = render_variant(source, width, fmt, self.max_pixels)
+            # Locked while in tmp/, so no leftover sweep takes it from under us.
+            tmp_path, fd = self.storage.create_tmp("variant")
+            try:
+                with open(fd, "wb", closefd=False) as f:
+                    f.write(data)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp_path, path)  # atomic: no reader or crash sees half a variant
+            except BaseException:
+                _unlink_quietly(tmp_path)
+                raise
+            finally:
+                os.close(fd)
+                self.storage.in_flight.discard(tmp_path.name)
+            return data, True
+        finally:
+            os.close(lock_fd)
+
+    def _touch(self, key: str, path: Path) -> None:
+        now = time.monotonic()
+        if now - self.touched.get(key, now) < VARIANT_TOUCH_SECONDS:
+            return
+        self.touched[key] = now
+        asyncio.get_running_loop().run_in_executor(None, _touch_quietly, path)
+
+    def _maybe_sweep(self) -> None:
+        due = (self.disk_bytes is None or self.disk_bytes > self.disk_budget
+               or time.monotonic() - self.last_sweep > VARIANT_SWEEP_SECONDS)
+        if due and (self.sweeper is None or self.sweeper.done()):
+            self.sweeper = asyncio.create_task(self.sweep(), name="imgproxy-variant-sweep")
+
+    async def sweep(self) -> int:
+        """Evict the least recently used variants beyond the budget; returns the bytes kept."""
+        self.last_sweep = time.monotonic()
+        kept, removed = await asyncio.to_thread(_evict_variants, self.storage, self.disk_budget)
+        self.disk_bytes = kept
+        for name in removed:
+            self.forget_key(name)
+        return kept
+
+    def forget_key(self, key: str) -> None:
+        old = self.memory.pop(key, None)
+        self.touched.pop(key, None)
+        if old is not None and old.body is not None:
+            self.memory_bytes -= len(old.body)
+
+
+def _lower_thread_priority() -> None:
+    # Renders run at nice 10 (Linux sets it per thread): while they fill every
+    # core, the event loop still gets the CPU at once for cached images.
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+def _touch_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def _scan_variants(storage: Storage) -> list[tuple[str, os.stat_result, Path]]:
+    """Every variant file as (its md5 or '' for foreign names, stat, path); lock files excluded."""
+    found = []
+    for dirpath, dirs, files in os.walk(storage.variants):
+        if dirpath == str(storage.variants):
+            dirs[:] = [d for d in dirs if d != "locks"]
+        for f in files:
+            path = Path(dirpath) / f
+            with contextlib.suppress(FileNotFoundError):
+                stem = f.partition("-")[0]
+                found.append((stem if MD5_RE.fullmatch(stem) else "", path.stat(), path))
+    return found
+
+
+def _evict_variants(storage: Storage, budget: int) -> tuple[int, list[str]]:
+    """Oldest mtime first until the variants fit in 90% of the budget (room for new ones)."""
+    files = _scan_variants(storage)
+    total = sum(st.st_size for _, st, _ in files)
+    removed = []
+    if total > budget:
+        for _, st, path in sorted(files, key=lambda item: item[1].st_mtime):
+            if total <= budget * 0.9:
+                break
+            total -= _unlink_quietly(path)
+            removed.append(path.name)
+    return total, removed
 
 
 # ==== metadata ==================================================================
@@ -2272,10 +2703,6 @@ def metadata_cuts(source: bytes, fmt: str) -> Optional[list]:
     return None if cutter is None else cutter(source)
 
 
-def apply_cuts(source: bytes, pieces: list) -> bytes:
-    return b"".join(source[p[0]:p[1]] if isinstance(p, tuple) else p for p in pieces)
-
-
 def _write_pieces(buf, pieces: list, path: Path) -> tuple[str, int]:
     """Write the pieces to a new file at `path`; returns (md5, size)."""
     digest, size = hashlib.md5(), 0
@@ -2317,22 +2744,35 @@ def _tiff_without_metadata(source: bytes | Path) -> Optional[bytes]:
         if tags <= _TIFF_STRUCTURE and not turned:
             return None
         icc = im.info.get("icc_profile")
-        pages = []
-        for i in range(frames):
-            im.seek(i)
-            pages.append(_clean_copy(ImageOps.exif_transpose(im)))
-    out = io.BytesIO()
-    compression = "group4" if all(p.mode == "1" for p in pages) else "tiff_adobe_deflate"
-    pages[0].save(out, "TIFF", save_all=len(pages) > 1, append_images=pages[1:],
-                  compression=compression, icc_profile=icc)
+        out = io.BytesIO()
+        # Page by page, as inspection decoded them: holding every page at once
+        # would let ten pages at max_pixels cost ten decode budgets.
+        with TiffImagePlugin.AppendingTiffWriter(out) as tiff:
+            for i in range(frames):
+                im.seek(i)
+                page = _clean_copy(ImageOps.exif_transpose(im))
+                page.save(tiff, "TIFF", icc_profile=icc,
+                          compression="group4" if page.mode == "1" else "tiff_adobe_deflate")
+                tiff.newFrame()
+                del page
     return out.getvalue()
 
 
-def _avif_without_metadata(source: bytes | Path) -> Optional[bytes]:
+def _avif_without_metadata(source: bytes | Path, memory_budget: Optional[int] = None) -> Optional[bytes]:
     with _open_source(source) as im:
         exif = im.getexif()
         if "xmp" not in im.info and set(exif) <= {ORIENTATION}:
             return None
+        # Removing an AVIF's metadata means re-encoding every frame, which holds
+        # them all at several times the decode's cost: a small animated file
+        # could take gigabytes. Over the per-upload budget it is refused.
+        need = getattr(im, "n_frames", 1) * im.width * im.height * AVIF_REWRITE_COST
+        if memory_budget is not None and need > memory_budget:
+            raise UploadRejected(413, "too_many_pixels",
+                                 "this AVIF carries metadata (EXIF/XMP), and removing it means re-encoding "
+                                 f"{getattr(im, 'n_frames', 1)} frame(s) of {im.width}x{im.height}, more than "
+                                 "one upload may use; remove its metadata before uploading, or upload it as "
+                                 "JPEG, PNG or WebP")
         orientation = exif.get(ORIENTATION, 1)
         icc = im.info.get("icc_profile")
         frames, durations = [], []
@@ -2404,16 +2844,21 @@ def inspect_upload(source: bytes | Path, size: int, formats: tuple[str, ...], ma
 
 
 def prepare_stored(source: bytes | Path, facts: ImageFacts, tmp: Callable[[], Path],
-                   strip: bool) -> Optional[tuple[str, ImageFacts, Path]]:
+                   strip: bool, max_pixels: Optional[int] = None) -> Optional[tuple[str, ImageFacts, Path]]:
     """The bytes to store instead of the upload, as (md5, facts, file under tmp/),
     or None to store the upload as it is. Blocking: runs in the upload's worker
-    thread, after inspect_image accepted the upload (every limit applied)."""
+    thread, after inspect_image accepted the upload (every limit applied).
+    `max_pixels` sets the memory budget of a re-encode as for a decode."""
     new_bytes: Optional[bytes] = None
     fmt = facts.format
-    reencode = {"TIFF": _tiff_without_metadata, "AVIF": _avif_without_metadata, "HEIF": heif_to_jpeg}
+    budget = None if max_pixels is None else DECODE_BYTES_PER_PIXEL * max_pixels + facts.size + DECODE_SLACK
+    reencode = {"TIFF": _tiff_without_metadata, "HEIF": heif_to_jpeg,
+                "AVIF": functools.partial(_avif_without_metadata, memory_budget=budget)}
     if fmt in reencode and (strip or fmt in CONVERTED_FORMATS):
         try:
             new_bytes = reencode[fmt](source)
+        except UploadRejected:
+            raise
         except Exception as exc:  # noqa: BLE001 - an encoder failing on odd input is a refusal, not a 500
             log.debug("could not re-encode a %s: %r", fmt, exc)
             raise UploadRejected(415, "unsupported_image", f"this {fmt} image could not be converted or "
@@ -3002,19 +3447,23 @@ async def require_user(request: web.Request, role: str = "uploader",
     address = client_address(request)
     header = request.headers.get(hdrs.AUTHORIZATION)
     token = bearer_token(header)
-    # Every attempt is reserved before it is checked and settled after.
-    wait = auth.admit(address) if token is not None else auth.blocked_for(address)
+    wait = auth.blocked_for(address)
     if wait > 0:
         count_signin(request, "blocked")
         raise rate_limited(wait)
     if token is not None:
+        # Not reserved like a password check: a lookup is cheap and a 256-bit
+        # secret is not guessed in ten tries or ten thousand, while a
+        # reservation per request would turn an app's burst of good requests
+        # into 429s. A wrong token counts as a failure once looked up.
         user = None
         try:
             user = await _token_user(request, token)
         finally:
             # A check cut short (the client left) counts as failed: leaving
             # must not buy an attacker extra guesses.
-            auth.settle(address, failed=user is None)
+            if user is None:
+                auth.record_failure(address)
     else:
         try:
             user = await auth.check(header, address)
@@ -3565,7 +4014,8 @@ async def handle_upload(request: web.Request) -> web.Response:
             source = small if small is not None else sink.tmp_path
             facts = inspect_upload(source, sink.size, config.server.formats, config.server.max_pixels,
                                    png_checked=png_check is not None and png_check.passed)
-            return md5, facts, prepare_stored(source, facts, locked_tmp, config.server.strip_metadata)
+            return md5, facts, prepare_stored(source, facts, locked_tmp, config.server.strip_metadata,
+                                              config.server.max_pixels)
 
         async with store.decode_slots:
             md5, facts, stored = await asyncio.to_thread(hash_inspect_strip)
@@ -3587,6 +4037,7 @@ async def handle_upload(request: web.Request) -> web.Response:
             await sink.discard()
         sink.release()
         for path, fd in stripped_locks:
+            _unlink_quietly(path)  # gone once published; still here if stripping or publish failed
             store.storage.release_tmp(path, fd)
     log.debug("%s %s.%s (%d bytes) for %s", "stored" if created else "renewed", md5,
              FORMATS[facts.format][0], facts.size, user.username)
@@ -3674,7 +4125,7 @@ async def handle_db(request: web.Request) -> web.StreamResponse:
 async def _token_name(request: web.Request) -> str:
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, LookupError):  # LookupError: a charset Python does not know
         raise json_error(400, 'the body must be JSON like {"name": "laptop ShareX"}', "bad_request") from None
     name = body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not 1 <= len(name.strip()) <= TOKEN_NAME_MAX or not name.isprintable():
@@ -3743,6 +4194,45 @@ async def handle_image(request: web.Request) -> web.StreamResponse:
                                      headers, entry.size, entry.created_at)
 
 
+async def handle_variant(request: web.Request) -> web.StreamResponse:
+    """/i/{md5}/{size}.{fmt} and /i/{md5}/{size}: checked, then served or rendered once."""
+    variants = request.app[VARIANTS]
+    if not variants.widths:
+        raise json_error(404, "not found (sizes are turned off on this server)", "not_found")
+    size, dot, fmt = request.match_info["variant"].partition(".")
+    width = variants.size_width(size)
+    if dot and fmt not in variants.formats:
+        raise variants.bad_variant(f"format {fmt[:10]!r} is not offered")
+    md5 = request.match_info["md5"]
+    if not MD5_RE.fullmatch(md5):
+        raise json_error(400, "not an image id: expected /i/<md5>/<size>.<format>", "bad_md5")
+    store = request.app[STORE]
+    store.check_generation()
+    image = await store.served_image(md5)
+    now = store.clock()
+    if image is not None and image.expire_at <= now:
+        store.forget(md5)  # maybe renewed by another process since it was cached
+        image = await store.served_image(md5)
+    if image is None or image.expire_at <= now:
+        raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found")
+    if not dot:
+        fmt = await variants.choose_format(image, request.headers.get(hdrs.ACCEPT))
+    entry = await variants.get(image, size, width, fmt)
+    headers = {
+        "Content-Type": entry.mime,
+        "Cache-Control": image_cache_control(image.expire_at - now),
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": IMAGE_CSP,
+        "Access-Control-Allow-Origin": "*",
+    }
+    if not dot:
+        headers["Vary"] = "Accept"
+    if request.method == "GET":
+        store.count_access(md5)
+    return await send_representation(request, entry.path if entry.body is None else entry.body,
+                                     f'"{entry.md5}"', headers, entry.size, image.created_at)
+
+
 async def handle_page(request: web.Request) -> web.Response:
     return web.Response(text=PAGE_HTML, content_type="text/html", charset="utf-8",
                         headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": CACHE_NO_CACHE,
@@ -3782,6 +4272,7 @@ class CleanupReport:
     orphan_files: int = 0
     dangling_rows: int = 0
     temp_files: int = 0
+    orphan_variants: int = 0
     bytes_freed: int = 0
     skipped: bool = False
     dry_run: bool = False
@@ -3796,9 +4287,10 @@ class CleanupReport:
         if self.skipped:
             return "cleanup skipped: another cleanup pass is running"
         verb = "would remove" if self.dry_run else "removed"
+        variants = f"{self.orphan_variants} orphan variants, " if self.orphan_variants else ""
         return (f"cleanup {verb}: {self.expired} expired images, {self.orphan_files} orphan files, "
                 f"{self.dangling_rows} dangling rows, {self.temp_files} temp files, "
-                f"{self.bytes_freed} bytes")
+                f"{variants}{self.bytes_freed} bytes")
 
 
 def _scan_uploads(storage: Storage) -> list[tuple[str, str, Path]]:
@@ -3839,6 +4331,7 @@ async def run_cleanup_pass(store: ImageStore, dry_run: bool = False,
         await _cleanup_expired(store, report, dry_run)
         await _cleanup_orphans(store, report, dry_run)
         await _cleanup_dangling(store, report, dry_run)
+        await _cleanup_variants(store, report, dry_run)
         now = store.clock()
         for path, size in await asyncio.to_thread(sweep_dead_temp_files, storage, time.time(), dry_run):
             report.temp_files += 1
@@ -3875,6 +4368,8 @@ async def _cleanup_expired(store: ImageStore, report: CleanupReport, dry_run: bo
                     os.unlink(path)
             except FileNotFoundError:
                 pass
+            if not dry_run:
+                freed += storage.remove_variants(m)
         report.bytes_freed += freed
         if md5s and not dry_run:
             txn.delete_rows(md5s, expired=True)
@@ -3938,6 +4433,24 @@ async def _cleanup_dangling(store: ImageStore, report: CleanupReport, dry_run: b
             for m, _ in missing:
                 store.forget(m)
         await asyncio.sleep(0)
+
+
+async def _cleanup_variants(store: ImageStore, report: CleanupReport, dry_run: bool) -> None:
+    """Variants whose image is gone (a delete that raced a render, a crash, files put there by hand)."""
+    files = await asyncio.to_thread(_scan_variants, store.storage)
+    for i in range(0, len(files), CLEANUP_BATCH):
+        chunk = files[i:i + CLEANUP_BATCH]
+        md5s = sorted({m for m, _, _ in chunk if m})
+        known: set[str] = set()
+        if md5s:
+            marks = ",".join("?" * len(md5s))
+            async with store.db_read.execute(f"SELECT md5 FROM images WHERE md5 IN ({marks})", md5s) as cur:
+                known = {r[0] for r in await cur.fetchall()}
+        orphans = [path for m, _, path in chunk if m not in known]
+        report.orphan_variants += len(orphans)
+        report.note(f"orphan variant {p}" for p in orphans)
+        report.bytes_freed += await asyncio.to_thread(
+            lambda: sum(map(_file_size if dry_run else _unlink_quietly, orphans)))
 
 
 def next_cleanup_after(now: float, at: dt.time) -> float:
@@ -4009,9 +4522,14 @@ async def reset_store(config: Config) -> None:
             if storage.uploads.exists():
                 os.replace(storage.uploads, trash)
             storage.uploads.mkdir(parents=True, exist_ok=True)
+            if storage.variants.exists():
+                os.replace(storage.variants, storage.tmp / f"reset-{secrets.token_hex(6)}-variants")
+            storage.variants.mkdir(parents=True, exist_ok=True)
 
         await store.write(wipe)
         await asyncio.to_thread(shutil.rmtree, trash, True)
+        for leftover in storage.tmp.glob("reset-*-variants"):
+            await asyncio.to_thread(shutil.rmtree, leftover, True)
         await store._in_writer(lambda db: db.execute("VACUUM"))
     finally:
         await store.close()
@@ -4026,6 +4544,7 @@ async def _store_ctx(app: web.Application):
         log.info("HEIC uploads are refused: %s", HEIF_HOWTO)
     store = await ImageStore(app[CONFIG], app[CLOCK]).open()
     app[STORE] = store
+    app[VARIANTS] = VariantCache(app[CONFIG], store.storage)
     if METRICS in app:
         app[METRICS].store = store
     # What a killed process left in tmp/ goes now, not at the next pass.
@@ -4034,6 +4553,7 @@ async def _store_ctx(app: web.Application):
         log.info("removed %d temp files (%d bytes) left by a process that died",
                  len(leftovers), sum(size for _, size in leftovers))
     yield
+    await app[VARIANTS].close()
     await store.close()
 
 
@@ -4110,6 +4630,7 @@ def create_app(config: Config, clock: Optional[Callable[[], float]] = None) -> w
         app.on_response_prepare.append(app[METRICS].on_response_prepare)
     r = app.router
     r.add_get("/i/{name}", handle_image)
+    r.add_get("/i/{md5}/{variant}", handle_variant)
     r.add_route("POST", "/upload", handle_upload, expect_handler=upload_expect)
     r.add_route("PUT", "/upload", handle_upload, expect_handler=upload_expect)
     r.add_route("PUT", "/upload/{filename}", handle_upload, expect_handler=upload_expect)
@@ -4762,6 +5283,25 @@ OPENAPI: dict = {
                         "304": {"description": "not modified (If-None-Match, If-Modified-Since)"},
                         **_errors(400, 404, 412, 416)}},
         },
+        "/i/{md5}/{variant}": {
+            "parameters": [
+                _MD5_PARAM,
+                {"name": "variant", "in": "path", "required": True,
+                 "description": "{size}.{fmt} or {size}: size is a width from server.variant_widths "
+                                "(default 160, 320, 640, 1280, 2048) or 'full'; fmt is jpg, png, webp, "
+                                "gif or avif (where the server can write it). Without .{fmt} the "
+                                "Accept header chooses (AVIF, WebP, else JPEG or PNG) and Vary: Accept "
+                                "is sent.",
+                 "schema": {"type": "string", "pattern": "^(full|[1-9][0-9]{0,4})(\\.(jpg|png|webp|gif|avif))?$"}}],
+            "get": {"summary": "a size and format of the image, rendered once (public)", "security": [],
+                    "responses": {
+                        "200": {"description": "the variant",
+                                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                        "206": {"description": "a byte range",
+                                "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+                        "304": {"description": "not modified (If-None-Match)"},
+                        **_errors(400, 404, 416, 503)}},
+        },
         "/healthz": {
             "get": {"summary": "database and data folder answer", "security": [],
                     "responses": {"200": _json("Health", "healthy"), "503": _json("Health", "unhealthy")}},
@@ -4816,6 +5356,7 @@ PAGE_HTML = r"""<!doctype html>
   <h1 class="brand">imgproxy</h1>
   <div class="who" id="who" hidden>
     <span>Signed in as <strong id="who-name"></strong></span>
+    <a class="btn btn-quiet" id="apps-jump" href="#apps">Connect an app</a>
     <button type="button" class="btn btn-quiet" id="sign-out">Sign out</button>
   </div>
 </header>
@@ -4852,12 +5393,44 @@ PAGE_HTML = r"""<!doctype html>
         <button type="button" class="btn btn-quiet" id="mine-refresh">Refresh</button>
       </div>
       <p id="mine-status" class="hint" role="status"></p>
-      <ul id="mine" class="cards"></ul>
+      <ul id="mine" class="cards grid"></ul>
       <nav class="pager" id="mine-pager" aria-label="My images pages" hidden>
         <button type="button" class="btn" id="mine-prev">← Newer</button>
         <span id="mine-range"></span>
         <button type="button" class="btn" id="mine-next">Older →</button>
       </nav>
+    </section>
+
+    <section class="panel" id="apps" aria-labelledby="apps-title">
+      <h2 id="apps-title">Connect an app</h2>
+      <p class="hint">Give each app (ShareX, PicGo, Typora, a script) a token of its own instead of your password. A token can upload, look up, list and delete your images, nothing else, and revoking it here stops that app at once.</p>
+      <form id="token-form" class="token-form" novalidate>
+        <label for="token-name">Name the app</label>
+        <div class="token-form-row">
+          <input id="token-name" name="name" maxlength="100" autocomplete="off" spellcheck="false" placeholder="e.g. laptop ShareX" required>
+          <button type="submit" class="btn btn-primary" id="token-create">Create token</button>
+        </div>
+        <p id="token-error" class="error" role="alert" hidden></p>
+      </form>
+
+      <div id="token-new" class="token-new" tabindex="-1" aria-labelledby="token-new-title" hidden>
+        <h3 id="token-new-title">Token for “<span id="token-new-name"></span>”</h3>
+        <p class="token-warning">Copy it now: this is the only time it is shown. The server keeps only a fingerprint of it.</p>
+        <div class="copy-row">
+          <input type="text" id="token-secret" class="url" readonly aria-label="The new token" spellcheck="false">
+          <span id="token-copy-slot"></span>
+        </div>
+        <p class="setup-pick-label" id="setup-pick-label">Set up your app:</p>
+        <div class="setup-pick" role="group" aria-labelledby="setup-pick-label" id="setup-pick"></div>
+        <div id="setup-panels"></div>
+        <div class="actions">
+          <button type="button" class="btn" id="token-done">Done: hide the token</button>
+        </div>
+      </div>
+
+      <h3 class="tokens-title">Your tokens</h3>
+      <p id="tokens-status" class="hint" role="status"></p>
+      <ul id="tokens" class="tokens"></ul>
     </section>
   </div>
 </main>
@@ -4871,6 +5444,15 @@ PAGE_HTML = r"""<!doctype html>
   <div class="actions">
     <button type="button" class="btn" id="confirm-cancel">Cancel</button>
     <button type="button" class="btn btn-danger" id="confirm-ok">Delete</button>
+  </div>
+</dialog>
+
+<dialog id="revoke-confirm" class="confirm" aria-labelledby="revoke-title">
+  <h2 id="revoke-title">Revoke this token?</h2>
+  <p id="revoke-text"></p>
+  <div class="actions">
+    <button type="button" class="btn" id="revoke-cancel">Cancel</button>
+    <button type="button" class="btn btn-danger" id="revoke-ok">Revoke</button>
   </div>
 </dialog>
 </body>
@@ -5092,6 +5674,15 @@ kbd {
 .thumb img { max-width: 100%; max-height: 100%; object-fit: contain; }
 .thumb-label { color: var(--muted); font-size: 12px; padding: 4px; text-align: center; }
 
+/* "My images": a grid of 320 px thumbnails, the links under each */
+.cards.grid { grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); }
+.grid .card { grid-template-columns: minmax(0, 1fr); gap: 10px; }
+.grid .thumb { width: 100%; height: 180px; }
+.grid .thumb img { width: 100%; height: 100%; object-fit: cover; }
+.grid .no-preview .thumb-label { font-size: 14px; }
+.size-pick { font: inherit; font-size: 13px; padding: 3px 4px; border: 1px solid var(--line);
+  border-radius: 6px; background: var(--panel); color: inherit; }
+
 progress {
   width: 100%;
   height: 8px;
@@ -5137,6 +5728,61 @@ a.btn { color: var(--accent); }
 .confirm p { overflow-wrap: anywhere; color: var(--muted); }
 .actions { display: flex; justify-content: flex-end; gap: 10px; margin-top: 16px; }
 
+/* connect an app */
+.panel h3 { font-size: 15px; margin: 18px 0 8px; }
+.token-form { display: grid; gap: 6px; margin-top: 10px; }
+.token-form label { font-weight: 600; font-size: 14px; }
+.token-form-row { display: flex; gap: 8px; align-items: center; }
+.token-form-row input { flex: 1 1 auto; }
+.token-new {
+  margin-top: 16px;
+  padding: 14px;
+  border: 2px solid var(--ok);
+  border-radius: var(--radius);
+  background: var(--ok-bg);
+  display: grid;
+  gap: 10px;
+  min-width: 0;
+}
+.token-new:focus { outline: none; }
+.token-new h3 { margin: 0; overflow-wrap: anywhere; }
+.token-warning { margin: 0; font-weight: 600; }
+.token-new .copy-row input { flex: 1 1 260px; }
+.setup-pick-label { margin: 6px 0 0; font-weight: 600; font-size: 14px; }
+.setup-pick { display: flex; flex-wrap: wrap; gap: 6px; }
+.setup-choice[aria-pressed="true"] { background: var(--accent); border-color: var(--accent); color: var(--accent-text); }
+.setup-panel { display: grid; gap: 10px; min-width: 0; background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 12px; }
+.setup-steps { margin: 0; padding-left: 20px; }
+.setup-code {
+  margin: 0;
+  padding: 10px;
+  background: var(--bg);
+  border: 1px solid var(--line);
+  border-radius: 6px;
+  font: 12px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  white-space: pre-wrap;
+  overflow-wrap: anywhere;
+  max-height: 260px;
+  overflow: auto;
+}
+.fields { margin: 0; display: grid; gap: 4px; }
+.field-row { display: grid; grid-template-columns: 120px minmax(0, 1fr); gap: 8px; }
+.field-row dt { font-weight: 600; font-size: 13px; }
+.field-row dd { margin: 0; font-size: 13px; overflow-wrap: anywhere; }
+.tokens-title { margin-top: 22px; }
+.tokens { list-style: none; margin: 8px 0 0; padding: 0; display: grid; gap: 8px; }
+.token {
+  display: flex;
+  align-items: center;
+  justify-content: space-between;
+  gap: 12px;
+  padding: 10px 12px;
+  border: 1px solid var(--line);
+  border-radius: 8px;
+}
+.token-text { min-width: 0; }
+.token-text p { margin: 0; }
+
 .toast {
   position: fixed;
   left: 50%;
@@ -5165,6 +5811,9 @@ a.btn { color: var(--accent); }
   .card { grid-template-columns: 72px minmax(0, 1fr); gap: 10px; padding: 10px; }
   .thumb { width: 72px; height: 72px; }
   .signin { margin: 16px auto; }
+  .token-form-row { flex-wrap: wrap; }
+  .token-form-row .btn { width: 100%; }
+  .field-row { grid-template-columns: minmax(0, 1fr); gap: 0; }
 }
 
 @media (prefers-reduced-motion: reduce) {
@@ -5180,6 +5829,8 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
   var AUTH_KEY = "imgproxy.auth";   // sessionStorage: lives as long as this tab
   var USER_KEY = "imgproxy.user";
   var PAGE_SIZE = 12;
+  var COPY_SIZES = [null, 1280, 640, 320];   // widths offered for copying; null: the original
+  var GRID_WIDTH = 320;                      // "My images" shows this size, never the original
   var PARALLEL_UPLOADS = 3;
   var AUTH_MESSAGE = "该用户权限不足，请联系管理员";
 
@@ -5255,6 +5906,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     $("app").hidden = false;
     $("who").hidden = false;
     $("who-name").textContent = state.user;
+    loadTokens();
   }
 
   function showSignIn(message) {
@@ -5277,6 +5929,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     clear($("mine"));
     $("mine-status").textContent = "";
     $("mine-pager").hidden = true;
+    clearApps();
     $("signin-password").value = "";
     showSignIn(message);
     $(message ? "signin-password" : "signin-user").focus();
@@ -5456,9 +6109,52 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     return button;
   }
 
+  // A size of an image: /i/{md5}/{width}, the format chosen by the browser's
+  // Accept header (AVIF or WebP where it can show them). Null: the original.
+  function variantUrl(url, width) {
+    var match = /^(.*\/)([0-9a-f]{32})\.[a-z0-9]+$/.exec(String(url));
+    return width && match ? match[1] + match[2] + "/" + width : url;
+  }
+
+  // The snippets for one size; HTML offers the double width to sharp screens.
+  function sizedSnippets(info, width) {
+    var url = variantUrl(info.url, width);
+    var parts = snippets({ name: info.name, md5: info.md5, url: url });
+    if (width && COPY_SIZES.indexOf(width * 2) >= 0) {
+      var sharp = variantUrl(info.url, width * 2);
+      parts.forEach(function (part) {
+        if (part.key !== "html") return;
+        part.text = '<img src="' + escapeHtml(url) + '" srcset="' + escapeHtml(url) + " 1x, " +
+          escapeHtml(sharp) + ' 2x" alt="' + escapeHtml(info.name || info.md5 || "image") + '">';
+      });
+    }
+    return parts;
+  }
+
+  // "My images": the link block with a size picker in front of the copy buttons.
+  function sizedLinkBlock(info) {
+    var parts = sizedSnippets(info, null);
+    var nodes = linkBlock(info, parts);
+    var row = nodes[1];
+    var open = row.querySelector("a.open");
+    var pick = el("select", { className: "size-pick", "aria-label": "Size to copy" },
+      COPY_SIZES.map(function (width) {
+        return el("option", { value: width || "", text: width ? width + " px" : "Original" });
+      }));
+    pick.addEventListener("change", function () {
+      var width = parseInt(pick.value, 10) || null;
+      var fresh = sizedSnippets(info, width);
+      parts.forEach(function (part, i) { part.text = fresh[i].text; });
+      nodes[0].value = variantUrl(info.url, width);
+      open.setAttribute("href", safeUrl(nodes[0].value) || "");
+    });
+    row.insertBefore(pick, row.children[1]);
+    return nodes;
+  }
+
   // The link block every image card shows: URL, copy buttons, expiry.
-  function linkBlock(info) {
-    var parts = snippets(info);
+  function linkBlock(info, parts) {
+    parts = parts || snippets(info);
     var url = el("input", {
       type: "text", className: "url", readonly: true, value: info.url,
       "aria-label": "Image URL", spellcheck: "false"
@@ -5740,7 +6436,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
 
   function mineCard(info) {
     var name = info.name || info.md5;
-    var thumb = preview(info.url, name, info.format || "no preview");
+    var thumb = preview(variantUrl(info.url, GRID_WIDTH), name, info.format || "no preview");
     thumb.img.setAttribute("loading", "lazy");
     var del = el("button", {
       type: "button", className: "btn btn-small btn-danger-quiet delete",
@@ -5750,7 +6446,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     var body = el("div", { className: "card-body" }, [
       el("p", { className: "name", text: name, title: name }),
       el("p", { className: "meta", text: metaLine(info) + viewsText(info.access_count) })
-    ].concat(linkBlock(info), [expiryLine(info), el("div", { className: "card-actions" }, [del])]));
+    ].concat(sizedLinkBlock(info), [expiryLine(info), el("div", { className: "card-actions" }, [del])]));
     return el("li", { className: "card", "data-md5": info.md5 || "" }, [thumb.box, body]);
   }
 
@@ -5806,6 +6502,379 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     });
   }
 
+  // ---- connect an app -----------------------------------------------------
+  // Per-app tokens (POST/GET/DELETE /api/tokens, managed with the password the
+  // tab signed in with) and ready-made set-ups for the token just made. The
+  // secret lives only in this block's DOM until "Done", sign-out or reload:
+  // never in storage, never in a URL (downloads are Blobs).
+
+  var SHAREX_VERSION = "17.0.0";   // above 13.7.1, so ShareX reads the {json:...} syntax as written
+  var appState = { tokens: [], shownId: null, pendingRevoke: null };
+
+  function apiJson(method, path, payload) {
+    var headers = apiHeaders();
+    headers["Content-Type"] = "application/json";
+    return fetch(path, {
+      method: method,
+      headers: headers,
+      body: JSON.stringify(payload),
+      credentials: "omit",
+      cache: "no-store"
+    }).then(function (response) {
+      return response.text().then(function (text) {
+        var body = null;
+        try { body = text ? JSON.parse(text) : null; } catch (e) { body = null; }
+        return { status: response.status, body: body };
+      });
+    });
+  }
+
+  // ShareX reads {...} as functions, "|" as an argument separator and "\" as
+  // an escape in every string of a custom uploader, so literal text escapes them.
+  function sharexLiteral(text) {
+    return String(text).replace(/[\\{}|]/g, "\\$&");
+  }
+
+  function shellQuote(text) {
+    return "'" + String(text).replace(/'/g, "'\\''") + "'";
+  }
+
+  // Everything an app needs, built from the server this page came from (the
+  // address the browser reaches, which is the one the apps on this machine reach).
+  function appSetups(base, token, appName) {
+    var uploadUrl = base + "/upload";
+    var host = base.replace(/^https?:\/\//i, "");
+    var sharex = {
+      Version: SHAREX_VERSION,
+      Name: "imgproxy " + host,   // shown in ShareX's list, not parsed
+      DestinationType: "ImageUploader",
+      RequestMethod: "POST",
+      RequestURL: sharexLiteral(uploadUrl),
+      Headers: { Authorization: sharexLiteral("Bearer " + token) },
+      Body: "MultipartFormData",
+      FileFormName: "file",
+      URL: "{json:url}",
+      ErrorMessage: "{json:error}"
+    };
+    var picgo = {
+      url: uploadUrl,
+      paramName: "file",
+      jsonPath: "url",
+      customHeader: JSON.stringify({ Authorization: "Bearer " + token }),
+      customBody: ""
+    };
+    var slug = String(appName).toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-+|-+$/g, "").slice(0, 40);
+    return {
+      sharexFileName: "imgproxy" + (slug ? "-" + slug : "") + ".sxcu",
+      sharex: JSON.stringify(sharex, null, 2) + "\n",
+      picgo: JSON.stringify(picgo, null, 2),
+      picgoFields: picgo,
+      client: "IMGPROXY_URL=" + shellQuote(base) + " IMGPROXY_TOKEN=" + shellQuote(token) +
+        " python3 /path/to/client.py",
+      curl: "curl -H " + shellQuote("Authorization: Bearer " + token) +
+        " -H 'Accept: text/plain' -F 'file=@screenshot.png' " + shellQuote(uploadUrl)
+    };
+  }
+
+  function downloadText(filename, text, type) {
+    var href = URL.createObjectURL(new Blob([text], { type: type }));
+    var link = el("a", { href: href, download: filename, className: "visually-hidden" });
+    document.body.appendChild(link);
+    link.click();
+    document.body.removeChild(link);
+    setTimeout(function () { URL.revokeObjectURL(href); }, 30000);
+  }
+
+  function labelledCopy(key, label, text) {
+    var button = copyButton({ key: key, label: label, text: text });
+    button.textContent = "Copy " + label;
+    return button;
+  }
+
+  function steps(lines) {
+    return el("ol", { className: "setup-steps" }, lines.map(function (line) {
+      return el("li", { text: line });
+    }));
+  }
+
+  function codeBlock(text, label) {
+    return el("pre", { className: "setup-code", tabindex: "0", "aria-label": label }, [
+      el("code", { text: text })
+    ]);
+  }
+
+  function setupPanels(setups) {
+    var download = el("button", {
+      type: "button", className: "btn btn-primary btn-small", "data-setup": "sharex-download",
+      text: "Download " + setups.sharexFileName
+    });
+    download.addEventListener("click", function () {
+      downloadText(setups.sharexFileName, setups.sharex, "application/json");
+      toast("Saved " + setups.sharexFileName);
+    });
+    var picgoRows = Object.keys(setups.picgoFields).map(function (key) {
+      var value = setups.picgoFields[key];
+      return el("div", { className: "field-row" }, [
+        el("dt", { text: key }),
+        el("dd", null, [el("code", { text: value === "" ? "(leave empty)" : value })])
+      ]);
+    });
+    return [
+      { key: "sharex", label: "ShareX", body: [
+        steps([
+          "Download the file below and open it: ShareX asks to add “imgproxy” as a custom uploader.",
+          "In ShareX choose Destinations → Image uploader → Custom image uploader.",
+          "Take a screenshot: the link is copied when the upload finishes."
+        ]),
+        el("div", { className: "copy-row" }, [download, labelledCopy("sharex", "ShareX file", setups.sharex)]),
+        codeBlock(setups.sharex, "ShareX custom uploader")
+      ] },
+      { key: "picgo", label: "PicGo", body: [
+        steps([
+          "In PicGo, open Plugins, search for web-uploader and install it.",
+          "Open the picture bed settings for 自定义Web图床 (custom web uploader) and fill in the fields below, or copy them as JSON into picBed.web-uploader of PicGo's config file.",
+          "Typora, Obsidian and VS Code can then upload through PicGo."
+        ]),
+        el("dl", { className: "fields" }, picgoRows),
+        el("div", { className: "copy-row" }, [labelledCopy("picgo", "PicGo settings", setups.picgo)]),
+        codeBlock(setups.picgo, "PicGo web-uploader settings")
+      ] },
+      { key: "client", label: "Typora & scripts", body: [
+        steps([
+          "Save client.py from this project next to your notes or scripts, and put its path in place of /path/to/client.py.",
+          "Typora: Preferences → Image → Image Uploader → Custom Command, paste the line, then Test Uploader.",
+          "Scripts and Obsidian's shell commands: the same line followed by image files prints one URL per line."
+        ]),
+        codeBlock(setups.client, "client.py command line"),
+        el("div", { className: "copy-row" }, [labelledCopy("client", "command", setups.client)])
+      ] },
+      { key: "curl", label: "curl", body: [
+        steps(["Replace screenshot.png with your file; the answer is the image's URL."]),
+        codeBlock(setups.curl, "curl command"),
+        el("div", { className: "copy-row" }, [labelledCopy("curl", "curl command", setups.curl)])
+      ] }
+    ];
+  }
+
+  function showSetups(setups) {
+    var pick = $("setup-pick");
+    var holder = $("setup-panels");
+    clear(pick);
+    clear(holder);
+    var buttons = [];
+    var panels = setupPanels(setups).map(function (setup) {
+      var panel = el("div", {
+        className: "setup-panel", id: "setup-" + setup.key, "data-setup-panel": setup.key,
+        role: "region", "aria-label": setup.label + " set-up"
+      }, setup.body);
+      var button = el("button", {
+        type: "button", className: "btn btn-small setup-choice", "data-setup-choice": setup.key,
+        "aria-controls": panel.id, "aria-pressed": "false", text: setup.label
+      });
+      button.addEventListener("click", function () { choose(setup.key); });
+      buttons.push(button);
+      pick.appendChild(button);
+      holder.appendChild(panel);
+      return panel;
+    });
+    function choose(key) {
+      buttons.forEach(function (b) {
+        b.setAttribute("aria-pressed", b.getAttribute("data-setup-choice") === key ? "true" : "false");
+      });
+      panels.forEach(function (p) { p.hidden = p.getAttribute("data-setup-panel") !== key; });
+    }
+    choose("sharex");
+  }
+
+  function showNewToken(created) {
+    var token = String(created.token || "");
+    appState.shownId = String(created.id);
+    $("token-new-name").textContent = created.name || "";
+    $("token-secret").value = token;
+    var slot = $("token-copy-slot");
+    clear(slot);
+    slot.appendChild(labelledCopy("token", "token", token));
+    showSetups(appSetups(window.location.origin, token, created.name || ""));
+    $("token-new").hidden = false;
+    slot.querySelector("button").focus();
+  }
+
+  // Forget the secret: the block is emptied, not just hidden.
+  function hideNewToken() {
+    appState.shownId = null;
+    $("token-new").hidden = true;
+    $("token-secret").value = "";
+    $("token-new-name").textContent = "";
+    clear($("token-copy-slot"));
+    clear($("setup-pick"));
+    clear($("setup-panels"));
+  }
+
+  function tokenErrorText(status, body) {
+    var detail = body && typeof body.error === "string" ? body.error.trim() : "";
+    if (status === 400) return "The server refused the name: " + (detail || "use 1 to 100 characters") + ".";
+    if (status === 401 || status === 403) return detail || AUTH_MESSAGE;
+    if (status === 409 && detail) return detail;   // too many tokens: the server says how many
+    return errorText(status, body);
+  }
+
+  function onCreateToken(event) {
+    event.preventDefault();
+    var input = $("token-name");
+    var name = input.value.trim();
+    var error = $("token-error");
+    if (!name || name.length > 100) {
+      error.textContent = "Give the app a name of 1 to 100 characters, such as “laptop ShareX”.";
+      error.hidden = false;
+      input.focus();
+      return;
+    }
+    error.hidden = true;
+    var submit = $("token-create");
+    submit.disabled = true;
+    apiJson("POST", "/api/tokens", { name: name }).then(function (result) {
+      submit.disabled = false;
+      if (result.status === 201 && result.body && result.body.token) {
+        input.value = "";
+        showNewToken(result.body);
+        loadTokens();
+      } else if (result.status === 401) {
+        signOut(errorText(401, result.body));
+      } else {
+        error.textContent = tokenErrorText(result.status, result.body);
+        error.hidden = false;
+      }
+    }, function () {
+      submit.disabled = false;
+      error.textContent = "The server did not answer. Try again.";
+      error.hidden = false;
+    });
+  }
+
+  function loadTokens() {
+    if (!state.auth) return Promise.resolve();
+    $("tokens-status").textContent = "Loading…";
+    return api("GET", "/api/tokens").then(function (result) {
+      if (result.status === 200 && result.body && Array.isArray(result.body.tokens)) {
+        renderTokens(result.body.tokens);
+      } else if (result.status === 401) {
+        signOut(errorText(401, result.body));
+      } else {
+        $("tokens-status").textContent = tokenErrorText(result.status, result.body);
+      }
+    }, function () {
+      $("tokens-status").textContent = "The server did not answer.";
+    });
+  }
+
+  function renderTokens(tokens) {
+    appState.tokens = tokens;
+    var list = $("tokens");
+    clear(list);
+    tokens.forEach(function (token) { list.appendChild(tokenRow(token)); });
+    $("tokens-status").textContent = tokens.length ? "" : "No tokens yet: apps you connect appear here.";
+  }
+
+  function tokenRow(token) {
+    var name = String(token.name || "");
+    var used = token.last_used_at
+      ? [document.createTextNode(" · last used "), el("time", { datetime: token.last_used_at, text: formatDate(token.last_used_at) })]
+      : [document.createTextNode(" · never used")];
+    var revoke = el("button", {
+      type: "button", className: "btn btn-small btn-danger-quiet revoke",
+      "aria-label": "Revoke " + name, text: "Revoke"
+    });
+    revoke.addEventListener("click", function () { askRevoke(token, revoke); });
+    return el("li", { className: "token", "data-token-id": String(token.id) }, [
+      el("div", { className: "token-text" }, [
+        el("p", { className: "name", text: name, title: name }),
+        el("p", { className: "meta" }, [
+          document.createTextNode("created "),
+          el("time", { datetime: token.created_at, text: formatDate(token.created_at) })
+        ].concat(used))
+      ]),
+      revoke
+    ]);
+  }
+
+  function askRevoke(token, button) {
+    appState.pendingRevoke = { token: token, button: button };
+    $("revoke-text").textContent = "“" + token.name + "” stops working at once: the app that holds it can no longer " +
+      "upload or see your images. Images it uploaded stay. This cannot be undone.";
+    var dialog = $("revoke-confirm");
+    if (typeof dialog.showModal === "function") dialog.showModal(); else dialog.setAttribute("open", "");
+    $("revoke-cancel").focus();
+  }
+
+  function closeRevoke() {
+    var dialog = $("revoke-confirm");
+    if (dialog.open) {
+      if (typeof dialog.close === "function") dialog.close(); else dialog.removeAttribute("open");
+    }
+  }
+
+  function onRevokeCancel() {
+    var pending = appState.pendingRevoke;
+    appState.pendingRevoke = null;
+    closeRevoke();
+    if (pending && pending.button.isConnected) pending.button.focus();
+  }
+
+  function onRevokeOk() {
+    var pending = appState.pendingRevoke;
+    appState.pendingRevoke = null;
+    closeRevoke();
+    if (!pending) return;
+    var id = String(pending.token.id);
+    pending.button.disabled = true;
+    api("DELETE", "/api/tokens/" + encodeURIComponent(id)).then(function (result) {
+      if (result.status === 204 || result.status === 404) {
+        toast("Revoked " + pending.token.name);
+        if (appState.shownId === id) hideNewToken();
+        loadTokens().then(function () {
+          var next = $("tokens").querySelector("button.revoke") || $("token-name");
+          next.focus();
+        });
+      } else if (result.status === 401) {
+        signOut(errorText(401, result.body));
+      } else {
+        pending.button.disabled = false;
+        toast(tokenErrorText(result.status, result.body));
+      }
+    }, function () {
+      pending.button.disabled = false;
+      toast("The server did not answer. Try again.");
+    });
+  }
+
+  function clearApps() {
+    hideNewToken();
+    appState.tokens = [];
+    clear($("tokens"));
+    $("tokens-status").textContent = "";
+    $("token-name").value = "";
+    $("token-error").hidden = true;
+  }
+
+  function startApps() {
+    $("token-form").addEventListener("submit", onCreateToken);
+    $("token-done").addEventListener("click", function () {
+      hideNewToken();
+      $("token-name").focus();
+    });
+    $("apps-jump").addEventListener("click", function (event) {
+      event.preventDefault();
+      $("apps").scrollIntoView({ block: "start" });
+      $("token-name").focus();
+    });
+    $("revoke-ok").addEventListener("click", onRevokeOk);
+    $("revoke-cancel").addEventListener("click", onRevokeCancel);
+    $("revoke-confirm").addEventListener("cancel", function (event) {
+      event.preventDefault();
+      onRevokeCancel();
+    });
+  }
+
   // ---- start --------------------------------------------------------------
 
   function start() {
@@ -5835,6 +6904,7 @@ PAGE_JS = r"""// imgproxy upload page. Served as /static/app.js under a strict C
     document.addEventListener("dragleave", onDragLeave);
     document.addEventListener("drop", onDrop);
     document.addEventListener("paste", onPaste);
+    startApps();
 
     state.auth = sessionStorage.getItem(AUTH_KEY);
     state.user = sessionStorage.getItem(USER_KEY) || "";

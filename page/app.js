@@ -7,6 +7,8 @@
   var AUTH_KEY = "imgproxy.auth";   // sessionStorage: lives as long as this tab
   var USER_KEY = "imgproxy.user";
   var PAGE_SIZE = 12;
+  var COPY_SIZES = [null, 1280, 640, 320];   // widths offered for copying; null: the original
+  var GRID_WIDTH = 320;                      // "My images" shows this size, never the original
   var PARALLEL_UPLOADS = 3;
   var AUTH_MESSAGE = "该用户权限不足，请联系管理员";
 
@@ -82,6 +84,7 @@
     $("app").hidden = false;
     $("who").hidden = false;
     $("who-name").textContent = state.user;
+    loadTokens();
   }
 
   function showSignIn(message) {
@@ -104,6 +107,7 @@
     clear($("mine"));
     $("mine-status").textContent = "";
     $("mine-pager").hidden = true;
+    clearApps();
     $("signin-password").value = "";
     showSignIn(message);
     $(message ? "signin-password" : "signin-user").focus();
@@ -283,9 +287,52 @@
     return button;
   }
 
+  // A size of an image: /i/{md5}/{width}, the format chosen by the browser's
+  // Accept header (AVIF or WebP where it can show them). Null: the original.
+  function variantUrl(url, width) {
+    var match = /^(.*\/)([0-9a-f]{32})\.[a-z0-9]+$/.exec(String(url));
+    return width && match ? match[1] + match[2] + "/" + width : url;
+  }
+
+  // The snippets for one size; HTML offers the double width to sharp screens.
+  function sizedSnippets(info, width) {
+    var url = variantUrl(info.url, width);
+    var parts = snippets({ name: info.name, md5: info.md5, url: url });
+    if (width && COPY_SIZES.indexOf(width * 2) >= 0) {
+      var sharp = variantUrl(info.url, width * 2);
+      parts.forEach(function (part) {
+        if (part.key !== "html") return;
+        part.text = '<img src="' + escapeHtml(url) + '" srcset="' + escapeHtml(url) + " 1x, " +
+          escapeHtml(sharp) + ' 2x" alt="' + escapeHtml(info.name || info.md5 || "image") + '">';
+      });
+    }
+    return parts;
+  }
+
+  // "My images": the link block with a size picker in front of the copy buttons.
+  function sizedLinkBlock(info) {
+    var parts = sizedSnippets(info, null);
+    var nodes = linkBlock(info, parts);
+    var row = nodes[1];
+    var open = row.querySelector("a.open");
+    var pick = el("select", { className: "size-pick", "aria-label": "Size to copy" },
+      COPY_SIZES.map(function (width) {
+        return el("option", { value: width || "", text: width ? width + " px" : "Original" });
+      }));
+    pick.addEventListener("change", function () {
+      var width = parseInt(pick.value, 10) || null;
+      var fresh = sizedSnippets(info, width);
+      parts.forEach(function (part, i) { part.text = fresh[i].text; });
+      nodes[0].value = variantUrl(info.url, width);
+      open.setAttribute("href", safeUrl(nodes[0].value) || "");
+    });
+    row.insertBefore(pick, row.children[1]);
+    return nodes;
+  }
+
   // The link block every image card shows: URL, copy buttons, expiry.
-  function linkBlock(info) {
-    var parts = snippets(info);
+  function linkBlock(info, parts) {
+    parts = parts || snippets(info);
     var url = el("input", {
       type: "text", className: "url", readonly: true, value: info.url,
       "aria-label": "Image URL", spellcheck: "false"
@@ -567,7 +614,7 @@
 
   function mineCard(info) {
     var name = info.name || info.md5;
-    var thumb = preview(info.url, name, info.format || "no preview");
+    var thumb = preview(variantUrl(info.url, GRID_WIDTH), name, info.format || "no preview");
     thumb.img.setAttribute("loading", "lazy");
     var del = el("button", {
       type: "button", className: "btn btn-small btn-danger-quiet delete",
@@ -577,7 +624,7 @@
     var body = el("div", { className: "card-body" }, [
       el("p", { className: "name", text: name, title: name }),
       el("p", { className: "meta", text: metaLine(info) + viewsText(info.access_count) })
-    ].concat(linkBlock(info), [expiryLine(info), el("div", { className: "card-actions" }, [del])]));
+    ].concat(sizedLinkBlock(info), [expiryLine(info), el("div", { className: "card-actions" }, [del])]));
     return el("li", { className: "card", "data-md5": info.md5 || "" }, [thumb.box, body]);
   }
 
@@ -633,6 +680,379 @@
     });
   }
 
+  // ---- connect an app -----------------------------------------------------
+  // Per-app tokens (POST/GET/DELETE /api/tokens, managed with the password the
+  // tab signed in with) and ready-made set-ups for the token just made. The
+  // secret lives only in this block's DOM until "Done", sign-out or reload:
+  // never in storage, never in a URL (downloads are Blobs).
+
+  var SHAREX_VERSION = "17.0.0";   // above 13.7.1, so ShareX reads the {json:...} syntax as written
+  var appState = { tokens: [], shownId: null, pendingRevoke: null };
+
+  function apiJson(method, path, payload) {
+    var headers = apiHeaders();
+    headers["Content-Type"] = "application/json";
+    return fetch(path, {
+      method: method,
+      headers: headers,
+      body: JSON.stringify(payload),
+      credentials: "omit",
+      cache: "no-store"
+    }).then(function (response) {
+      return response.text().then(function (text) {
+        var body = null;
+        try { body = text ? JSON.parse(text) : null; } catch (e) { body = null; }
+        return { status: response.status, body: body };
+      });
+    });
+  }
+
+  // ShareX reads {...} as functions, "|" as an argument separator and "\" as
+  // an escape in every string of a custom uploader, so literal text escapes them.
+  function sharexLiteral(text) {
+    return String(text).replace(/[\\{}|]/g, "\\$&");
+  }
+
+  function shellQuote(text) {
+    return "'" + String(text).replace(/'/g, "'\\''") + "'";
+  }
+
+  // Everything an app needs, built from the server this page came from (the
+  // address the browser reaches, which is the one the apps on this machine reach).
+  function appSetups(base, token, appName) {
+    var uploadUrl = base + "/upload";
+    var host = base.replace(/^https?:\/\//i, "");
+    var sharex = {
+      Version: SHAREX_VERSION,
+      Name: "imgproxy " + host,   // shown in ShareX's list, not parsed
+      DestinationType: "ImageUploader",
+      RequestMethod: "POST",
+      RequestURL: sharexLiteral(uploadUrl),
+      Headers: { Authorization: sharexLiteral("Bearer " + token) },
+      Body: "MultipartFormData",
+      FileFormName: "file",
+      URL: "{json:url}",
+      ErrorMessage: "{json:error}"
+    };
+    var picgo = {
+      url: uploadUrl,
+      paramName: "file",
+      jsonPath: "url",
+      customHeader: JSON.stringify({ Authorization: "Bearer " + token }),
+      customBody: ""
+    };
+    var slug = String(appName).toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-+|-+$/g, "").slice(0, 40);
+    return {
+      sharexFileName: "imgproxy" + (slug ? "-" + slug : "") + ".sxcu",
+      sharex: JSON.stringify(sharex, null, 2) + "\n",
+      picgo: JSON.stringify(picgo, null, 2),
+      picgoFields: picgo,
+      client: "IMGPROXY_URL=" + shellQuote(base) + " IMGPROXY_TOKEN=" + shellQuote(token) +
+        " python3 /path/to/client.py",
+      curl: "curl -H " + shellQuote("Authorization: Bearer " + token) +
+        " -H 'Accept: text/plain' -F 'file=@screenshot.png' " + shellQuote(uploadUrl)
+    };
+  }
+
+  function downloadText(filename, text, type) {
+    var href = URL.createObjectURL(new Blob([text], { type: type }));
+    var link = el("a", { href: href, download: filename, className: "visually-hidden" });
+    document.body.appendChild(link);
+    link.click();
+    document.body.removeChild(link);
+    setTimeout(function () { URL.revokeObjectURL(href); }, 30000);
+  }
+
+  function labelledCopy(key, label, text) {
+    var button = copyButton({ key: key, label: label, text: text });
+    button.textContent = "Copy " + label;
+    return button;
+  }
+
+  function steps(lines) {
+    return el("ol", { className: "setup-steps" }, lines.map(function (line) {
+      return el("li", { text: line });
+    }));
+  }
+
+  function codeBlock(text, label) {
+    return el("pre", { className: "setup-code", tabindex: "0", "aria-label": label }, [
+      el("code", { text: text })
+    ]);
+  }
+
+  function setupPanels(setups) {
+    var download = el("button", {
+      type: "button", className: "btn btn-primary btn-small", "data-setup": "sharex-download",
+      text: "Download " + setups.sharexFileName
+    });
+    download.addEventListener("click", function () {
+      downloadText(setups.sharexFileName, setups.sharex, "application/json");
+      toast("Saved " + setups.sharexFileName);
+    });
+    var picgoRows = Object.keys(setups.picgoFields).map(function (key) {
+      var value = setups.picgoFields[key];
+      return el("div", { className: "field-row" }, [
+        el("dt", { text: key }),
+        el("dd", null, [el("code", { text: value === "" ? "(leave empty)" : value })])
+      ]);
+    });
+    return [
+      { key: "sharex", label: "ShareX", body: [
+        steps([
+          "Download the file below and open it: ShareX asks to add “imgproxy” as a custom uploader.",
+          "In ShareX choose Destinations → Image uploader → Custom image uploader.",
+          "Take a screenshot: the link is copied when the upload finishes."
+        ]),
+        el("div", { className: "copy-row" }, [download, labelledCopy("sharex", "ShareX file", setups.sharex)]),
+        codeBlock(setups.sharex, "ShareX custom uploader")
+      ] },
+      { key: "picgo", label: "PicGo", body: [
+        steps([
+          "In PicGo, open Plugins, search for web-uploader and install it.",
+          "Open the picture bed settings for 自定义Web图床 (custom web uploader) and fill in the fields below, or copy them as JSON into picBed.web-uploader of PicGo's config file.",
+          "Typora, Obsidian and VS Code can then upload through PicGo."
+        ]),
+        el("dl", { className: "fields" }, picgoRows),
+        el("div", { className: "copy-row" }, [labelledCopy("picgo", "PicGo settings", setups.picgo)]),
+        codeBlock(setups.picgo, "PicGo web-uploader settings")
+      ] },
+      { key: "client", label: "Typora & scripts", body: [
+        steps([
+          "Save client.py from this project next to your notes or scripts, and put its path in place of /path/to/client.py.",
+          "Typora: Preferences → Image → Image Uploader → Custom Command, paste the line, then Test Uploader.",
+          "Scripts and Obsidian's shell commands: the same line followed by image files prints one URL per line."
+        ]),
+        codeBlock(setups.client, "client.py command line"),
+        el("div", { className: "copy-row" }, [labelledCopy("client", "command", setups.client)])
+      ] },
+      { key: "curl", label: "curl", body: [
+        steps(["Replace screenshot.png with your file; the answer is the image's URL."]),
+        codeBlock(setups.curl, "curl command"),
+        el("div", { className: "copy-row" }, [labelledCopy("curl", "curl command", setups.curl)])
+      ] }
+    ];
+  }
+
+  function showSetups(setups) {
+    var pick = $("setup-pick");
+    var holder = $("setup-panels");
+    clear(pick);
+    clear(holder);
+    var buttons = [];
+    var panels = setupPanels(setups).map(function (setup) {
+      var panel = el("div", {
+        className: "setup-panel", id: "setup-" + setup.key, "data-setup-panel": setup.key,
+        role: "region", "aria-label": setup.label + " set-up"
+      }, setup.body);
+      var button = el("button", {
+        type: "button", className: "btn btn-small setup-choice", "data-setup-choice": setup.key,
+        "aria-controls": panel.id, "aria-pressed": "false", text: setup.label
+      });
+      button.addEventListener("click", function () { choose(setup.key); });
+      buttons.push(button);
+      pick.appendChild(button);
+      holder.appendChild(panel);
+      return panel;
+    });
+    function choose(key) {
+      buttons.forEach(function (b) {
+        b.setAttribute("aria-pressed", b.getAttribute("data-setup-choice") === key ? "true" : "false");
+      });
+      panels.forEach(function (p) { p.hidden = p.getAttribute("data-setup-panel") !== key; });
+    }
+    choose("sharex");
+  }
+
+  function showNewToken(created) {
+    var token = String(created.token || "");
+    appState.shownId = String(created.id);
+    $("token-new-name").textContent = created.name || "";
+    $("token-secret").value = token;
+    var slot = $("token-copy-slot");
+    clear(slot);
+    slot.appendChild(labelledCopy("token", "token", token));
+    showSetups(appSetups(window.location.origin, token, created.name || ""));
+    $("token-new").hidden = false;
+    slot.querySelector("button").focus();
+  }
+
+  // Forget the secret: the block is emptied, not just hidden.
+  function hideNewToken() {
+    appState.shownId = null;
+    $("token-new").hidden = true;
+    $("token-secret").value = "";
+    $("token-new-name").textContent = "";
+    clear($("token-copy-slot"));
+    clear($("setup-pick"));
+    clear($("setup-panels"));
+  }
+
+  function tokenErrorText(status, body) {
+    var detail = body && typeof body.error === "string" ? body.error.trim() : "";
+    if (status === 400) return "The server refused the name: " + (detail || "use 1 to 100 characters") + ".";
+    if (status === 401 || status === 403) return detail || AUTH_MESSAGE;
+    if (status === 409 && detail) return detail;   // too many tokens: the server says how many
+    return errorText(status, body);
+  }
+
+  function onCreateToken(event) {
+    event.preventDefault();
+    var input = $("token-name");
+    var name = input.value.trim();
+    var error = $("token-error");
+    if (!name || name.length > 100) {
+      error.textContent = "Give the app a name of 1 to 100 characters, such as “laptop ShareX”.";
+      error.hidden = false;
+      input.focus();
+      return;
+    }
+    error.hidden = true;
+    var submit = $("token-create");
+    submit.disabled = true;
+    apiJson("POST", "/api/tokens", { name: name }).then(function (result) {
+      submit.disabled = false;
+      if (result.status === 201 && result.body && result.body.token) {
+        input.value = "";
+        showNewToken(result.body);
+        loadTokens();
+      } else if (result.status === 401) {
+        signOut(errorText(401, result.body));
+      } else {
+        error.textContent = tokenErrorText(result.status, result.body);
+        error.hidden = false;
+      }
+    }, function () {
+      submit.disabled = false;
+      error.textContent = "The server did not answer. Try again.";
+      error.hidden = false;
+    });
+  }
+
+  function loadTokens() {
+    if (!state.auth) return Promise.resolve();
+    $("tokens-status").textContent = "Loading…";
+    return api("GET", "/api/tokens").then(function (result) {
+      if (result.status === 200 && result.body && Array.isArray(result.body.tokens)) {
+        renderTokens(result.body.tokens);
+      } else if (result.status === 401) {
+        signOut(errorText(401, result.body));
+      } else {
+        $("tokens-status").textContent = tokenErrorText(result.status, result.body);
+      }
+    }, function () {
+      $("tokens-status").textContent = "The server did not answer.";
+    });
+  }
+
+  function renderTokens(tokens) {
+    appState.tokens = tokens;
+    var list = $("tokens");
+    clear(list);
+    tokens.forEach(function (token) { list.appendChild(tokenRow(token)); });
+    $("tokens-status").textContent = tokens.length ? "" : "No tokens yet: apps you connect appear here.";
+  }
+
+  function tokenRow(token) {
+    var name = String(token.name || "");
+    var used = token.last_used_at
+      ? [document.createTextNode(" · last used "), el("time", { datetime: token.last_used_at, text: formatDate(token.last_used_at) })]
+      : [document.createTextNode(" · never used")];
+    var revoke = el("button", {
+      type: "button", className: "btn btn-small btn-danger-quiet revoke",
+      "aria-label": "Revoke " + name, text: "Revoke"
+    });
+    revoke.addEventListener("click", function () { askRevoke(token, revoke); });
+    return el("li", { className: "token", "data-token-id": String(token.id) }, [
+      el("div", { className: "token-text" }, [
+        el("p", { className: "name", text: name, title: name }),
+        el("p", { className: "meta" }, [
+          document.createTextNode("created "),
+          el("time", { datetime: token.created_at, text: formatDate(token.created_at) })
+        ].concat(used))
+      ]),
+      revoke
+    ]);
+  }
+
+  function askRevoke(token, button) {
+    appState.pendingRevoke = { token: token, button: button };
+    $("revoke-text").textContent = "“" + token.name + "” stops working at once: the app that holds it can no longer " +
+      "upload or see your images. Images it uploaded stay. This cannot be undone.";
+    var dialog = $("revoke-confirm");
+    if (typeof dialog.showModal === "function") dialog.showModal(); else dialog.setAttribute("open", "");
+    $("revoke-cancel").focus();
+  }
+
+  function closeRevoke() {
+    var dialog = $("revoke-confirm");
+    if (dialog.open) {
+      if (typeof dialog.close === "function") dialog.close(); else dialog.removeAttribute("open");
+    }
+  }
+
+  function onRevokeCancel() {
+    var pending = appState.pendingRevoke;
+    appState.pendingRevoke = null;
+    closeRevoke();
+    if (pending && pending.button.isConnected) pending.button.focus();
+  }
+
+  function onRevokeOk() {
+    var pending = appState.pendingRevoke;
+    appState.pendingRevoke = null;
+    closeRevoke();
+    if (!pending) return;
+    var id = String(pending.token.id);
+    pending.button.disabled = true;
+    api("DELETE", "/api/tokens/" + encodeURIComponent(id)).then(function (result) {
+      if (result.status === 204 || result.status === 404) {
+        toast("Revoked " + pending.token.name);
+        if (appState.shownId === id) hideNewToken();
+        loadTokens().then(function () {
+          var next = $("tokens").querySelector("button.revoke") || $("token-name");
+          next.focus();
+        });
+      } else if (result.status === 401) {
+        signOut(errorText(401, result.body));
+      } else {
+        pending.button.disabled = false;
+        toast(tokenErrorText(result.status, result.body));
+      }
+    }, function () {
+      pending.button.disabled = false;
+      toast("The server did not answer. Try again.");
+    });
+  }
+
+  function clearApps() {
+    hideNewToken();
+    appState.tokens = [];
+    clear($("tokens"));
+    $("tokens-status").textContent = "";
+    $("token-name").value = "";
+    $("token-error").hidden = true;
+  }
+
+  function startApps() {
+    $("token-form").addEventListener("submit", onCreateToken);
+    $("token-done").addEventListener("click", function () {
+      hideNewToken();
+      $("token-name").focus();
+    });
+    $("apps-jump").addEventListener("click", function (event) {
+      event.preventDefault();
+      $("apps").scrollIntoView({ block: "start" });
+      $("token-name").focus();
+    });
+    $("revoke-ok").addEventListener("click", onRevokeOk);
+    $("revoke-cancel").addEventListener("click", onRevokeCancel);
+    $("revoke-confirm").addEventListener("cancel", function (event) {
+      event.preventDefault();
+      onRevokeCancel();
+    });
+  }
+
   // ---- start --------------------------------------------------------------
 
   function start() {
@@ -662,6 +1082,7 @@
     document.addEventListener("dragleave", onDragLeave);
     document.addEventListener("drop", onDrop);
     document.addEventListener("paste", onPaste);
+    startApps();
 
     state.auth = sessionStorage.getItem(AUTH_KEY);
     state.user = sessionStorage.getItem(USER_KEY) || "";

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import json
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import imgproxy  # noqa: E402
-from helpers import ServerProcess  # noqa: E402
+from helpers import ServerProcess, http_exchange  # noqa: E402
 
 # The corpus ships with the tests; IMGPROXY_CORPUS points them at another copy.
 CORPUS = Path(os.environ.get("IMGPROXY_CORPUS", ROOT / "tests" / "corpus"))
@@ -249,3 +250,115 @@ def server_process():
     yield start
     for p in procs:
         p.kill()
+
+
+# ---- the upload page in Chromium (tests/test_page*.py) ----------------------------
+# Needs `pip install playwright` and `apt-get install chromium` (no browser
+# download: Playwright launches /usr/bin/chromium); without either, browser
+# tests skip.
+
+CHROMIUM = os.environ.get("IMGPROXY_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage"]
+TIMEOUT_MS = 15_000
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # the asset and header tests below still run
+    sync_playwright = None
+    expect = None
+else:
+    expect.set_options(timeout=TIMEOUT_MS)   # a slow CI box decodes and stores slower
+
+
+def api(server, method: str, path: str, user=("bob", "bob123"), body: bytes | None = None,
+        headers: dict | None = None):
+    """A plain HTTP call beside the browser: seeding and checking server state."""
+    return http_exchange(method, server.base_url + path, body, {**(basic(*user) if user else {}), **(headers or {})})
+
+
+def put_image(server, path: Path, user=("bob", "bob123")) -> dict:
+    status, _, data = api(server, "PUT", "/upload/" + path.name, user=user, body=path.read_bytes(),
+                          headers={"Content-Type": "application/octet-stream"})
+    assert status in (200, 201), data
+    return json.loads(data)
+
+
+# ---- browser fixtures --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None:
+        pytest.skip("playwright is not installed (pip install playwright)")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def server(make_config, live_server):
+    return live_server(make_config())
+
+
+class PageSession:
+    """One browser tab on the server, with everything that went wrong in it."""
+
+    def __init__(self, browser, server, width=1100, height=850):
+        self.server = server
+        self.context = browser.new_context(viewport={"width": width, "height": height},
+                                           base_url=server.base_url)
+        self.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.base_url)
+        self.context.set_default_timeout(TIMEOUT_MS)
+        self.page = self.context.new_page()
+        self.console_errors: list[str] = []
+        self.requests: list = []
+        self.page.on("console", self._on_console)
+        self.page.on("pageerror", lambda exc: self.console_errors.append(f"pageerror: {exc}"))
+        self.page.on("request", lambda request: self.requests.append(request))
+        self.page.goto("/")
+
+    def _on_console(self, message):
+        if message.type in ("error", "warning"):
+            self.console_errors.append(f"{message.type}: {message.text}")
+
+    def unexpected_errors(self, *expected_statuses: int) -> list[str]:
+        """Console errors, minus Chromium's own line for each HTTP error we caused on purpose."""
+        allowed = tuple(f"status of {code} " for code in expected_statuses)
+        return [text for text in self.console_errors
+                if not ("Failed to load resource" in text and any(a in text for a in allowed))]
+
+    def sign_in(self, user="bob", password="bob123"):
+        page = self.page
+        page.fill("#signin-user", user)
+        page.fill("#signin-password", password)
+        page.click("#signin-submit")
+
+    def enter(self, user="bob", password="bob123"):
+        """Sign in and wait for the app to show; returns the page."""
+        self.sign_in(user, password)
+        expect(self.page.locator("#app")).to_be_visible()
+        return self.page
+
+    def upload(self, *files):
+        self.page.set_input_files("#file-input", [str(f) if isinstance(f, Path) else f for f in files])
+
+    def card(self, name: str):
+        return self.page.locator("#uploads li.card", has=self.page.locator(".name", has_text=name)).first
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture
+def open_page(browser, server):
+    with contextlib.ExitStack() as opened:
+        def open_(**kwargs) -> PageSession:
+            session = PageSession(browser, server, **kwargs)
+            opened.callback(session.close)
+            return session
+
+        yield open_

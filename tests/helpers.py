@@ -494,6 +494,11 @@ def photo_bytes(fmt: str, size=(64, 48), color=(10, 200, 30), orientation: int =
     return buf.getvalue()
 
 
+def apply_cuts(source: bytes, pieces: list) -> bytes:
+    """What imgproxy's _write_pieces writes for metadata_cuts' pieces, as bytes in memory."""
+    return b"".join(source[p[0]:p[1]] if isinstance(p, tuple) else p for p in pieces)
+
+
 def metadata_leaks(data: bytes) -> list[str]:
     """What of gps_exif() can still be found in `data`: by Pillow's EXIF reader
     and by a byte search for the values themselves."""
@@ -598,8 +603,9 @@ def progressive_jpeg_with_many_scans(size=(1024, 1024), scans: int = 600) -> byt
 
 def decode_in_child(data: bytes, max_pixels: int, *, address_space: int = 3 << 30,
                     formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO"),
-                    patches: Optional[dict] = None, root: Path = ROOT) -> dict:
-    """Run imgproxy.inspect_image on `data` in a child process, its address space capped.
+                    patches: Optional[dict] = None, root: Path = ROOT, strip: bool = False) -> dict:
+    """Run imgproxy.inspect_image on `data` in a child process, its address space capped
+    (with `strip`, then imgproxy.prepare_stored on what it accepted, measured together).
 
     Returns {"status": 200 or the rejection's status, "code", "growth_kb": peak RSS the
     decode added, "cpu": CPU seconds}. `patches` sets module constants first; `root` is
@@ -638,6 +644,9 @@ out = {{"status": 200, "code": None}}
 try:
     facts = imgproxy.inspect_image(path, path.stat().st_size, {tuple(formats)!r}, {max_pixels})
     out["frames"] = facts.frames
+    if {strip!r}:
+        stored = imgproxy.prepare_stored(path, facts, lambda: Path({f.name!r} + ".stored"), True, {max_pixels})
+        out["stripped"] = stored is not None
 except imgproxy.UploadRejected as exc:
     out = {{"status": exc.status, "code": exc.code, "message": str(exc)}}
 except MemoryError:
@@ -647,5 +656,6 @@ out["growth_kb"] = status_kb("VmHWM") - before
 print(json.dumps(out))
 """
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        Path(f.name + ".stored").unlink(missing_ok=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

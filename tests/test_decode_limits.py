@@ -251,3 +251,48 @@ def test_png_stream_check_agrees_with_pillow_on_the_corpus(corpus):
         vouched += 1
         imgproxy.inspect_image(data, len(data), imgproxy.DEFAULT_FORMATS, 50_000_000)
     assert vouched >= 10
+
+
+# ---- found in review ------------------------------------------------------------------
+
+def test_stripping_a_many_page_tiff_stays_within_the_memory_budget():
+    """Every page at the pixel limit passes inspection (one page is decoded at a
+    time there), and a tag to remove makes the TIFF be rewritten: that must not
+    hold all pages decoded at once either, or ten pages cost ten budgets."""
+    from PIL import TiffImagePlugin
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[305] = "CameraMaker firmware 1.0"  # Software: metadata the strip removes
+    pages = [Image.new("RGBA", (2000, 2000), (i, 2, 3, 255)) for i in range(9)]
+    out = io.BytesIO()
+    pages[0].save(out, "TIFF", save_all=True, append_images=pages[1:], compression="tiff_adobe_deflate",
+                  tiffinfo=tags)
+    data = out.getvalue()
+    result = decode_in_child(data, MAX_PIXELS, strip=True)
+    assert result["status"] == 200 and result["stripped"], result
+    assert result["growth_kb"] <= budget_kb(data), result
+
+
+def test_stripping_an_avif_stays_within_the_memory_budget():
+    """Re-encoding an AVIF to remove its Exif costs about 28 bytes a pixel of
+    every frame, all held at once, and an AVIF sequence costs more to decode
+    the longer it is: past the budget either is refused before it starts."""
+    if not imgproxy._pillow_has("AVIF"):
+        pytest.skip("this Pillow has no AVIF support")
+    exif = Image.Exif()
+    exif[0x010F] = "CameraMaker"  # Make: metadata the strip removes
+
+    def avif(frames: int, **extra) -> bytes:
+        pictures = [Image.new("RGBA", (2000, 2000), (i * 20, 2, 3, 255)) for i in range(frames)]
+        out = io.BytesIO()
+        pictures[0].save(out, "AVIF", save_all=True, append_images=pictures[1:], speed=10, quality=30, **extra)
+        return out.getvalue()
+
+    for data, word in ((avif(1, exif=exif.tobytes()), "metadata"),   # decodes in budget, re-encode would not
+                       (avif(3, exif=exif.tobytes()), "to decode")):  # the sequence alone is over budget
+        result = decode_in_child(data, MAX_PIXELS, formats=("AVIF",), strip=True)
+        assert (result["status"], result["code"]) == (413, "too_many_pixels"), result
+        assert word in result["message"], result
+        assert result["growth_kb"] <= budget_kb(data), result
+    # Without metadata nothing is re-encoded: stored as it is.
+    result = decode_in_child(avif(1), MAX_PIXELS, formats=("AVIF",), strip=True)
+    assert result["status"] == 200 and not result["stripped"], result

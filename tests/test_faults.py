@@ -5,6 +5,7 @@ lifecycle invariants hold after every restart."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import errno
 import hashlib
@@ -226,6 +227,29 @@ class Load:
         self.base, self.state, self.rng = base_url, state, rng
         self.stop = threading.Event()
         self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.busy: collections.Counter[str] = collections.Counter()
+
+    def begin(self, md5: str) -> None:
+        """An operation on md5 starts: uncertain until its answer. Two at once
+        (a delete and a re-upload) may be answered in another order than the
+        server applied them, so such an md5 stays uncertain for good."""
+        with self.lock:
+            if self.busy[md5]:
+                self.state["conflicted"].add(md5)
+            self.busy[md5] += 1
+            self.state["uncertain"].add(md5)
+
+    def settle(self, md5: str) -> None:
+        with self.lock:
+            self.busy[md5] -= 1
+            if md5 not in self.state["conflicted"]:
+                self.state["uncertain"].discard(md5)
+
+    def end(self, md5: str) -> None:
+        """The operation ended without a verdict (error, server gone)."""
+        with self.lock:
+            self.busy[md5] -= 1
 
     def run(self, threads: int = 3) -> list[threading.Thread]:
         workers = [threading.Thread(target=self.worker, args=(i,), daemon=True) for i in range(threads)]
@@ -240,6 +264,7 @@ class Load:
             op = rng.choice(["upload", "upload", "upload", "big", "again", "renew", "delete", "get"])
             acked = self.state["acked"]
             md5 = None
+            settled = True
             try:
                 if op in ("upload", "big") or (op == "again" and not acked):
                     seed = self.state["seq"] = self.state["seq"] + 1
@@ -252,29 +277,35 @@ class Load:
                 if data is not None:
                     md5 = hashlib.md5(data).hexdigest()
                     self.state["bytes"][md5] = data
-                    self.state["uncertain"].add(md5)  # until the answer arrives
+                    self.begin(md5)
+                    settled = False
                     status, body = http_call("PUT", f"{self.base}/upload/k{i}.png", data, rng.choice(users)[1])
                     if status in (200, 201):
                         info = json.loads(body)
                         acked[md5] = _ts(info["expire_at"])
-                        self.state["uncertain"].discard(md5)
+                        self.settle(md5)
+                        settled = True
                     elif status not in (503, 507):
                         self.errors.append(f"upload {status} {body[:100]!r}")
                 elif op == "renew" and acked:
                     md5 = rng.choice(list(acked))
-                    self.state["uncertain"].add(md5)
+                    self.begin(md5)
+                    settled = False
                     status, body = http_call("POST", f"{self.base}/api/images/{md5}/renew", headers=BOB)
                     if status == 200:
                         acked[md5] = max(acked.get(md5, 0), _ts(json.loads(body)["expire_at"]))
                     if status in (200, 404):
-                        self.state["uncertain"].discard(md5)
+                        self.settle(md5)
+                        settled = True
                 elif op == "delete" and acked:
                     md5 = rng.choice(list(acked))
-                    self.state["uncertain"].add(md5)
+                    self.begin(md5)
+                    settled = False
                     status, _ = http_call("DELETE", f"{self.base}/api/images/{md5}", headers=ALICE)
                     if status in (204, 404):
                         acked.pop(md5, None)
-                        self.state["uncertain"].discard(md5)
+                        self.settle(md5)
+                        settled = True
                         if status == 204:
                             self.state["deleted"].add(md5)
                 elif op == "get" and acked:
@@ -286,6 +317,9 @@ class Load:
                 if not self.stop.is_set():
                     time.sleep(0.01)
                 return  # the server died under us: whatever was in flight is uncertain
+            finally:
+                if not settled:
+                    self.end(md5)
 
 
 def _ts(iso: str) -> float:
@@ -344,7 +378,8 @@ def kill_loop(make_config, kills: int, seed: int) -> dict:
     rng = random.Random(seed)
     config_path = make_config(cleanup={"enable": False, "expire_days": EXPIRE_SECONDS / 86400})
     data_dir = imgproxy.load_config(config_path).server.data_dir
-    state = {"acked": {}, "bytes": {}, "uncertain": set(), "deleted": set(), "seq": seed * 100_000}
+    state = {"acked": {}, "bytes": {}, "uncertain": set(), "conflicted": set(), "deleted": set(),
+             "seq": seed * 100_000}
     errors: list[str] = []
     servers: list[PatchedServer] = []
     try:

@@ -123,6 +123,18 @@ async def test_without_a_token_only_the_admin_reads(metrics_client):
     assert (await client.get("/metrics", headers=ALICE)).status == 200
 
 
+async def test_an_admins_app_token_does_not_read_metrics(metrics_client):
+    # App tokens are for uploading tools; monitoring takes the password or metrics.token.
+    client = await metrics_client()
+    resp = await client.post("/api/tokens", json={"name": "laptop ShareX"}, headers=ALICE)
+    assert resp.status == 201
+    app_token = {"Authorization": "Bearer " + (await resp.json())["token"]}
+    assert (await client.get("/api/images", headers=app_token)).status == 200  # a working token
+    resp = await client.get("/metrics", headers=app_token)
+    assert resp.status == 403
+    assert (await resp.json())["code"] == "forbidden"
+
+
 GUESSER = {"X-Forwarded-For": "203.0.113.9"}  # another address than the test client's own
 
 

@@ -10,133 +10,24 @@ or when IMGPROXY_SCREENSHOT=1, so an ordinary run leaves the tree clean.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
 from pathlib import Path
 
-import pytest
-
 import imgproxy
-from conftest import basic
-from helpers import http_exchange
+from conftest import PageSession, api, expect, put_image
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE_DIR = REPO / "page"
 SCREENSHOT = REPO / "docs" / "screenshot.png"
-CHROMIUM = os.environ.get("IMGPROXY_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-dev-shm-usage"]
 DENIED = imgproxy.DENIED_MESSAGE
-TIMEOUT_MS = 15_000
-
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:  # the asset and header tests below still run
-    sync_playwright = None
-    expect = None
-else:
-    expect.set_options(timeout=TIMEOUT_MS)   # a slow CI box decodes and stores slower
 
 
 # ---- helpers ---------------------------------------------------------------
 
 def row(manifest, name: str) -> dict:
     return next(r for r in manifest if r["file"] == name)
-
-
-def api(server, method: str, path: str, user=("bob", "bob123"), body: bytes | None = None,
-        headers: dict | None = None):
-    """A plain HTTP call beside the browser: seeding and checking server state."""
-    return http_exchange(method, server.base_url + path, body, {**(basic(*user) if user else {}), **(headers or {})})
-
-
-def put_image(server, path: Path, user=("bob", "bob123")) -> dict:
-    status, _, data = api(server, "PUT", "/upload/" + path.name, user=user, body=path.read_bytes(),
-                          headers={"Content-Type": "application/octet-stream"})
-    assert status in (200, 201), data
-    return json.loads(data)
-
-
-# ---- browser fixtures --------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    if sync_playwright is None:
-        pytest.skip("playwright is not installed (pip install playwright)")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def server(make_config, live_server):
-    return live_server(make_config())
-
-
-class PageSession:
-    """One browser tab on the server, with everything that went wrong in it."""
-
-    def __init__(self, browser, server, width=1100, height=850):
-        self.server = server
-        self.context = browser.new_context(viewport={"width": width, "height": height},
-                                           base_url=server.base_url)
-        self.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.base_url)
-        self.context.set_default_timeout(TIMEOUT_MS)
-        self.page = self.context.new_page()
-        self.console_errors: list[str] = []
-        self.requests: list = []
-        self.page.on("console", self._on_console)
-        self.page.on("pageerror", lambda exc: self.console_errors.append(f"pageerror: {exc}"))
-        self.page.on("request", lambda request: self.requests.append(request))
-        self.page.goto("/")
-
-    def _on_console(self, message):
-        if message.type in ("error", "warning"):
-            self.console_errors.append(f"{message.type}: {message.text}")
-
-    def unexpected_errors(self, *expected_statuses: int) -> list[str]:
-        """Console errors, minus Chromium's own line for each HTTP error we caused on purpose."""
-        allowed = tuple(f"status of {code} " for code in expected_statuses)
-        return [text for text in self.console_errors
-                if not ("Failed to load resource" in text and any(a in text for a in allowed))]
-
-    def sign_in(self, user="bob", password="bob123"):
-        page = self.page
-        page.fill("#signin-user", user)
-        page.fill("#signin-password", password)
-        page.click("#signin-submit")
-
-    def enter(self, user="bob", password="bob123"):
-        """Sign in and wait for the app to show; returns the page."""
-        self.sign_in(user, password)
-        expect(self.page.locator("#app")).to_be_visible()
-        return self.page
-
-    def upload(self, *files):
-        self.page.set_input_files("#file-input", [str(f) if isinstance(f, Path) else f for f in files])
-
-    def card(self, name: str):
-        return self.page.locator("#uploads li.card", has=self.page.locator(".name", has_text=name)).first
-
-    def close(self):
-        self.context.close()
-
-
-@pytest.fixture
-def open_page(browser, server):
-    with contextlib.ExitStack() as opened:
-        def open_(**kwargs) -> PageSession:
-            session = PageSession(browser, server, **kwargs)
-            opened.callback(session.close)
-            return session
-
-        yield open_
 
 
 def uploaded_card(tab: PageSession, corpus: Path, manifest, name: str):

@@ -18,14 +18,14 @@ from PIL import Image
 import client as stdlib_client
 import imgproxy
 from conftest import ALICE, BOB, CAROL, read_manifest
-from helpers import (_png_chunk, gps_exif, jpeg_bytes, metadata_leaks, photo_bytes, png_bytes,
+from helpers import (_png_chunk, apply_cuts, gps_exif, jpeg_bytes, metadata_leaks, photo_bytes, png_bytes,
                      srgb_icc, store_problems)
 
 
 def strip(data: bytes, fmt: str) -> bytes:
     """The stripper as the server runs it on bytes in memory; unchanged input comes back as is."""
     pieces = imgproxy.metadata_cuts(data, fmt)
-    return data if pieces is None else imgproxy.apply_cuts(data, pieces)
+    return data if pieces is None else apply_cuts(data, pieces)
 
 
 def pixels(data: bytes) -> list[tuple[str, tuple[int, int], bytes]]:
@@ -336,7 +336,7 @@ def test_fuzz_never_breaks_grows_or_loops(corpus):
                 pieces = imgproxy.metadata_cuts(variant, fmt)
             if pieces is None:
                 continue
-            out = imgproxy.apply_cuts(variant, pieces)
+            out = apply_cuts(variant, pieces)
             changed += 1
             assert len(out) <= len(variant), name
             assert imgproxy.metadata_cuts(out, fmt) is None, f"{name}: stripping twice changes more"
@@ -361,7 +361,7 @@ def test_fuzz_with_hypothesis_bytes():
             with deadline(5):
                 pieces = imgproxy.metadata_cuts(data, fmt)
             if pieces is not None:
-                out = imgproxy.apply_cuts(data, pieces)
+                out = apply_cuts(data, pieces)
                 assert len(out) <= len(data)
                 if decodes(data):
                     assert pixels(out) == pixels(data)

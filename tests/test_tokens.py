@@ -3,6 +3,8 @@ nothing; revocation seen at once by every worker; wrong tokens cost the same; on
 a digest is stored; client.py signs in with a token."""
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import re
 import secrets
@@ -359,3 +361,39 @@ def test_client_api_with_a_revoked_token_is_an_error_dict(make_config, live_serv
     assert http_call("DELETE", server.base_url + f"/api/tokens/{made['id']}", headers=ALICE)[0] == 204
     assert app.upload_or_get(image) == {"error": imgproxy.DENIED_MESSAGE, "code": "unauthorized"}
     assert "error" in app.create_token("needs a password")  # a token cannot make tokens
+
+
+# ---- found in review ------------------------------------------------------------------
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=bogus", "application/json; charset=utf-99"])
+async def test_a_token_request_with_an_unknown_charset_is_400_not_500(make_client, content_type):
+    client = await make_client()
+    resp = await client.post("/api/tokens", data=b'{"name": "x"}', headers={**BOB, "Content-Type": content_type})
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["code"] == "bad_request"
+    assert (await (await client.get("/api/tokens", headers=BOB)).json()) == {"tokens": []}
+
+
+
+async def test_concurrent_requests_with_a_valid_token_are_never_rate_limited(make_client):
+    """An app (or several behind one NAT) sending many requests at once with a
+    good token has failed nothing: none of them may get 429, and the address
+    stays unblocked afterwards."""
+    client = await make_client()
+    token = (await create_token(client, BOB))["token"]
+    statuses = await asyncio.gather(*[client.get("/api/images", headers=bearer(token))
+                                      for _ in range(4 * imgproxy.AUTH_FAIL_LIMIT)])
+    assert collections.Counter(resp.status for resp in statuses) == {200: 4 * imgproxy.AUTH_FAIL_LIMIT}
+    assert (await client.get("/api/images", headers=BOB)).status == 200
+
+
+@pytest.mark.parametrize("token", ["imgp_first\nsecond-line-9f3k", "imgp_caf\u00e9-9f3k"], ids=["newline", "non-ascii"])
+def test_client_with_a_malformed_token_fails_in_one_line_without_echoing_it(make_config, live_server, tmp_path,
+                                                                            token):
+    server = live_server(make_config())
+    image = tmp_path / "c.png"
+    image.write_bytes(png_bytes(color=(3, 8, 9)))
+    out = run_client(tmp_path, "--no-cache", str(image), IMGPROXY_URL=server.base_url, IMGPROXY_TOKEN=token)
+    assert out.returncode == 1 and not out.stdout
+    assert "Traceback" not in out.stderr and "9f3k" not in out.stderr, out.stderr
+    assert "token" in out.stderr
