@@ -19,8 +19,10 @@ Hash:  python3 imgproxy.py hash-password
 Check: python3 imgproxy.py check-config [--config PATH] [--print KEY ...]
 
 Chapters, top-down: constants · passwords · config · errors · storage · database ·
-image inspection · metrics · auth · middlewares · handlers · cleanup · create_app ·
-main · appendix (the OpenAPI document and the upload page).
+image inspection · variants · metadata · metrics · auth · middlewares · serving
+(conditional requests and ranges) · handlers · cleanup · create_app · connections ·
+main · appendix (the OpenAPI document and the upload page). Each chapter uses only
+what stands above it, except the appendix's data, read by handlers at run time.
 """
 from __future__ import annotations
 
