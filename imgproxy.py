@@ -71,7 +71,7 @@ from PIL import Image, ImageOps, TiffImagePlugin
 
 # ==== constants =================================================================
 
-__version__ = "1.0.0"
+__version__ = "2.0.0"
 log = logging.getLogger("imgproxy")
 
 DENIED_MESSAGE = "该用户权限不足，请联系管理员"
