@@ -1,25 +1,29 @@
 """The image corpus ships with the tests: every file is the one MANIFEST.tsv names,
-and, where this checkout sits beside the shared corpus it was copied from
-(../shared/corpus), a byte-identical copy of it."""
+and, when IMGPROXY_CORPUS_SOURCE names the corpus it was copied from (.ci/run sets
+it where that copy exists), a byte-identical copy of it."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, ROOT, read_manifest
+from conftest import CORPUS, read_manifest
 
-# Where the corpus was copied from, in the workspace this project grew up in
-# (../shared/corpus of the checkout or of a folder above it, as for a worktree).
-SHARED_CORPUS = next((d / "shared" / "corpus" for d in ROOT.parents if (d / "shared" / "corpus").is_dir()),
-                     ROOT.parent / "shared" / "corpus")
+# The corpus this one was copied from, when known: the tests themselves read only
+# tests/corpus, so a fresh clone runs every test.
+CORPUS_SOURCE = os.environ.get("IMGPROXY_CORPUS_SOURCE")
 NOT_IMAGES = {"MANIFEST.tsv", "README.md"}
 
 
 def copies_elsewhere() -> list[Path]:
-    """The shared corpus this one was copied from, when this checkout sits beside it."""
-    return [SHARED_CORPUS] if SHARED_CORPUS.is_dir() else []
+    """The corpus this one was copied from, when IMGPROXY_CORPUS_SOURCE names it."""
+    if not CORPUS_SOURCE:
+        return []
+    source = Path(CORPUS_SOURCE)
+    assert source.is_dir(), f"IMGPROXY_CORPUS_SOURCE={CORPUS_SOURCE} is not a folder"
+    return [source]
 
 
 def test_corpus_holds_exactly_the_manifest_files():
