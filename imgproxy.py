@@ -75,6 +75,7 @@ __version__ = "2.0.0"
 log = logging.getLogger("imgproxy")
 
 DENIED_MESSAGE = "该用户权限不足，请联系管理员"
+NO_SUCH_IMAGE = "no such image (never uploaded, deleted or expired)"
 SHIPPED_PASSWORDS = frozenset({"alice123"})  # passwords in the example config.json
 ROLES = ("uploader", "admin")
 
@@ -2322,8 +2323,7 @@ class VariantCache:
                 data, rendered = await asyncio.get_running_loop().run_in_executor(
                     self.pool, self._render_once, path, image.path, width, fmt)
             except FileNotFoundError:  # the image was deleted while we waited
-                raise json_error(404, "no such image (never uploaded, deleted or expired)",
-                                 "not_found") from None
+                raise json_error(404, NO_SUCH_IMAGE, "not_found") from None
             finally:
                 self.rendering -= 1
             if rendered:
@@ -3755,7 +3755,7 @@ async def _send_file_spans(request: web.Request, resp: web.StreamResponse, path:
         f = await asyncio.to_thread(open, path, "rb")
     except FileNotFoundError:
         # Removed since it was looked up (a delete, a cleanup pass).
-        raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found") from None
+        raise json_error(404, NO_SUCH_IMAGE, "not_found") from None
     try:
         await resp.prepare(request)
         if request.method == "HEAD":
@@ -4059,7 +4059,7 @@ async def handle_lookup(request: web.Request) -> web.Response:
     md5 = md5_param(request)
     info = await request.app[STORE].lookup(md5)
     if info is None:
-        raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found")
+        raise json_error(404, NO_SUCH_IMAGE, "not_found")
     return web.json_response(info, dumps=_dumps)
 
 
@@ -4169,27 +4169,40 @@ async def handle_health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def handle_image(request: web.Request) -> web.StreamResponse:
-    """The hot path: answer from memory when the image is small and known."""
-    md5, dot, ext = request.match_info["name"].partition(".")
-    if not dot or not MD5_RE.fullmatch(md5):
-        raise json_error(400, "not an image id: expected /i/<md5>.<ext>", "bad_md5")
-    store = request.app[STORE]
+async def live_image(store: ImageStore, md5: str) -> tuple[ServedImage, float]:
+    """The served entry of an unexpired image and the time it was judged at, else 404."""
     store.check_generation()
     entry = await store.served_image(md5)
     now = store.clock()
     if entry is not None and entry.expire_at <= now:
         store.forget(md5)  # maybe renewed by another process since it was cached
         entry = await store.served_image(md5)
-    if entry is None or entry.ext != ext or entry.expire_at <= now:
-        raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found")
-    headers = {
-        "Content-Type": entry.mime,
-        "Cache-Control": image_cache_control(entry.expire_at - now),
+    if entry is None or entry.expire_at <= now:
+        raise json_error(404, NO_SUCH_IMAGE, "not_found")
+    return entry, now
+
+
+def image_headers(mime: str, seconds_left: float) -> dict[str, str]:
+    """What every image answer carries, originals and variants alike."""
+    return {
+        "Content-Type": mime,
+        "Cache-Control": image_cache_control(seconds_left),
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": IMAGE_CSP,
         "Access-Control-Allow-Origin": "*",
     }
+
+
+async def handle_image(request: web.Request) -> web.StreamResponse:
+    """The hot path: answer from memory when the image is small and known."""
+    md5, dot, ext = request.match_info["name"].partition(".")
+    if not dot or not MD5_RE.fullmatch(md5):
+        raise json_error(400, "not an image id: expected /i/<md5>.<ext>", "bad_md5")
+    store = request.app[STORE]
+    entry, now = await live_image(store, md5)
+    if entry.ext != ext:
+        raise json_error(404, NO_SUCH_IMAGE, "not_found")
+    headers = image_headers(entry.mime, entry.expire_at - now)
     if request.method == "GET":  # 304s count too (the image was shown); HEAD does not
         store.count_access(md5)
     return await send_representation(request, entry.path if entry.body is None else entry.body, f'"{md5}"',
@@ -4209,24 +4222,11 @@ async def handle_variant(request: web.Request) -> web.StreamResponse:
     if not MD5_RE.fullmatch(md5):
         raise json_error(400, "not an image id: expected /i/<md5>/<size>.<format>", "bad_md5")
     store = request.app[STORE]
-    store.check_generation()
-    image = await store.served_image(md5)
-    now = store.clock()
-    if image is not None and image.expire_at <= now:
-        store.forget(md5)  # maybe renewed by another process since it was cached
-        image = await store.served_image(md5)
-    if image is None or image.expire_at <= now:
-        raise json_error(404, "no such image (never uploaded, deleted or expired)", "not_found")
+    image, now = await live_image(store, md5)
     if not dot:
         fmt = await variants.choose_format(image, request.headers.get(hdrs.ACCEPT))
     entry = await variants.get(image, size, width, fmt)
-    headers = {
-        "Content-Type": entry.mime,
-        "Cache-Control": image_cache_control(image.expire_at - now),
-        "X-Content-Type-Options": "nosniff",
-        "Content-Security-Policy": IMAGE_CSP,
-        "Access-Control-Allow-Origin": "*",
-    }
+    headers = image_headers(entry.mime, image.expire_at - now)
     if not dot:
         headers["Vary"] = "Accept"
     if request.method == "GET":
