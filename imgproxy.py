@@ -3992,7 +3992,6 @@ async def handle_upload(request: web.Request) -> web.Response:
     png_check = PngStreamCheck(config.server.max_pixels) if "PNG" in config.server.formats else None
     sink = UploadSink(store.storage, config.server.max_upload_bytes,
                       observer=png_check.feed if png_check is not None else None)
-    stripped_path: Optional[Path] = None
     stripped_locks: list[tuple[Path, int]] = []
 
     def locked_tmp() -> Path:
@@ -4001,6 +4000,11 @@ async def handle_upload(request: web.Request) -> web.Response:
         path, fd = store.storage.create_tmp("strip")
         stripped_locks.append((path, fd))
         return path
+
+    def release_stripped() -> None:
+        for path, fd in stripped_locks:
+            _unlink_quietly(path)  # gone once published; still here if stripping or publish failed
+            store.storage.release_tmp(path, fd)
 
     try:
         raw_name = await receive_upload(request, sink)
@@ -4024,23 +4028,18 @@ async def handle_upload(request: web.Request) -> web.Response:
         publish_path, source_md5 = sink.tmp_path, None
         if stored is not None:
             source_md5 = md5
-            md5, facts, stripped_path = stored
-            publish_path = stripped_path
+            md5, facts, publish_path = stored
         name = sanitize_name(raw_name, FORMATS[facts.format][0])
         info, created = await store.publish(user.username, md5, facts, name, publish_path,
                                             source_md5=source_md5)
-        stripped_path = None  # publish placed or removed it
         if stored is None:
             sink.tmp_path = None
     finally:
-        if stripped_path is not None:
-            await asyncio.to_thread(_unlink_quietly, stripped_path)
         if sink.tmp_path is not None:
             await sink.discard()
         sink.release()
-        for path, fd in stripped_locks:
-            _unlink_quietly(path)  # gone once published; still here if stripping or publish failed
-            store.storage.release_tmp(path, fd)
+        if stripped_locks:
+            await asyncio.to_thread(release_stripped)
     log.debug("%s %s.%s (%d bytes) for %s", "stored" if created else "renewed", md5,
              FORMATS[facts.format][0], facts.size, user.username)
     status = 201 if created else 200
