@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import io
 import os
+import re
 import signal
 import sqlite3
 import struct
@@ -659,3 +660,26 @@ print(json.dumps(out))
         Path(f.name + ".stored").unlink(missing_ok=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- app tokens and client subprocesses ------------------------------------------
+
+TOKEN_RE = re.compile(r"imgp_[0-9A-Za-z]{43}")  # what POST /api/tokens hands out
+
+
+async def create_token(client, who: dict, name: str = "laptop ShareX") -> dict:
+    resp = await client.post("/api/tokens", json={"name": name}, headers=who)
+    assert resp.status == 201, await resp.text()
+    return await resp.json()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict:
+    """An environment for subprocesses: no IMGPROXY_* from outside, own cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPROXY_")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")
+    env.update(extra)
+    return env

@@ -31,10 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import multipart
-from test_client import clean_env
-from conftest import api
-from test_page_apps import DENIED, AppSetups, create_token_on_page
+from conftest import AppSetups, api, create_token_on_page
+from helpers import clean_env, multipart
+from imgproxy import DENIED_MESSAGE as DENIED
 
 ROOT = Path(__file__).resolve().parent.parent
 PICGO_DIR = Path(os.environ.get("IMGPROXY_PICGO_DIR", Path.home() / ".cache" / "imgproxy-picgo"))

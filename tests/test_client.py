@@ -30,6 +30,7 @@ import imgproxy
 from client import PERMISSION_MESSAGE, Client
 from conftest import ROOT as REPO
 from conftest import LiveServer, corpus_file, read_manifest
+from helpers import clean_env
 
 CLIENT_PY = REPO / "client.py"
 # Formats the README says the server accepts; the corpus also holds AVIF/HEIF,
@@ -110,14 +111,6 @@ def closed_port_url() -> str:
     port = sock.getsockname()[1]
     sock.close()   # nothing listens there now: connecting is refused at once
     return f"http://127.0.0.1:{port}"
-
-
-def clean_env(tmp_path: Path, **extra: str) -> dict:
-    """An environment for subprocesses: no IMGPROXY_* from outside, own cache."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPROXY_")}
-    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")
-    env.update(extra)
-    return env
 
 
 # ---------------------------------------------------------------- the three statuses

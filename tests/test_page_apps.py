@@ -10,67 +10,11 @@ when Playwright or Chromium is missing.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
-import re
 
-from conftest import PageSession, api, expect
-from test_page import DENIED
-from test_tokens import bearer
-
-TOKEN_RE = re.compile(r"^imgp_[0-9A-Za-z]{43}$")
-
-
-@dataclasses.dataclass
-class AppSetups:
-    """What the page hands out for one new token, exactly as it hands it out."""
-    token_id: str
-    token: str
-    sharex_file_name: str
-    sharex: str        # the downloaded .sxcu
-    picgo: str         # "Copy PicGo settings"
-    client: str        # "Copy command" (Typora, scripts)
-    curl: str          # "Copy curl command"
-
-
-def copied(tab: PageSession, key: str) -> str:
-    """Press a copy button and return what went to the clipboard."""
-    button = tab.page.locator(f"#token-new button[data-copy={key}]")
-    button.click()
-    expect(button).to_have_attribute("data-copied", re.compile(r"."))
-    text = button.get_attribute("data-copied")
-    assert tab.page.evaluate("navigator.clipboard.readText()") == text
-    return text
-
-
-def create_token_on_page(tab: PageSession, name: str) -> AppSetups:
-    """Type a name, create the token and collect every set-up the page offers for it."""
-    page = tab.page
-    page.fill("#token-name", name)
-    page.click("#token-create")
-    new = page.locator("#token-new")
-    expect(new).to_be_visible()
-    expect(page.locator("#token-new-name")).to_have_text(name)
-    token = page.locator("#token-secret").input_value()
-    assert TOKEN_RE.fullmatch(token), token
-    row = page.locator("#tokens li.token", has=page.locator(".name", has_text=name)).first
-    expect(row).to_be_visible()
-    token_id = row.get_attribute("data-token-id")
-
-    page.click("[data-setup-choice=sharex]")
-    with page.expect_download() as download_info:
-        page.click("[data-setup=sharex-download]")
-    download = download_info.value
-    sharex = open(download.path(), encoding="utf-8").read()
-    assert copied(tab, "sharex") == sharex
-    page.click("[data-setup-choice=picgo]")
-    picgo = copied(tab, "picgo")
-    page.click("[data-setup-choice=client]")
-    client = copied(tab, "client")
-    page.click("[data-setup-choice=curl]")
-    curl = copied(tab, "curl")
-    return AppSetups(token_id=token_id, token=token, sharex_file_name=download.suggested_filename,
-                     sharex=sharex, picgo=picgo, client=client, curl=curl)
+from conftest import api, create_token_on_page, expect
+from helpers import bearer
+from imgproxy import DENIED_MESSAGE as DENIED
 
 
 def list_tokens(server, user=("bob", "bob123")) -> list[dict]:

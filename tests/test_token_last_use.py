@@ -11,7 +11,7 @@ import sqlite3
 
 import imgproxy
 from conftest import BOB
-from test_tokens import bearer, create_token
+from helpers import bearer, create_token
 
 
 async def listed_last_use(client) -> str | None:

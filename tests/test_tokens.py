@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import re
 import secrets
 import sqlite3
 import statistics
@@ -17,19 +16,8 @@ import pytest
 
 import imgproxy
 from conftest import ALICE, BOB
-from helpers import http_call, median_refusal_seconds, png_bytes
+from helpers import TOKEN_RE, bearer, create_token, http_call, median_refusal_seconds, png_bytes
 
-TOKEN_RE = re.compile(r"imgp_[0-9A-Za-z]{43}")
-
-
-async def create_token(client, who: dict, name: str = "laptop ShareX") -> dict:
-    resp = await client.post("/api/tokens", json={"name": name}, headers=who)
-    assert resp.status == 201, await resp.text()
-    return await resp.json()
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 # ---- creating, listing, revoking ------------------------------------------------------
