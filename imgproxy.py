@@ -152,7 +152,7 @@ S3_STREAM_CHUNK = 64 * 1024          # a GET is handed on in pieces of this size
 S3_DELETE_BATCH = 1000               # the S3 limit on keys in one DeleteObjects
 S3_CONNECT_TIMEOUT = 3.0             # seconds; a store that does not answer is unavailable, not slow
 S3_READ_TIMEOUT = 30.0               # seconds without a byte from the store on an open request
-S3_MAX_ATTEMPTS = 3                  # tries of one request (retries of connection errors, 5xx, throttling)
+S3_MAX_ATTEMPTS = 3                  # tries of one request in all (connection errors, 5xx, throttling): <= 3 s of backoff
 S3_POOL_CONNECTIONS = 64             # connections kept to the store, shared by all requests
 # App tokens: "imgp_" + 43 base62 characters = 256 bits; the fixed prefix lets
 # secret scanners (GitHub's, gitleaks) recognise a leaked one.
@@ -961,8 +961,8 @@ class _FileSlice(io.RawIOBase):
     def content_md5(self) -> str:
         """Base64 MD5 of the slice, for Content-MD5 (blocking: run in a thread)."""
         digest = hashlib.md5()
-        for at in range(0, self._length, FLUSH_BYTES):
-            digest.update(os.pread(self._fd, min(FLUSH_BYTES, self._length - at), self._offset + at))
+        for at in range(0, self._length, CHUNK):
+            digest.update(os.pread(self._fd, min(CHUNK, self._length - at), self._offset + at))
         return base64.b64encode(digest.digest()).decode("ascii")
 
 
@@ -1022,7 +1022,7 @@ class S3Blobs:
                 # event loop to sign it; Content-MD5 (signed) still has the store verify it.
                 "payload_signing_enabled": False},
             connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT,
-            retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+            retries={"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
             max_pool_connections=S3_POOL_CONNECTIONS,
             # We send Content-MD5 ourselves; botocore's default CRC would read each
             # file body once more, on the event loop.
