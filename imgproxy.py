@@ -992,6 +992,10 @@ class S3Blobs:
         self.prefix = prefix
         self._access_key_id = access_key_id or os.environ.get("AWS_ACCESS_KEY_ID")
         self._secret_access_key = secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+        # Named in errors, so the operator knows which pair to fix (never their values).
+        self._credentials_from = ("storage.access_key_id/secret_access_key" if access_key_id
+                                  else "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" if self._access_key_id
+                                  else "botocore's default chain (~/.aws, instance role)")
         self._client: Any = None
         self._exits: Optional[contextlib.AsyncExitStack] = None
         # Set by open(): botocore's exception classes, for the translation into ours.
@@ -1052,8 +1056,8 @@ class S3Blobs:
             if status == 404:
                 raise ConfigError(f"storage.bucket: no {where} (create it first)") from None
             if status in (401, 403):
-                raise ConfigError(f"storage.access_key_id: the object store refused these credentials "
-                                  f"for {where} ({status} {code})") from None
+                raise ConfigError(f"storage.access_key_id: the object store refused the credentials from "
+                                  f"{self._credentials_from} for {where} ({status} {code})") from None
             raise ConfigError(f"storage.bucket: the object store answered {status} {code} for {where}") from None
         except self._transport_errors as e:
             raise ConfigError(f"storage.endpoint: cannot reach the object store at {self.endpoint}: "

@@ -345,3 +345,32 @@ async def test_stopped_store_is_unavailable_quickly_then_recovers(s3_engine, blo
     assert await blobs.read("s/kept.txt") == b"kept"
     await blobs.put_file("s/new.bin", small, "application/octet-stream")
     assert await blobs.size("s/new.bin") == 1000
+
+
+# ---- the store checks the bytes it gets ---------------------------------------------
+
+@pytest.mark.parametrize("size", [300_000, 20 * MB], ids=["single-put", "multipart"])
+async def test_bytes_changed_on_the_way_are_refused_and_leave_nothing(blobs, raw, bucket, tmp_path,
+                                                                     monkeypatch, size):
+    # Content-MD5 is computed from the file before sending; flip one byte of what is
+    # then sent (of the second part, for a multipart upload) and the store must refuse it.
+    source = tmp_path / "file.bin"
+    random_file(source, size)
+    sent = imgproxy._FileSlice.read
+    victim = min(size - 1, imgproxy.S3_PART_SIZE + 10)
+
+    def corrupting_read(self, n=-1):
+        at = self._offset + self._pos
+        data = sent(self, n)
+        if at <= victim < at + len(data):
+            i = victim - at
+            data = data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]
+        return data
+
+    monkeypatch.setattr(imgproxy._FileSlice, "read", corrupting_read)
+    with pytest.raises(imgproxy.StoreUnavailable, match="BadDigest"):
+        await blobs.put_file("bad/file.bin", source, "application/octet-stream")
+    monkeypatch.undo()
+
+    assert await blobs.size("bad/file.bin") is None
+    assert (await raw.list_multipart_uploads(Bucket=bucket)).get("Uploads", []) == []
