@@ -63,7 +63,7 @@ import time
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional
 
 import aiosqlite
 from aiohttp import BodyPartReader, MultipartReader, hdrs, http_exceptions, web
@@ -141,6 +141,19 @@ MAX_EXPIRE_DAYS = 36500         # config bounds: beyond these, date and size ari
 MAX_UPLOAD_MB = 4096
 MAX_CACHE_MB = 65536
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+# Object storage (storage.backend "s3"). An upload up to the threshold is one PUT;
+# above it a multipart upload of parts sent a few at a time, each read from the
+# file as it goes out, so memory holds chunks, never parts or files.
+S3_MULTIPART_THRESHOLD = 16 * 1024 * 1024
+S3_PART_SIZE = 8 * 1024 * 1024       # grown when a file would need more than S3_MAX_PARTS
+S3_MAX_PARTS = 10_000                # the S3 limit on parts in one upload
+S3_PART_CONCURRENCY = 4              # parts in flight at once for one upload
+S3_STREAM_CHUNK = 64 * 1024          # a GET is handed on in pieces of this size as they arrive
+S3_DELETE_BATCH = 1000               # the S3 limit on keys in one DeleteObjects
+S3_CONNECT_TIMEOUT = 3.0             # seconds; a store that does not answer is unavailable, not slow
+S3_READ_TIMEOUT = 30.0               # seconds without a byte from the store on an open request
+S3_MAX_ATTEMPTS = 3                  # tries of one request in all (connection errors, 5xx, throttling): <= 3 s of backoff
+S3_POOL_CONNECTIONS = 64             # connections kept to the store, shared by all requests
 # App tokens: "imgp_" + 43 base62 characters = 256 bits; the fixed prefix lets
 # secret scanners (GitHub's, gitleaks) recognise a leaked one.
 TOKEN_PREFIX = "imgp_"
@@ -715,6 +728,12 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
                  507: "insufficient_storage"}
 
 
+class StoreUnavailable(Exception):
+    """The object store could not be reached, timed out or failed (5xx, refused us):
+    a 503 with Retry-After for the client, nothing lost. The message is one line
+    and never holds credentials."""
+
+
 class UploadRejected(Exception):
     """Raised by the inspection and streaming steps; becomes a 4xx for the uploader."""
 
@@ -1028,6 +1047,374 @@ class UploadSink:
                 _unlink_quietly(path)
 
             await asyncio.to_thread(drop)
+
+
+# ---- object storage (S3) -------------------------------------------------------
+
+class _FileSlice(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file, read with pread.
+
+    The request body of one PUT or one part: aiohttp reads it in small pieces
+    in a worker thread as the socket takes them, and botocore rewinds it with
+    seek(0) before a retry. pread keeps slices of one descriptor independent,
+    so the parts of an upload go out in parallel from one open file.
+    """
+
+    def __init__(self, fd: int, offset: int, length: int):
+        super().__init__()
+        self._fd, self._offset, self._length, self._pos = fd, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(base + pos, 0), self._length)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        left = self._length - self._pos
+        size = left if size is None or size < 0 else min(size, left)
+        data = os.pread(self._fd, size, self._offset + self._pos) if size > 0 else b""
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def content_md5(self) -> str:
+        """Base64 MD5 of the slice, for Content-MD5 (blocking: run in a thread)."""
+        digest = hashlib.md5()
+        for at in range(0, self._length, CHUNK):
+            digest.update(os.pread(self._fd, min(CHUNK, self._length - at), self._offset + at))
+        return base64.b64encode(digest.digest()).decode("ascii")
+
+
+def _content_md5(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+
+
+class S3Blobs:
+    """Objects in an S3-compatible bucket, keys `{prefix}{relative path}`.
+
+    Every method turns a store that cannot be reached, times out or fails
+    into StoreUnavailable (one line, no credentials), an absent object into
+    None or FileNotFoundError. aiobotocore is imported by open(), never at
+    module import: the files backend needs nothing beyond aiohttp.
+    """
+
+    list_page_size = 1000   # keys per ListObjectsV2 page (the S3 maximum; tests make pages small)
+
+    def __init__(self, endpoint: str, bucket: str, region: str = "us-east-1", prefix: str = "",
+                 access_key_id: Optional[str] = None, secret_access_key: Optional[str] = None):
+        if not re.fullmatch(r"https?://[^/@\s]+/?", endpoint):
+            # No user:password@ either: the endpoint is printed in errors and logs.
+            raise ConfigError(f"storage.endpoint: expected http(s)://host[:port], got {endpoint[:60]!r}")
+        self.endpoint = endpoint.rstrip("/")
+        self.bucket = bucket
+        self.region = region
+        self.prefix = prefix
+        self._access_key_id = access_key_id or os.environ.get("AWS_ACCESS_KEY_ID")
+        self._secret_access_key = secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+        # Named in errors, so the operator knows which pair to fix (never their values).
+        self._credentials_from = ("storage.access_key_id/secret_access_key" if access_key_id
+                                  else "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" if self._access_key_id
+                                  else "botocore's default chain (~/.aws, instance role)")
+        self._client: Any = None
+        self._exits: Optional[contextlib.AsyncExitStack] = None
+        # Set by open(): botocore's exception classes, for the translation into ours.
+        self._client_error: Any = None
+        self._transport_errors: tuple = ()
+        self._no_credentials: Any = None
+
+    def __repr__(self) -> str:  # never the secret key
+        return f"S3Blobs({self.endpoint!r}, bucket={self.bucket!r}, prefix={self.prefix!r})"
+
+    async def open(self) -> None:
+        try:
+            import aiohttp
+            import botocore.exceptions
+            from aiobotocore.config import AioConfig
+            from aiobotocore.session import get_session
+        except ImportError:
+            raise ConfigError('storage.backend is "s3" but aiobotocore is not installed: '
+                              "pip install aiobotocore") from None
+        self._client_error = botocore.exceptions.ClientError
+        self._no_credentials = botocore.exceptions.NoCredentialsError
+        self._transport_errors = (botocore.exceptions.BotoCoreError, aiohttp.ClientError, asyncio.TimeoutError)
+        config = AioConfig(
+            # Path-style (endpoint/bucket/key): MinIO, SeaweedFS, Garage and a plain
+            # IP endpoint have no per-bucket host names.
+            s3={"addressing_style": "path",
+                # UNSIGNED-PAYLOAD: over plain http botocore would hash every body on the
+                # event loop to sign it; Content-MD5 (signed) still has the store verify it.
+                "payload_signing_enabled": False},
+            connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT,
+            retries={"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+            max_pool_connections=S3_POOL_CONNECTIONS,
+            # We send Content-MD5 ourselves; botocore's default CRC would read each
+            # file body once more, on the event loop.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._exits = contextlib.AsyncExitStack()
+        self._client = await self._exits.enter_async_context(get_session().create_client(
+            "s3", endpoint_url=self.endpoint, region_name=self.region, config=config,
+            aws_access_key_id=self._access_key_id, aws_secret_access_key=self._secret_access_key))
+        try:
+            await self._check_bucket()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _check_bucket(self) -> None:
+        where = f'bucket "{self.bucket}" at {self.endpoint}'
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+        except self._no_credentials:
+            raise ConfigError("storage.access_key_id: no credentials for the object store: set "
+                              "storage.access_key_id and storage.secret_access_key, or "
+                              "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
+        except self._client_error as e:
+            status, code = self._status(e)
+            if status == 404:
+                raise ConfigError(f"storage.bucket: no {where} (create it first)") from None
+            if status in (401, 403):
+                raise ConfigError(f"storage.access_key_id: the object store refused the credentials from "
+                                  f"{self._credentials_from} for {where} ({status} {code})") from None
+            raise ConfigError(f"storage.bucket: the object store answered {status} {code} for {where}") from None
+        except self._transport_errors as e:
+            raise ConfigError(f"storage.endpoint: cannot reach the object store at {self.endpoint}: "
+                              f"{self._reason(e)}") from None
+
+    async def close(self) -> None:
+        exits, self._exits, self._client = self._exits, None, None
+        if exits is not None:
+            await exits.aclose()
+
+    # -- errors
+
+    @staticmethod
+    def _status(e) -> tuple[Optional[int], str]:
+        response = getattr(e, "response", None) or {}
+        return (response.get("ResponseMetadata", {}).get("HTTPStatusCode"),
+                str(response.get("Error", {}).get("Code", "")))
+
+    def _absent(self, e) -> bool:
+        status, code = self._status(e)
+        return status == 404 or code in ("NoSuchKey", "NotFound", "404")
+
+    @staticmethod
+    def _reason(e: BaseException) -> str:
+        text = " ".join(str(e).split()) or type(e).__name__
+        return text[:200]
+
+    @contextlib.contextmanager
+    def _translated(self, action: str):
+        """Everything from the store other than success becomes StoreUnavailable.
+
+        What the store answers with an error status (refused credentials, a
+        full disk, 5xx after the retries) is as unavailable to our client as a
+        store that is down: the next try may work, nothing was lost.
+        """
+        try:
+            yield
+        except self._client_error as e:
+            status, code = self._status(e)
+            raise StoreUnavailable(f"object store at {self.endpoint}: {action} failed "
+                                   f"({status} {code})") from None
+        except self._transport_errors as e:
+            raise StoreUnavailable(f"object store at {self.endpoint} unavailable during {action}: "
+                                   f"{self._reason(e)}") from None
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    # -- writing. S3 makes an object visible only when its PUT (or the multipart
+    # upload's Complete) succeeds: a reader never sees a partial image, and a
+    # failed or cancelled upload leaves nothing (its parts are aborted below).
+
+    async def put_bytes(self, key: str, data: bytes, content_type: str,
+                        cache_control: Optional[str] = None) -> None:
+        extra = {"CacheControl": cache_control} if cache_control else {}
+        with self._translated(f"PUT {key}"):
+            await self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                          ContentLength=len(data), ContentMD5=_content_md5(data),
+                                          ContentType=content_type, **extra)
+
+    async def put_file(self, key: str, path: Path, content_type: str,
+                       cache_control: Optional[str] = None) -> None:
+        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            extra = {"CacheControl": cache_control} if cache_control else {}
+            if size <= S3_MULTIPART_THRESHOLD:
+                body = _FileSlice(fd, 0, size)
+                md5 = await asyncio.to_thread(body.content_md5)
+                with self._translated(f"PUT {key}"):
+                    await self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body,
+                                                  ContentLength=size, ContentMD5=md5,
+                                                  ContentType=content_type, **extra)
+            else:
+                await self._put_multipart(key, fd, size, content_type, extra)
+        finally:
+            os.close(fd)
+
+    async def _put_multipart(self, key: str, fd: int, size: int, content_type: str, extra: dict) -> None:
+        part_size = max(S3_PART_SIZE, -(-size // S3_MAX_PARTS))
+        offsets = list(range(0, size, part_size))
+        with self._translated(f"multipart upload of {key}"):
+            upload_id = (await self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=self._key(key), ContentType=content_type, **extra))["UploadId"]
+        etags: dict[int, str] = {}
+        queue = iter(enumerate(offsets, start=1))  # shared by the workers; no await between next() and use
+
+        async def send_parts() -> None:
+            for number, offset in queue:
+                body = _FileSlice(fd, offset, min(part_size, size - offset))
+                md5 = await asyncio.to_thread(body.content_md5)
+                answer = await self._client.upload_part(
+                    Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=number,
+                    Body=body, ContentLength=body._length, ContentMD5=md5)
+                etags[number] = answer["ETag"]
+
+        workers = [asyncio.ensure_future(send_parts()) for _ in range(min(S3_PART_CONCURRENCY, len(offsets)))]
+        try:
+            with self._translated(f"multipart upload of {key}"):
+                try:
+                    await asyncio.gather(*workers)
+                finally:
+                    for worker in workers:  # one failed (or we were cancelled): stop the others
+                        worker.cancel()
+                    await asyncio.gather(*workers, return_exceptions=True)
+                await self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=self._key(key), UploadId=upload_id,
+                    MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etags[n]}
+                                               for n in range(1, len(offsets) + 1)]})
+        except BaseException:
+            # Shielded: a second cancellation (shutdown) must not leave the parts
+            # stored and billed. After a Complete that did succeed this is a no-op.
+            await asyncio.shield(self._abort_upload(key, upload_id))
+            raise
+
+    async def _abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            await self._client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
+        except Exception as e:  # noqa: BLE001 - the upload's own error is the one to report
+            log.warning("object store: could not abort the multipart upload of %s (%s); "
+                        "a bucket lifecycle rule for incomplete uploads removes its parts", key, self._reason(e))
+
+    # -- reading
+
+    async def size(self, key: str) -> Optional[int]:
+        with self._translated(f"HEAD {key}"):
+            try:
+                answer = await self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except self._client_error as e:
+                if self._absent(e):
+                    return None
+                raise
+        return answer["ContentLength"]
+
+    async def _get(self, key: str, start: int = 0, end: Optional[int] = None) -> dict:
+        if start < 0 or (end is not None and end < start):
+            raise ValueError(f"bad byte range {start}-{end} for {key}")
+        extra = {}
+        if start or end is not None:
+            extra["Range"] = f"bytes={start}-{'' if end is None else end}"
+        with self._translated(f"GET {key}"):
+            try:
+                return await self._client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)
+            except self._client_error as e:
+                if self._absent(e):
+                    raise FileNotFoundError(f"no object {key} in the store") from None
+                if self._status(e)[0] == 416:
+                    raise ValueError(f"byte range {extra['Range']} starts beyond the end of {key}") from None
+                raise
+
+    async def read(self, key: str) -> bytes:
+        """The whole object (for small ones: variants, the database copy)."""
+        answer = await self._get(key)
+        with self._translated(f"GET {key}"):
+            async with answer["Body"] as body:
+                return await body.read()
+
+    async def stream(self, key: str, start: int = 0, end: Optional[int] = None) -> AsyncIterator[bytes]:
+        """Bytes start..end (inclusive; None: to the end) in pieces as they arrive.
+
+        The GET goes out at the first iteration, so FileNotFoundError (and a
+        ValueError for a start beyond the end) come from there: take the first
+        piece before committing to a response. Close the iterator if you stop
+        early (contextlib.aclosing) so its connection goes back to the pool.
+        """
+        answer = await self._get(key, start, end)
+        body = answer["Body"]
+        try:
+            with self._translated(f"GET {key}"):
+                while True:
+                    chunk = await body.read(S3_STREAM_CHUNK)
+                    if not chunk:
+                        break
+                    yield chunk
+        finally:
+            body.close()
+
+    async def download(self, key: str, path: Path) -> None:
+        """The object into a local file (written in FLUSH_BYTES batches by a worker
+        thread); on failure the partial file is removed."""
+        f = await asyncio.to_thread(open, path, "wb")
+        try:
+            batch: list[bytes] = []
+            held = 0
+            async with contextlib.aclosing(self.stream(key)) as pieces:
+                async for chunk in pieces:
+                    batch.append(chunk)
+                    held += len(chunk)
+                    if held >= FLUSH_BYTES:
+                        await asyncio.to_thread(f.writelines, batch)
+                        batch, held = [], 0
+            await asyncio.to_thread(f.writelines, batch)
+            await asyncio.to_thread(f.close)
+        except BaseException:
+            await asyncio.to_thread(f.close)
+            await asyncio.to_thread(_unlink_quietly, Path(path))
+            raise
+
+    async def list(self, prefix: str = "") -> AsyncIterator[tuple[str, int, float]]:
+        """(key relative to self.prefix, size, last modified as Unix seconds) of every
+        object under prefix, all pages."""
+        args = {"Bucket": self.bucket, "Prefix": self._key(prefix), "MaxKeys": self.list_page_size}
+        cut = len(self.prefix)
+        while True:
+            with self._translated(f"LIST {prefix or '/'}"):
+                page = await self._client.list_objects_v2(**args)
+            for entry in page.get("Contents", ()):
+                yield entry["Key"][cut:], entry["Size"], entry["LastModified"].timestamp()
+            if not page.get("IsTruncated"):
+                return
+            args["ContinuationToken"] = page["NextContinuationToken"]
+
+    # -- removing
+
+    async def delete(self, keys: list[str]) -> None:
+        """Remove the objects; keys that are already absent are fine."""
+        for at in range(0, len(keys), S3_DELETE_BATCH):
+            batch = [{"Key": self._key(key)} for key in keys[at:at + S3_DELETE_BATCH]]
+            with self._translated(f"DELETE of {len(batch)} objects"):
+                answer = await self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            failed = [e for e in answer.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
+            if failed:
+                raise StoreUnavailable(f"object store at {self.endpoint}: could not delete {len(failed)} "
+                                       f"objects (first: {failed[0].get('Key')} {failed[0].get('Code')})")
 
 
 # ==== database ==================================================================
