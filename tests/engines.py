@@ -8,27 +8,38 @@ reason says what to install); a program that is installed but does not come up F
 them, with the tail of its log. The engines only need the standard library, so the
 fixtures work even where the drivers (aiobotocore, asyncpg) are absent.
 
-What SeaweedFS 4.48's S3 gateway does that an S3 client must allow for (found by
-tests/test_engines.py and by hand against this build):
-- Path-style addressing only here (no -s3.domainName); region is not checked, any
-  name signs correctly, "us-east-1" is used.
-- Credentials are enforced once an identities file is given (-s3.config): wrong or
-  missing keys get 403 AccessDenied / SignatureDoesNotMatch / InvalidAccessKeyId.
-- Single PUT ETag is the quoted hex MD5 of the body. A multipart object's ETag is
+What SeaweedFS 4.48's S3 gateway does that an S3 client must allow for (checked by
+tests/test_engines.py, or by hand against this build where marked "seen"):
+- Path-style addressing (no -s3.domainName given). The region is not checked: any
+  name signs correctly; "us-east-1" is used.
+- Credentials are enforced once an identities file is given (-s3.config): a wrong
+  secret gets 403 SignatureDoesNotMatch, an unknown key 403 InvalidAccessKeyId, an
+  unsigned request 403 AccessDenied.
+- A single PUT's ETag is the quoted hex MD5 of the body. A multipart object's ETag is
   "{md5 of the part MD5s}-{parts}", like AWS: never compare it with the file's MD5.
-- Multipart: parts below 5 MiB (except the last) are refused at Complete with
-  EntityTooSmall, like AWS, so stream in >= 5 MiB parts.
-- Content-MD5 on PUT is checked (a wrong one gets 400 BadDigest).
-- DeleteObjects (POST ?delete) works, quiet mode too; deleting a missing key is 204.
+- Multipart: parts below 5 MiB (but the last) are refused at Complete with 400
+  EntityTooSmall, like AWS: stream in parts of at least 5 MiB. An upload started
+  before a restart can be continued and completed after it (seen). Abort leaves
+  nothing; unfinished uploads show in ListMultipartUploads until aborted.
+- Content-MD5 on PUT is checked (a wrong one: 400 BadDigest, nothing stored).
+  botocore's flexible checksums (x-amz-checksum-*) are accepted too (seen).
+- PUT with If-None-Match: * on an existing key answers 412 PreconditionFailed (a
+  race-free "create only").
+- DeleteObjects (POST ?delete) works; deleting a missing key answers 204.
 - ListObjectsV2 pages with MaxKeys / ContinuationToken and reports IsTruncated.
-- Range GETs answer 206 with Content-Range; a range past the end answers 416.
-- Content-Type and Cache-Control given at PUT are returned on GET/HEAD.
-- stop() sends SIGTERM: requests in flight are cut (the client sees a reset or a
-  disconnected stream), new connections are refused until start() is back (~1 s);
-  objects written before stop() are all there after start().
-- Buckets made by new_bucket() are plain S3 buckets (CreateBucket); the gateway
-  also creates a bucket on first PUT for admin identities (-s3.autoCreateBucket),
-  so a client must not rely on NoSuchBucket for a misspelled bucket.
+- Range GETs answer 206 with Content-Range; a suffix range works; a range past the
+  end answers 416.
+- Content-Type and Cache-Control given at PUT come back on GET and HEAD; CopyObject
+  keeps them (seen).
+- A PUT into a bucket that does not exist would CREATE it for an admin identity
+  (-s3.autoCreateBucket, on by default); the fixture turns that off, so a misspelled
+  bucket answers 404 NoSuchBucket as on AWS.
+- stop() (SIGTERM, ~2 s): a GET in flight is still served to its end, a PUT in flight
+  is cut (server disconnected) and leaves no object; new connections are refused
+  (connection error, not an HTTP status) until start() is back (~0.8 s).
+  stop(kill=True) (SIGKILL): a GET in flight ends short (the client sees a
+  Content-Length error), a PUT in flight is reset and leaves no object. Either way
+  every acknowledged write is there after start().
 """
 from __future__ import annotations
 
@@ -170,7 +181,7 @@ class S3Engine:
         engine.command = [
             weed, "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false", f"-s3.config={config}",
             f"-filer.localSocket={folder / 'filer.sock'}", f"-s3.localSocket={folder / 's3.sock'}",
             *(f"-{name.replace('.grpc', '.port.grpc') if '.grpc' in name else name + '.port'}={p}"
               for name, p in port.items()),
