@@ -40,6 +40,11 @@ tests/test_engines.py, or by hand against this build where marked "seen"):
   stop(kill=True) (SIGKILL): a GET in flight ends short (the client sees a
   Content-Length error), a PUT in flight is reset and leaves no object. Either way
   every acknowledged write is there after start().
+
+PostgreSQL runs with fsync, full_page_writes and synchronous_commit off: fast, and a
+stop(mode="immediate") (a crash) may lose the commits of its last ~0.6 s. A test that
+crashes it and counts on what was committed sets `synchronous_commit = on` for its
+session or database first. stop() (mode "fast") loses nothing.
 """
 from __future__ import annotations
 
@@ -212,13 +217,16 @@ class S3Engine:
 
     def start(self) -> None:
         """Start `weed mini` (again: same ports, same data) and wait until S3 answers signed requests."""
-        if self.process is not None and self.process.poll() is None:
+        if self.running:
             return
         began = time.monotonic()
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # else it adds a user
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            cwd=self.folder, start_new_session=True)
+            try:
+                self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                cwd=self.folder, start_new_session=True)
+            except OSError as exc:
+                raise EngineError(f"SeaweedFS: cannot run {self.command[0]}: {exc}") from None
         last = "no answer"
         while time.monotonic() - began < START_TIMEOUT:
             if self.process.poll() is not None:
@@ -252,9 +260,13 @@ class S3Engine:
             self.process.kill()
             self.process.wait(15)
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def close(self) -> None:
         """Stop for good and remove the data, the log and the sockets weed leaves in /tmp."""
-        self._terminate(kill=False)
+        self._terminate(kill=True)   # the data goes anyway: no need to wait for a clean stop
         for port in self.ports:
             for leftover in glob.glob(f"/tmp/seaweedfs-*-{int(port)}.sock"):
                 with contextlib.suppress(OSError):
@@ -276,7 +288,8 @@ class S3Engine:
             return exc.code, exc.read()
 
     def new_bucket(self) -> str:
-        """Create a fresh, empty bucket; return its name."""
+        """Create a fresh, empty bucket; return its name. Starts the engine if a test left it stopped."""
+        self.start()
         self.buckets_made += 1
         name = f"t{self.buckets_made}-{secrets.token_hex(5)}"
         status, body = self.request("PUT", f"/{name}")
@@ -387,9 +400,13 @@ class PgEngine:
                   "-t", str(int(START_TIMEOUT)), "start", timeout=START_TIMEOUT + 10)
         self.start_seconds = time.monotonic() - began
 
+    @property
+    def running(self) -> bool:
+        return (self.data_dir / "postmaster.pid").exists()
+
     def stop(self, *, mode: str = "fast") -> None:
         """Stop the server; `fast` ends open sessions, `immediate` is a crash. start() brings it back."""
-        if (self.data_dir / "postmaster.pid").exists():
+        if self.running:
             self._run(self.bindir / "pg_ctl", "-D", self.data_dir, "-m", mode, "-w", "stop")
 
     def close(self) -> None:
@@ -408,7 +425,10 @@ class PgEngine:
                          "-c", sql).stdout
 
     def new_database(self) -> str:
-        """CREATE DATABASE a fresh one owned by `user`; return its postgresql:// URL."""
+        """CREATE DATABASE a fresh one owned by `user`; return its postgresql:// URL.
+        Starts the cluster if a test left it stopped."""
+        if not self.running:
+            self.start()
         self.databases_made += 1
         name = f"t{self.databases_made}_{secrets.token_hex(5)}"
         self.psql(f"CREATE DATABASE {name} OWNER {self.user}")
