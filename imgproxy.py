@@ -742,10 +742,6 @@ class UploadRejected(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-class StoreUnavailable(Exception):
-    """The object store cannot be reached or failed: a 503 with Retry-After, nothing lost."""
-
-
 def is_database_outage(exc: BaseException) -> bool:
     """PostgreSQL unreachable, restarting or out of connections (asyncpg's errors
     are recognised by module, so the driver is never imported to check)."""
