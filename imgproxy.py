@@ -1965,9 +1965,11 @@ class ImageStore:
     # -- reading --
     def info(self, row: sqlite3.Row, status: Optional[str] = None) -> dict:
         md5 = row["md5"]
+        public = self.config.storage.public_base_url
         out = {
             "md5": md5,
-            "url": f"{self.config.base_url}/i/{md5}.{row['ext']}",
+            "url": f"{public}/{self.config.storage.prefix}{image_key(md5, row['ext'])}" if public
+            else f"{self.config.base_url}/i/{md5}.{row['ext']}",
             "name": row["name"],
             "size": row["size"],
             "width": row["width"],
