@@ -2144,9 +2144,10 @@ class ImageStore:
 
         try:
             known = await self.get_row(md5)
-            # Bytes we already hold are not sent again: the row is the proof the object exists.
+            # Bytes we already hold are not sent again; one HEAD makes sure, so an
+            # upload also heals a row whose object was lost (as on the files backend).
             written = False
-            if known is None or known["ext"] != ext:
+            if known is None or known["ext"] != ext or await self.blobs.size(key) is None:
                 await self.write(txn_claim)
                 await self.blobs.put_file(key, tmp_path, mime, OBJECT_CACHE_CONTROL)
                 written = True
