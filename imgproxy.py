@@ -1682,6 +1682,10 @@ class PgReader:
         await self.pool.close()
 
 
+async def _pg_no_reset(_conn: Any) -> None:
+    """Pool connections carry no session state to undo (see ImageStore._open_pg)."""
+
+
 def pg_error_text(exc: BaseException) -> str:
     """An error of the driver or the network, without the URL (it holds the password)."""
     return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
@@ -1808,8 +1812,12 @@ class ImageStore:
 
         url = self.config.database.url
         try:
+            # reset: the pool's default runs four statements per release to undo
+            # session state (locks, LISTEN, settings); pool connections never take
+            # any: transactions close with their block, and the cleanup lock and
+            # the change feed have connections of their own.
             self.pool = await asyncpg.create_pool(url, min_size=1, max_size=PG_POOL_SIZE,
-                                                  command_timeout=PG_COMMAND_SECONDS)
+                                                  command_timeout=PG_COMMAND_SECONDS, reset=_pg_no_reset)
             async with self.pool.acquire() as conn:
                 async with conn.transaction():
                     # Nodes starting together would race on CREATE ... IF NOT EXISTS.
@@ -5406,13 +5414,15 @@ async def cleanup_lock(store: ImageStore):
     """Yields whether this process may run the pass: an flock on data_dir's
     cleanup.lock, or with PostgreSQL a session advisory lock, one for the cluster."""
     if store.pool is not None:
-        async with store.pool.acquire() as conn:
-            held = await conn.fetchval("SELECT pg_try_advisory_lock($1)", PG_LOCK_CLEANUP)
-            try:
-                yield held
-            finally:
-                if held:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", PG_LOCK_CLEANUP)
+        import asyncpg
+
+        # A connection of its own: the lock lives as long as it, and goes with it
+        # if this process dies, so a crashed pass never blocks the next one.
+        conn = await asyncpg.connect(store.config.database.url, timeout=PG_COMMAND_SECONDS)
+        try:
+            yield await conn.fetchval("SELECT pg_try_advisory_lock($1)", PG_LOCK_CLEANUP)
+        finally:
+            await conn.close(timeout=5)
         return
     lock_fd = os.open(store.storage.cleanup_lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
