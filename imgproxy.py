@@ -6244,6 +6244,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         asyncio.run(serve(config, sock))
     except KeyboardInterrupt:
         pass
+    except ConfigError as exc:  # the database or the bucket named by the config cannot be used
+        print(f"imgproxy: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
+        print(f"imgproxy: storage: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
