@@ -177,7 +177,20 @@ VARIANT_QUEUE_PER_CORE = 8      # distinct renders waiting or running per core b
 VARIANT_TOUCH_SECONDS = 3600.0  # a served variant's mtime (its LRU rank on disk) is refreshed at most this often
 VARIANT_SWEEP_SECONDS = 300.0   # the disk budget is checked at least this often, and after renders that exceed it
 VARIANT_LOCK_STRIPES = 256      # per-variant render locks across workers, hashed onto this many files
+VARIANT_HEAD_BYTES = 256 * 1024  # of an original in the object store, read to tell if it can be see-through
 VARIANT_SOURCE_CACHE = 10_000   # images whose "has transparency" answer is remembered for negotiation
+# More than one machine (storage.backend "s3", database.url): see the storage and database chapters.
+PG_POOL_SIZE = 10               # connections per process (reads; writes queue on one lock anyway)
+PG_COMMAND_SECONDS = 30.0       # a statement, or a connection attempt, that takes longer fails
+PG_CHANNEL = "imgproxy_changes"  # LISTEN/NOTIFY channel of the change feed
+PG_LISTEN_CHECK_SECONDS = 1.0   # how often a lost change feed is retried
+PG_LOCK_WRITE = 0x696D6770_0001  # advisory locks ("imgp"): every write transaction ...
+PG_LOCK_CLEANUP = 0x696D6770_0002  # ... a cleanup pass anywhere in the cluster ...
+PG_LOCK_SCHEMA = 0x696D6770_0003   # ... and schema creation by nodes starting together
+# Set on objects, for a CDN or public bucket in front of the store (storage.public_base_url):
+# an hour, so a deleted or expired image leaves such a cache within the hour.
+OBJECT_CACHE_CONTROL = "public, max-age=3600"
+CLAIM_SECONDS = 3600.0          # an upload's claim on an object protects it from removal this long
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
             "img-src 'self' blob: data:; connect-src 'self'; form-action 'self'; "
             "base-uri 'none'; frame-ancestors 'none'")
@@ -314,12 +327,33 @@ class MetricsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StorageConfig:
+    """Where image bytes live: `files` under data_dir, or an S3-compatible bucket."""
+    backend: str = "files"
+    endpoint: Optional[str] = None
+    bucket: Optional[str] = None
+    region: str = "us-east-1"
+    prefix: str = ""
+    public_base_url: Optional[str] = None
+    access_key_id: Optional[str] = dataclasses.field(default=None, repr=False)
+    secret_access_key: Optional[str] = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseConfig:
+    """Where metadata lives: SQLite in data_dir (url null), or PostgreSQL."""
+    url: Optional[str] = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     cleanup: CleanupConfig = CleanupConfig()
     users: tuple[UserConfig, ...] = ()
     client: ClientConfig = ClientConfig()
     metrics: MetricsConfig = MetricsConfig()
+    storage: StorageConfig = StorageConfig()
+    database: DatabaseConfig = DatabaseConfig()
 
     @property
     def base_url(self) -> str:
@@ -381,7 +415,7 @@ def _optional_path(key: str, value: Any, base: Path) -> Optional[Path]:
 def parse_config(raw: Any, base_dir: Path) -> Config:
     """Validate a decoded config.json into a Config; raises ConfigError naming the key."""
     _expect("config", raw, "object")
-    _only_keys("", raw, ("server", "cleanup", "users", "client", "metrics"))
+    _only_keys("", raw, ("server", "cleanup", "users", "client", "metrics", "storage", "database"))
 
     s = _expect("server", raw.get("server", {}), "object")
     _only_keys("server", s, [f.name for f in dataclasses.fields(ServerConfig)])
@@ -519,7 +553,80 @@ def parse_config(raw: Any, base_dir: Path) -> Config:
         token=None if cl.get("token") is None else _expect("client.token", cl["token"], "str"),
     )
     return Config(server=server, cleanup=cleanup, users=tuple(users), client=client,
-                  metrics=_parse_metrics(raw.get("metrics", {})))
+                  metrics=_parse_metrics(raw.get("metrics", {})),
+                  storage=_parse_storage(raw.get("storage", {})),
+                  database=_parse_database(raw.get("database", {})))
+
+
+def _require_package(key: str, module: str, package: str) -> None:
+    """Optional drivers are imported only when the config asks for them; a
+    missing one is a config error naming what to install."""
+    try:
+        __import__(module)
+    except ImportError:
+        raise ConfigError(f"{key}: needs the Python package {package} (pip install {package})") from None
+
+
+def _parse_storage(raw: Any) -> StorageConfig:
+    st = _expect("storage", raw, "object")
+    _only_keys("storage", st, [f.name for f in dataclasses.fields(StorageConfig)])
+    d = StorageConfig()
+    backend = _expect("storage.backend", st.get("backend", d.backend), "str")
+    if backend not in ("files", "s3"):
+        raise ConfigError(f"storage.backend: expected \"files\" or \"s3\", got {backend!r}")
+    if backend == "files":
+        extra = [k for k in st if k != "backend" and st[k] is not None]
+        if extra:
+            raise ConfigError(f"storage.{extra[0]}: only used with \"backend\": \"s3\"")
+        return d
+
+    def text(name: str, default: Optional[str]) -> Optional[str]:
+        value = st.get(name, default)
+        return None if value is None else _expect(f"storage.{name}", value, "str")
+
+    endpoint = text("endpoint", None)
+    if not endpoint or not re.fullmatch(r"https?://[^/\s]+/?", endpoint):
+        raise ConfigError("storage.endpoint: the S3 endpoint as http(s)://host[:port], "
+                          f"got {json.dumps(endpoint)[:60]}")
+    bucket = text("bucket", None)
+    # S3 bucket naming rules, which also keep the name safe in a path-style URL.
+    if not bucket or not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise ConfigError(f"storage.bucket: expected an S3 bucket name (3-63 of a-z, 0-9, '.', '-'), "
+                          f"got {json.dumps(bucket)[:60]}")
+    prefix = text("prefix", d.prefix) or ""
+    if prefix and (not re.fullmatch(r"[A-Za-z0-9._/-]+", prefix) or prefix.startswith("/") or ".." in prefix):
+        raise ConfigError(f"storage.prefix: letters, digits, '.', '_', '-' and '/' only, got {prefix!r}")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    public = text("public_base_url", None)
+    if public is not None:
+        public = public.rstrip("/")
+        if not re.match(r"https?://[^/\s]+", public):
+            raise ConfigError(f"storage.public_base_url: expected an http:// or https:// URL, got {public!r}")
+    key_id = text("access_key_id", None) or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = text("secret_access_key", None) or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not key_id or not secret:
+        raise ConfigError("storage: the S3 credentials are missing: set AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY, or storage.access_key_id and storage.secret_access_key")
+    _require_package("storage.backend", "aiobotocore", "aiobotocore")
+    return StorageConfig(backend="s3", endpoint=endpoint.rstrip("/"), bucket=bucket,
+                         region=text("region", d.region) or d.region, prefix=prefix,
+                         public_base_url=public, access_key_id=key_id, secret_access_key=secret)
+
+
+def _parse_database(raw: Any) -> DatabaseConfig:
+    db = _expect("database", raw, "object")
+    _only_keys("database", db, [f.name for f in dataclasses.fields(DatabaseConfig)])
+    url = db.get("url")
+    if url is None:
+        return DatabaseConfig()
+    url = _expect("database.url", url, "str")
+    if not re.match(r"postgres(ql)?://", url):
+        # Never echo the URL: it carries the password.
+        raise ConfigError("database.url: expected null (SQLite in data_dir) or "
+                          "postgresql://user:password@host:port/dbname")
+    _require_package("database.url", "asyncpg", "asyncpg")
+    return DatabaseConfig(url=url)
 
 
 def _parse_metrics(raw: Any) -> MetricsConfig:
@@ -635,6 +742,12 @@ class UploadRejected(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+def is_database_outage(exc: BaseException) -> bool:
+    """PostgreSQL unreachable, restarting or out of connections (asyncpg's errors
+    are recognised by module, so the driver is never imported to check)."""
+    return type(exc).__module__.startswith("asyncpg") or isinstance(exc, (ConnectionRefusedError, asyncio.TimeoutError))
+
+
 # ==== storage ===================================================================
 
 def iso(ts: float) -> str:
@@ -746,6 +859,21 @@ class Storage:
             os.makedirs(leaf, exist_ok=True)
         if len(self._made_dirs) < 70_000:  # at most 65,536 leaf folders exist
             self._made_dirs.add(leaf)
+
+
+def image_key(md5: str, ext: str) -> str:
+    """An image's object key in the bucket: the file layout's relative path."""
+    return f"{md5[0:2]}/{md5[2:4]}/{md5}.{ext}"
+
+
+IMAGE_KEY_RE = re.compile(r"([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{28})\.([a-z0-9]{2,5})")
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteObject:
+    """An image kept in the object store, served in place of a local file."""
+    blobs: Any  # S3Blobs
+    key: str
 
 
 def _unlink_quietly(path: Optional[Path]) -> int:
@@ -1370,6 +1498,7 @@ def open_write_db(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(SCHEMA)
         db.executescript(TOKENS_SCHEMA)
+        db.executescript(CLAIMS_SCHEMA)
         add_source_md5(db)
     except BaseException:
         db.close()
@@ -1395,6 +1524,152 @@ async def open_db(path: Path) -> aiosqlite.Connection:
     return db
 
 
+CLAIMS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS claims (md5 TEXT PRIMARY KEY, claimed_at REAL NOT NULL);
+"""
+
+
+# ---- PostgreSQL (database.url) -------------------------------------------------
+# The same tables in PostgreSQL's types, and the same transaction functions:
+# every write transaction first takes one advisory lock, so writes are
+# serialised across all processes on all machines exactly as SQLite serialises
+# them in one file, and every invariant of the single-node store holds as is.
+PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    md5          TEXT PRIMARY KEY,
+    ext          TEXT NOT NULL,
+    format       TEXT NOT NULL,
+    mime         TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    size         BIGINT NOT NULL,
+    width        INTEGER NOT NULL,
+    height       INTEGER NOT NULL,
+    access_count BIGINT NOT NULL DEFAULT 0,
+    created_at   DOUBLE PRECISION NOT NULL,
+    expire_at    DOUBLE PRECISION NOT NULL,
+    source_md5   TEXT
+);
+ALTER TABLE images ADD COLUMN IF NOT EXISTS source_md5 TEXT;
+CREATE INDEX IF NOT EXISTS images_expire ON images(expire_at);
+CREATE INDEX IF NOT EXISTS images_created ON images(created_at);
+CREATE INDEX IF NOT EXISTS images_source ON images(source_md5);
+CREATE TABLE IF NOT EXISTS holds (
+    md5      TEXT NOT NULL,
+    username TEXT NOT NULL,
+    held_at  DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (md5, username)
+);
+CREATE INDEX IF NOT EXISTS holds_user ON holds(username, held_at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    id            TEXT PRIMARY KEY,
+    username      TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    secret_sha256 BYTEA NOT NULL UNIQUE,
+    created_at    DOUBLE PRECISION NOT NULL,
+    last_used_at  DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS tokens_user ON tokens(username, created_at);
+CREATE TABLE IF NOT EXISTS claims (md5 TEXT PRIMARY KEY, claimed_at DOUBLE PRECISION NOT NULL);
+"""
+# What GET /api/db copies out of PostgreSQL into an SQLite file (claims are in-flight state).
+EXPORT_TABLES = (("images", ROW_COLUMNS), ("holds", "md5, username, held_at"), ("meta", "key, value"),
+                 ("tokens", "id, username, name, secret_sha256, created_at, last_used_at"))
+
+
+@functools.lru_cache(maxsize=256)
+def pg_sql(sql: str) -> str:
+    """Our SQLite statements in PostgreSQL's dialect: numbered parameters, and
+    GREATEST for SQLite's two-argument MAX (the only other difference we use)."""
+    sql = sql.replace("MAX(COALESCE(", "GREATEST(COALESCE(")
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
+
+
+class PgCursor:
+    """The part of an sqlite3 cursor the store's code uses, over fetched rows
+    (asyncpg's records answer row["name"], row[0] and keys() like sqlite3.Row)."""
+
+    __slots__ = ("rows", "rowcount")
+
+    def __init__(self, rows: list, rowcount: int):
+        self.rows, self.rowcount = rows, rowcount
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list:
+        return self.rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+async def pg_run(conn: Any, sql: str, params: Iterable[Any] = ()) -> PgCursor:
+    sql = pg_sql(sql)
+    head = sql.lstrip()[:6].upper()
+    if head == "SELECT" or " RETURNING " in sql.upper():
+        rows = await conn.fetch(sql, *params)
+        return PgCursor(rows, len(rows))
+    status = await conn.execute(sql, *params)  # e.g. "DELETE 3"
+    count = status.rpartition(" ")[2]
+    return PgCursor([], int(count) if count.isdigit() else -1)
+
+
+class PgTxnConnection:
+    """Txn.db under PostgreSQL. Transaction functions are plain blocking code
+    run in the writer thread; each statement is handed to the event loop, where
+    asyncpg runs it on the transaction's connection, and the thread waits."""
+
+    def __init__(self, conn: Any, loop: asyncio.AbstractEventLoop):
+        self.conn, self.loop = conn, loop
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> PgCursor:
+        return asyncio.run_coroutine_threadsafe(pg_run(self.conn, sql, tuple(params)), self.loop).result()
+
+    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+        asyncio.run_coroutine_threadsafe(self.conn.executemany(pg_sql(sql), list(rows)), self.loop).result()
+
+
+class _PgQuery:
+    def __init__(self, pool: Any, sql: str, params: Iterable[Any]):
+        self.pool, self.sql, self.params = pool, sql, tuple(params)
+        self.cursor: Optional[PgCursor] = None
+
+    async def __aenter__(self) -> "_PgQuery":
+        async with self.pool.acquire() as conn:
+            self.cursor = await pg_run(conn, self.sql, self.params)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.cursor = None
+
+    async def fetchone(self) -> Any:
+        return self.cursor.fetchone()
+
+    async def fetchall(self) -> list:
+        return self.cursor.fetchall()
+
+
+class PgReader:
+    """ImageStore.db_read under PostgreSQL: aiosqlite's `async with db.execute()`
+    shape over a connection pool, so the reading code is written once."""
+
+    def __init__(self, pool: Any):
+        self.pool = pool
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> _PgQuery:
+        return _PgQuery(self.pool, sql, params)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+def pg_error_text(exc: BaseException) -> str:
+    """An error of the driver or the network, without the URL (it holds the password)."""
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
+
+
 @dataclasses.dataclass
 class ServedImage:
     """What serving one image needs, kept in memory so a hit costs no I/O."""
@@ -1412,11 +1687,17 @@ class Txn:
     """What a write function gets: the writer connection, and a flag to raise
     when it changed or removed rows that other processes may have cached."""
 
-    __slots__ = ("db", "changed")
+    __slots__ = ("db", "changed", "loop")
 
-    def __init__(self, db: sqlite3.Connection):
+    def __init__(self, db: sqlite3.Connection | PgTxnConnection, loop: asyncio.AbstractEventLoop):
         self.db = db
         self.changed = False
+        self.loop = loop
+
+    def wait(self, coro: Awaitable[Any]) -> Any:
+        """Run a coroutine (an object-store call) on the event loop and wait for
+        it: for what must happen inside the transaction, like a blob's removal."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def row(self, md5: str) -> Optional[sqlite3.Row]:
         return self.db.execute(f"SELECT {ROW_COLUMNS} FROM images WHERE md5 = ?", (md5,)).fetchone()
@@ -1471,32 +1752,124 @@ class ImageStore:
         self._generation_seen = b""
         self.decode_slots = asyncio.Semaphore(max(1, min(4, os.cpu_count() or 1)))
         self.cache_hits = self.cache_misses = 0  # for /metrics; an int add is all a request pays
+        # PostgreSQL and the object store, when configured (see their chapters).
+        self.pool: Any = None                 # asyncpg pool
+        self.blobs: Optional[S3Blobs] = None
+        self.node_id = secrets.token_hex(8)   # names this process's change notices
+        self.coherent = True                  # False while the change feed is down: nothing is cached
+        self._listener: Any = None
+        self._listen_task: Optional[asyncio.Task] = None
 
     # -- life cycle --
-    async def open(self) -> "ImageStore":
+    async def open(self, listen: bool = True) -> "ImageStore":
+        """Open the database and the object store; `listen` follows other
+        nodes' changes (PostgreSQL), which one-off commands do without."""
         await asyncio.to_thread(self.storage.prepare)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imgproxy-writer")
         try:
             await asyncio.to_thread(self._open_generation)
-            self._wdb = await asyncio.get_running_loop().run_in_executor(
-                self._writer, open_write_db, self.storage.db_path)
-            self.db_read = await open_db(self.storage.db_path)
-            self._data_version = await self._in_writer(_data_version)
+            if self.config.database.url is not None:
+                await self._open_pg(listen)
+            else:
+                self._wdb = await asyncio.get_running_loop().run_in_executor(
+                    self._writer, open_write_db, self.storage.db_path)
+                self.db_read = await open_db(self.storage.db_path)
+                self._data_version = await self._in_writer(_data_version)
+            if self.config.storage.backend == "s3":
+                st = self.config.storage
+                self.blobs = S3Blobs(st.endpoint, st.bucket, st.region, st.prefix,
+                                     st.access_key_id, st.secret_access_key)
+                await self.blobs.open()
         except BaseException:
             await self.close()
             raise
         return self
 
+    async def _open_pg(self, listen: bool) -> None:
+        import asyncpg  # optional: only with database.url (checked when the config was read)
+
+        url = self.config.database.url
+        try:
+            self.pool = await asyncpg.create_pool(url, min_size=1, max_size=PG_POOL_SIZE,
+                                                  command_timeout=PG_COMMAND_SECONDS)
+            async with self.pool.acquire() as conn:
+                async with conn.transaction():
+                    # Nodes starting together would race on CREATE ... IF NOT EXISTS.
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_LOCK_SCHEMA)
+                    await conn.execute(PG_SCHEMA)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise ConfigError(f"database.url: cannot use the PostgreSQL database: {pg_error_text(exc)}") from None
+        self.db_read = PgReader(self.pool)
+        if listen:
+            await self._listen()
+            self._listen_task = asyncio.create_task(self._keep_listening(), name="imgproxy-pg-listen")
+
+    # -- change feed between nodes (PostgreSQL) --
+    # A write transaction that changed or removed rows others may have cached
+    # sends pg_notify inside the transaction, so the notice leaves at commit. Every
+    # process listens on its own connection and drops its serving cache on a
+    # notice from anyone else. While that connection is down nothing is cached
+    # (every request reads the database), so a missed notice serves nothing stale.
+    async def _listen(self) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.config.database.url, timeout=PG_COMMAND_SECONDS)
+        await conn.add_listener(PG_CHANNEL, self._on_notice)
+        conn.add_termination_listener(self._on_listener_lost)
+        self._listener = conn
+        self.forget_all()  # whatever changed while we were not listening
+        self.coherent = True
+
+    def _on_notice(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload != self.node_id:
+            self.forget_all()
+
+    def _on_listener_lost(self, _conn: Any) -> None:
+        self.coherent = False
+        self.forget_all()
+        self._listener = None
+
+    async def _keep_listening(self) -> None:
+        while True:
+            await asyncio.sleep(PG_LISTEN_CHECK_SECONDS)
+            if self._listener is not None and not self._listener.is_closed():
+                continue
+            self.coherent = False
+            self.forget_all()
+            try:
+                await self._listen()
+                log.info("following other nodes' changes again")
+            except Exception as exc:  # noqa: BLE001 - retried every second; serving goes on uncached
+                log.warning("change feed from PostgreSQL is down (%s); serving without a cache",
+                            pg_error_text(exc))
+
     async def close(self) -> None:
-        if self._wdb is not None:
+        if self._wdb is not None or self.pool is not None:
             with contextlib.suppress(Exception):
                 await self.flush_counts()
             with contextlib.suppress(Exception):
                 await self.flush_token_use()
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._listen_task
+            self._listen_task = None
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close(timeout=2)
+            self._listener = None
+        if self.blobs is not None:
+            with contextlib.suppress(Exception):
+                await self.blobs.close()
+            self.blobs = None
         if self.db_read is not None:
             with contextlib.suppress(Exception):
                 await self.db_read.close()
             self.db_read = None
+        elif self.pool is not None:
+            with contextlib.suppress(Exception):
+                await self.pool.close()
+        self.pool = None
         if self._writer is not None:
             if self._wdb is not None:
                 with contextlib.suppress(Exception):
@@ -1515,9 +1888,11 @@ class ImageStore:
 
     async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn(Txn, *args) as one write transaction in the writer thread."""
+        loop = asyncio.get_running_loop()
+
         def run() -> tuple[Any, bool]:
             db = self._wdb
-            txn = Txn(db)
+            txn = Txn(db, loop)
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(txn, *args)
@@ -1530,10 +1905,26 @@ class ImageStore:
 
         if self._writer is None:
             raise RuntimeError("the image store is closed")
-        result, changed = await asyncio.get_running_loop().run_in_executor(self._writer, run)
+        if self.pool is not None:
+            # Shielded: a cancelled request must not roll the transaction back
+            # under the writer thread's feet; it finishes, as it does on SQLite.
+            result, changed = await asyncio.shield(asyncio.ensure_future(self._pg_write(fn, args)))
+        else:
+            result, changed = await asyncio.get_running_loop().run_in_executor(self._writer, run)
         if changed:
             self._announce_change()
         return result
+
+    async def _pg_write(self, fn: Callable[..., Any], args: tuple) -> tuple[Any, bool]:
+        loop = asyncio.get_running_loop()
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_LOCK_WRITE)
+                txn = Txn(PgTxnConnection(conn, loop), loop)
+                result = await loop.run_in_executor(self._writer, lambda: fn(txn, *args))
+                if txn.changed:
+                    await conn.execute("SELECT pg_notify($1, $2)", PG_CHANNEL, self.node_id)
+        return result, txn.changed
 
     # -- cache coherence between processes --
     # Workers and cleanup.py share `cache.gen`, 8 bytes in a shared mapping.
@@ -1642,6 +2033,8 @@ class ImageStore:
         """
         if source_md5 == md5:
             source_md5 = None
+        if self.blobs is not None:
+            return await self._publish_object(user, md5, facts, name, tmp_path, source_md5)
         ext, mime = FORMATS[facts.format]
         storage = self.storage
         now = self.clock()
@@ -1688,6 +2081,87 @@ class ImageStore:
             info["source_md5"] = source_md5  # this upload's bytes, even when the row names another
         return info, created
 
+    # -- the object store (storage.backend "s3") --
+    # An object is written before its row, so no row ever names a missing or
+    # half-written object (S3 makes an object visible only once complete). The
+    # hazard is the other way round: a delete, expiry or cleanup on one node
+    # removing the object another node has just written for the same md5 and
+    # is about to record. So a node first *claims* the md5 (a row in `claims`,
+    # committed before it writes the object), and objects are only ever removed
+    # inside a write transaction (one lock across the cluster) after checking
+    # that no image row holds them and no claim younger than CLAIM_SECONDS does.
+    # The publishing transaction drops the claim; a node that dies leaves it to age.
+    def _claimed(self, txn: Txn, md5: str) -> bool:
+        row = txn.db.execute("SELECT claimed_at FROM claims WHERE md5 = ?", (md5,)).fetchone()
+        return row is not None and row[0] > self.clock() - CLAIM_SECONDS
+
+    def _remove_objects(self, txn: Txn, items: list[tuple[str, str]]) -> None:
+        """Inside a write transaction: remove the objects of (md5, ext) pairs no claim protects."""
+        keys = [image_key(m, ext) for m, ext in items if not self._claimed(txn, m)]
+        if keys:
+            txn.wait(self.blobs.delete(keys))
+
+    async def _publish_object(self, user: str, md5: str, facts: "ImageFacts", name: str,
+                              tmp_path: Path, source_md5: Optional[str]) -> tuple[dict, bool]:
+        ext, mime = FORMATS[facts.format]
+        key = image_key(md5, ext)
+
+        def txn_claim(txn: Txn) -> None:
+            txn.db.execute("INSERT INTO claims (md5, claimed_at) VALUES (?, ?) "
+                           "ON CONFLICT (md5) DO UPDATE SET claimed_at = excluded.claimed_at",
+                           (md5, self.clock()))
+
+        def txn_publish(txn: Txn, written: bool) -> Optional[tuple[Any, bool]]:
+            now = self.clock()
+            expire_at = now + self.config.expire_seconds
+            row = txn.row(md5)
+            if row is not None and row["ext"] == ext:
+                txn.db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?", (expire_at, md5))
+                created = False
+            elif not written:
+                return None  # the row went (or never matched) since we looked: write the object first
+            elif row is None:
+                txn.db.execute(
+                    f"INSERT INTO images ({ROW_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,0,?,?,?)",
+                    (md5, ext, facts.format, mime, name, facts.size, facts.width, facts.height,
+                     now, expire_at, source_md5))
+                created = True
+            else:
+                txn.db.execute(
+                    "UPDATE images SET ext=?, format=?, mime=?, size=?, width=?, height=?, expire_at=? "
+                    "WHERE md5=?", (ext, facts.format, mime, facts.size, facts.width, facts.height,
+                                    expire_at, md5))
+                txn.changed = True
+                created = False
+            if written:
+                txn.db.execute("DELETE FROM claims WHERE md5 = ?", (md5,))
+            if source_md5 is not None and row is not None and row["source_md5"] is None:
+                txn.db.execute("UPDATE images SET source_md5 = ? WHERE md5 = ?", (source_md5, md5))
+            txn.hold(md5, user, now)
+            return txn.row(md5), created
+
+        try:
+            known = await self.get_row(md5)
+            # Bytes we already hold are not sent again: the row is the proof the object exists.
+            written = False
+            if known is None or known["ext"] != ext:
+                await self.write(txn_claim)
+                await self.blobs.put_file(key, tmp_path, mime, OBJECT_CACHE_CONTROL)
+                written = True
+            result = await self.write(txn_publish, written)
+            if result is None:
+                await self.write(txn_claim)
+                await self.blobs.put_file(key, tmp_path, mime, OBJECT_CACHE_CONTROL)
+                result = await self.write(txn_publish, True)
+        finally:
+            await asyncio.to_thread(_unlink_quietly, tmp_path)
+        row, created = result
+        self.forget(md5)
+        info = self.info(row, "uploaded" if created else "exists")
+        if source_md5 is not None:
+            info["source_md5"] = source_md5
+        return info, created
+
     async def renew(self, user: str, digest: str) -> Optional[dict]:
         """Dedup without bytes: renew expiry and record the caller as a holder.
         `digest` is the image's md5 or its source_md5."""
@@ -1700,7 +2174,7 @@ class ImageStore:
             if row is None:
                 return digest, None
             md5 = row["md5"]
-            if not storage.image_path(md5, row["ext"]).is_file():
+            if self.blobs is None and not storage.image_path(md5, row["ext"]).is_file():
                 # A row without its file cannot be served; drop it so the
                 # client uploads the bytes again instead of trusting a dead URL.
                 txn.delete_rows([md5])
@@ -1732,7 +2206,10 @@ class ImageStore:
                     return False
                 if txn.db.execute("SELECT COUNT(*) FROM holds WHERE md5 = ?", (md5,)).fetchone()[0] > 0:
                     return True
-            _unlink_quietly(storage.image_path(md5, row["ext"]))
+            if self.blobs is None:
+                _unlink_quietly(storage.image_path(md5, row["ext"]))
+            else:
+                self._remove_objects(txn, [(md5, row["ext"])])
             storage.remove_variants(md5)
             txn.delete_rows([md5])
             return True
@@ -1831,15 +2308,24 @@ class ImageStore:
             row = await self.get_row(md5)
             if row is None:
                 return None
+            if self.blobs is None:
+                path = self.storage.image_path(md5, row["ext"])
+            else:
+                path = RemoteObject(self.blobs, image_key(md5, row["ext"]))
             entry = ServedImage(md5, row["ext"], row["mime"], row["size"], row["expire_at"],
-                                self.storage.image_path(md5, row["ext"]), created_at=row["created_at"])
+                                path, created_at=row["created_at"])
             if row["size"] <= BODY_CACHE_MAX_FILE and row["size"] <= self.body_budget:
                 try:
-                    entry.body = await asyncio.to_thread(entry.path.read_bytes)
+                    if self.blobs is None:
+                        entry.body = await asyncio.to_thread(path.read_bytes)
+                    else:
+                        entry.body = await self.blobs.read(path.key)
                 except OSError:
                     return None
             if epoch != self._forget_epoch:
                 continue
+            if not self.coherent:
+                return entry  # other nodes' changes cannot reach us now: keep nothing
             cached = self.served.get(md5)
             if cached is not None:  # a concurrent miss of the same image stored it first
                 return cached
@@ -1868,6 +2354,8 @@ class ImageStore:
     async def notice_other_writers(self) -> None:
         """Backstop for changes made outside imgproxy (e.g. the sqlite3 shell):
         PRAGMA data_version moves when another connection commits."""
+        if self.pool is not None:
+            return  # PostgreSQL: the change feed tells us
         version = await self._in_writer(_data_version)
         if version != self._data_version:
             self._data_version = version
@@ -1878,8 +2366,13 @@ class ImageStore:
             async with self.db_read.execute("SELECT 1") as cur:
                 await cur.fetchone()
         except Exception as exc:  # noqa: BLE001 - health reports any failure
-            return f"database: {exc}"
-        ok = await asyncio.to_thread(lambda: os.access(self.storage.uploads, os.W_OK)
+            return f"database: {pg_error_text(exc) if self.pool is not None else exc}"
+        if self.blobs is not None:
+            try:
+                await self.blobs.size("healthz")
+            except Exception as exc:  # noqa: BLE001 - health reports any failure
+                return f"object store: {exc}"
+        ok = await asyncio.to_thread(lambda: (self.blobs is not None or os.access(self.storage.uploads, os.W_OK))
                                      and os.access(self.storage.tmp, os.W_OK))
         return None if ok else "data folder is not writable"
 
@@ -1898,6 +2391,9 @@ class ImageStore:
     async def snapshot(self) -> io.BufferedReader:
         """A consistent copy through SQLite's backup API, as an open file already
         unlinked from tmp/: nothing is left behind whatever happens to the reader."""
+        if self.pool is not None:
+            return await self._pg_snapshot()
+
         def run() -> io.BufferedReader:
             target, fd = self.storage.create_tmp("snapshot")  # locked: no sweep takes it mid-copy
             try:
@@ -1921,6 +2417,45 @@ class ImageStore:
                 self.storage.in_flight.discard(target.name)
 
         return await asyncio.to_thread(run)
+
+    async def _pg_snapshot(self) -> io.BufferedReader:
+        """The same tables copied out of PostgreSQL into a new SQLite file, read
+        in one repeatable-read transaction: a consistent moment, like the backup API."""
+        target, fd = await asyncio.to_thread(self.storage.create_tmp, "snapshot")
+        dst: Optional[sqlite3.Connection] = None
+        try:
+            def make() -> sqlite3.Connection:
+                db = sqlite3.connect(str(target), check_same_thread=False, isolation_level=None)
+                db.executescript(SCHEMA)
+                db.executescript(TOKENS_SCHEMA)
+                add_source_md5(db)
+                db.execute("BEGIN")
+                return db
+
+            dst = await asyncio.to_thread(make)
+            async with self.pool.acquire() as conn:
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    for table, columns in EXPORT_TABLES:
+                        insert = f"INSERT INTO {table} ({columns}) VALUES ({','.join('?' * len(columns.split(',')))})"
+                        batch: list[tuple] = []
+                        async for record in conn.cursor(f"SELECT {columns} FROM {table}", prefetch=1000):
+                            batch.append(tuple(record))
+                            if len(batch) >= 5000:
+                                await asyncio.to_thread(dst.executemany, insert, batch)
+                                batch = []
+                        if batch:
+                            await asyncio.to_thread(dst.executemany, insert, batch)
+            await asyncio.to_thread(lambda: (dst.execute("COMMIT"), dst.close()))
+            dst = None
+            return open(fd, "rb")
+        except BaseException:
+            if dst is not None:
+                dst.close()
+            os.close(fd)
+            raise
+        finally:
+            await asyncio.to_thread(_unlink_quietly, target)
+            self.storage.in_flight.discard(target.name)
 
 
 # ==== image inspection ==========================================================
@@ -2535,15 +3070,15 @@ def has_transparency(im: Image.Image) -> bool:
     return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
 
 
-def source_has_transparency(path: Path) -> bool:
+def source_has_transparency(path: Path | bytes) -> bool:
     """From the header alone (no pixels decoded): can this image be see-through?"""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
             return has_transparency(im)
 
 
-def render_variant(source: Path, width: Optional[int], fmt: str, max_pixels: int) -> bytes:
+def render_variant(source: Path | bytes, width: Optional[int], fmt: str, max_pixels: int) -> bytes:
     """Encode `source` at `width` (None: its own) as `fmt`; blocking and CPU-bound.
 
     Orientation is applied, the first frame of an animation is used, the ICC
@@ -2554,7 +3089,7 @@ def render_variant(source: Path, width: Optional[int], fmt: str, max_pixels: int
     pillow_format = VARIANT_FORMATS[fmt][0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with Image.open(source) as im:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             if im.width * im.height > max_pixels:  # stored before a lower limit was set
                 raise UploadRejected(413, "too_many_pixels", "the original has more pixels than allowed")
             swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
@@ -2670,7 +3205,10 @@ class VariantCache:
             return "jpg"
         see_through = self.transparency.get(image.md5)
         if see_through is None:
-            see_through = await asyncio.to_thread(source_has_transparency, image.path)
+            head = image.path
+            if isinstance(head, RemoteObject):  # the header is enough, and it comes first
+                head = image.body or b"".join([c async for c in head.blobs.stream(head.key, 0, VARIANT_HEAD_BYTES - 1)])
+            see_through = await asyncio.to_thread(source_has_transparency, head)
             self.transparency[image.md5] = see_through
             if len(self.transparency) > VARIANT_SOURCE_CACHE:
                 self.transparency.popitem(last=False)
@@ -2706,13 +3244,19 @@ class VariantCache:
                                  "unavailable", {"Retry-After": "2"})
             self.rendering += 1
             started = time.perf_counter()
+            fetched: Optional[tuple[Path, int]] = None
             try:
+                source = image.path
+                if isinstance(source, RemoteObject):
+                    source, fetched = await self._fetch_source(image)
                 data, rendered = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, self._render_once, path, image.path, width, fmt)
+                    self.pool, self._render_once, path, source, width, fmt)
             except FileNotFoundError:  # the image was deleted while we waited
                 raise json_error(404, NO_SUCH_IMAGE, "not_found") from None
             finally:
                 self.rendering -= 1
+                if fetched is not None:
+                    await asyncio.to_thread(self._drop_source, *fetched)
             if rendered:
                 self.renders += 1
                 log.debug("rendered variant %s in %.0f ms", key, (time.perf_counter() - started) * 1000)
@@ -2731,6 +3275,23 @@ class VariantCache:
             if old.body is not None:
                 self.memory_bytes -= len(old.body)
         return entry
+
+    async def _fetch_source(self, image: ServedImage) -> tuple[Path | bytes, Optional[tuple[Path, int]]]:
+        """An original kept in the object store, for a render: its cached bytes,
+        or a locked tmp/ copy (returned with its descriptor, for _drop_source)."""
+        if image.body is not None:
+            return image.body, None
+        tmp, fd = await asyncio.to_thread(self.storage.create_tmp, "source")
+        try:
+            await image.path.blobs.download(image.path.key, tmp)
+        except BaseException:
+            await asyncio.to_thread(self._drop_source, tmp, fd)
+            raise
+        return tmp, (tmp, fd)
+
+    def _drop_source(self, tmp: Path, fd: int) -> None:
+        _unlink_quietly(tmp)
+        self.storage.release_tmp(tmp, fd)
 
     def _read_and_refresh(self, path: Path) -> Optional[bytes]:
         try:
@@ -3914,7 +4475,12 @@ async def error_middleware(request: web.Request, handler):
         raise json_error(status, f"malformed request: {exc.message}"[:200], _STATUS_CODES.get(status, "bad_request"))
     except asyncio.CancelledError:
         raise
-    except ConnectionError:
+    except StoreUnavailable as exc:
+        log.error("object store unavailable in %s %s: %s", request.method, request.path, exc)
+        raise json_error(503, "the image store is unavailable; try again shortly", "unavailable",
+                         {"Retry-After": "5"}) from None
+    except ConnectionError as exc:
+        _raise_if_database_outage(request, exc)
         if request.transport is not None and not request.transport.is_closing():
             raise
         # The client dropped the connection (an upload cancelled, a tab
@@ -3925,6 +4491,7 @@ async def error_middleware(request: web.Request, handler):
         exc.force_close()
         raise exc from None
     except OSError as exc:
+        _raise_if_database_outage(request, exc)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             log.error("disk full while handling %s %s", request.method, request.path)
             raise json_error(507, "the server's disk is full; nothing was stored", "insufficient_storage")
@@ -3938,9 +4505,18 @@ async def error_middleware(request: web.Request, handler):
         log.error("database busy or unavailable in %s %s: %s", request.method, request.path, exc)
         raise json_error(503, "the database is busy; try again shortly", "unavailable",
                          {"Retry-After": "2"})
-    except Exception:
+    except Exception as exc:
+        _raise_if_database_outage(request, exc)
         log.exception("unexpected error in %s %s", request.method, request.path)
         raise json_error(500, "internal server error", "internal_error")
+
+
+def _raise_if_database_outage(request: web.Request, exc: BaseException) -> None:
+    store = request.app.get(STORE)
+    if store is not None and store.pool is not None and is_database_outage(exc):
+        log.error("database unavailable in %s %s: %s", request.method, request.path, pg_error_text(exc))
+        raise json_error(503, "the database is unavailable; try again shortly", "unavailable",
+                         {"Retry-After": "5"}) from None
 
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
@@ -4138,6 +4714,8 @@ async def _send_file_spans(request: web.Request, resp: web.StreamResponse, path:
     """Write `resp` with each (prefix, start, stop) of the file: sendfile when
     the loop has it. The task is listed under STREAMING meanwhile, so the
     connection guard can stop a native sendfile whose reader stopped reading."""
+    if isinstance(path, RemoteObject):
+        return await _send_object_spans(request, resp, path, pieces, tail)
     try:
         f = await asyncio.to_thread(open, path, "rb")
     except FileNotFoundError:
@@ -4178,6 +4756,33 @@ async def _send_file_spans(request: web.Request, resp: web.StreamResponse, path:
         return resp
     finally:
         await asyncio.to_thread(f.close)
+
+
+async def _send_object_spans(request: web.Request, resp: web.StreamResponse, obj: RemoteObject,
+                             pieces: list[tuple[bytes, int, int]], tail: bytes = b"") -> web.StreamResponse:
+    """The same from the object store: each span is one ranged GET, relayed as it arrives."""
+    if request.method == "HEAD":
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
+    streams = [obj.blobs.stream(obj.key, start, stop - 1) for _, start, stop in pieces]
+    try:
+        # The first bytes before the status line: a missing object is still a 404.
+        first = await anext(streams[0], b"")
+    except FileNotFoundError:
+        raise json_error(404, NO_SUCH_IMAGE, "not_found") from None
+    await resp.prepare(request)
+    for i, (prefix, _start, _stop) in enumerate(pieces):
+        if prefix:
+            await resp.write(prefix)
+        if i == 0:
+            await resp.write(first)
+        async for chunk in streams[i]:
+            await resp.write(chunk)
+    if tail:
+        await resp.write(tail)
+    await resp.write_eof()
+    return resp
 
 
 # ==== handlers ==================================================================
@@ -4700,36 +5305,63 @@ def _file_size(path: Path) -> int:
 
 
 async def run_cleanup_pass(store: ImageStore, dry_run: bool = False,
-                           itemize: Optional[bool] = None) -> CleanupReport:
+                           itemize: Optional[bool] = None, not_before: Optional[float] = None) -> CleanupReport:
     """One pass: expired images, orphan files, dangling rows, old temp files.
 
     Work is cut into batches, each its own short write transaction, with a
     yield to the event loop between them so serving never waits on a pass.
-    A pass already running (here or in cleanup.py) makes this one skip.
+    A pass already running (here, in cleanup.py, or on any node sharing a
+    PostgreSQL database) makes this one skip, and so does, with `not_before`
+    (the scheduled slot), a pass another process finished since that time.
+    This machine's own leftovers (tmp/ and its variant files) are swept anyway.
     """
     report = CleanupReport(dry_run=dry_run, itemize=dry_run if itemize is None else itemize)
     storage = store.storage
-    lock_fd = os.open(storage.cleanup_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    async with cleanup_lock(store) as held:
+        done = await store.get_meta("last_cleanup") if held and not_before is not None else None
+        if not held or (done is not None and float(done) >= not_before):
+            report.skipped = True
+        else:
+            now = store.clock()
+            await _cleanup_expired(store, report, dry_run)
+            if store.blobs is None:
+                await _cleanup_orphans(store, report, dry_run)
+                await _cleanup_dangling(store, report, dry_run)
+            else:
+                await _cleanup_bucket(store, report, dry_run)
+            if not dry_run:
+                await store.set_meta("last_cleanup", repr(now))
+    await _cleanup_variants(store, report, dry_run)
+    for path, size in await asyncio.to_thread(sweep_dead_temp_files, storage, time.time(), dry_run):
+        report.temp_files += 1
+        report.note([str(path)])
+        report.bytes_freed += size
+    return report
+
+
+@contextlib.asynccontextmanager
+async def cleanup_lock(store: ImageStore):
+    """Yields whether this process may run the pass: an flock on data_dir's
+    cleanup.lock, or with PostgreSQL a session advisory lock, one for the cluster."""
+    if store.pool is not None:
+        async with store.pool.acquire() as conn:
+            held = await conn.fetchval("SELECT pg_try_advisory_lock($1)", PG_LOCK_CLEANUP)
+            try:
+                yield held
+            finally:
+                if held:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", PG_LOCK_CLEANUP)
+        return
+    lock_fd = os.open(store.storage.cleanup_lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            report.skipped = True
-            return report
-        await _cleanup_expired(store, report, dry_run)
-        await _cleanup_orphans(store, report, dry_run)
-        await _cleanup_dangling(store, report, dry_run)
-        await _cleanup_variants(store, report, dry_run)
-        now = store.clock()
-        for path, size in await asyncio.to_thread(sweep_dead_temp_files, storage, time.time(), dry_run):
-            report.temp_files += 1
-            report.note([str(path)])
-            report.bytes_freed += size
-        if not dry_run:
-            await store.set_meta("last_cleanup", repr(now))
+            yield False
+            return
+        yield True
     finally:
         os.close(lock_fd)
-    return report
 
 
 async def _cleanup_expired(store: ImageStore, report: CleanupReport, dry_run: bool) -> None:
@@ -4741,13 +5373,21 @@ async def _cleanup_expired(store: ImageStore, report: CleanupReport, dry_run: bo
     def batch(txn: Txn, after: str) -> list[str]:
         # Plain strings and os calls, not Path objects: this thread holds the
         # GIL while it runs Python, and serving waits for the GIL meanwhile.
-        rows = txn.db.execute("SELECT md5, ext FROM images WHERE expire_at <= ? AND md5 > ? "
+        rows = txn.db.execute("SELECT md5, ext, size FROM images WHERE expire_at <= ? AND md5 > ? "
                               "ORDER BY md5 LIMIT ?", (now, after, CLEANUP_BATCH)).fetchall()
         md5s = [r[0] for r in rows]
         report.expired += len(rows)
         report.note(f"expired {m}" for m in md5s)
+        if store.blobs is not None:
+            report.bytes_freed += sum(r[2] for r in rows)
+            if md5s and not dry_run:
+                store._remove_objects(txn, [(r[0], r[1]) for r in rows])
+                for m in md5s:
+                    storage.remove_variants(m)
+                txn.delete_rows(md5s, expired=True)
+            return md5s
         freed = 0
-        for m, ext in rows:
+        for m, ext, _size in rows:
             path = f"{uploads}/{m[0:2]}/{m[2:4]}/{m}.{ext}"
             try:
                 # Bytes on disk, not the rows' sizes: a dry run reports what a real pass frees.
@@ -4841,6 +5481,59 @@ async def _cleanup_variants(store: ImageStore, report: CleanupReport, dry_run: b
             lambda: sum(map(_file_size if dry_run else _unlink_quietly, orphans)))
 
 
+async def _cleanup_bucket(store: ImageStore, report: CleanupReport, dry_run: bool) -> None:
+    """The object store against the database: objects no row holds (and no
+    upload has claimed) go, rows whose object is gone go. Keys that are not
+    ours (another application's, under the same prefix) are left alone."""
+    objects: dict[str, tuple[str, int]] = {}
+    async for key, size, _modified in store.blobs.list(""):
+        m = IMAGE_KEY_RE.fullmatch(key)
+        if m:
+            objects[m[3]] = (m[4], size)
+    names = sorted(objects)
+    for i in range(0, len(names), CLEANUP_BATCH):
+        chunk = names[i:i + CLEANUP_BATCH]
+
+        def orphans(txn: Txn, chunk: list[str] = chunk) -> None:
+            marks = ",".join("?" * len(chunk))
+            known = {r[0]: r[1] for r in txn.db.execute(f"SELECT md5, ext FROM images WHERE md5 IN ({marks})", chunk)}
+            gone = [(m, objects[m][0]) for m in chunk
+                    if known.get(m) != objects[m][0] and not store._claimed(txn, m)]
+            report.orphan_files += len(gone)
+            report.note(f"orphan object {image_key(m, ext)}" for m, ext in gone)
+            report.bytes_freed += sum(objects[m][1] for m, _ in gone)
+            if gone and not dry_run:
+                txn.wait(store.blobs.delete([image_key(m, ext) for m, ext in gone]))
+
+        await store.write(orphans)
+        await asyncio.sleep(0)
+
+    now = store.clock()
+    after = ""
+    while True:
+        async with store.db_read.execute("SELECT md5, ext FROM images WHERE md5 > ? AND expire_at > ? "
+                                         "ORDER BY md5 LIMIT ?", (after, now, CLEANUP_BATCH * 4)) as cur:
+            rows = [(r["md5"], r["ext"]) for r in await cur.fetchall()]
+        if not rows:
+            return
+        after = rows[-1][0]
+        missing = [(m, ext) for m, ext in rows if objects.get(m, ("",))[0] != ext]
+        if missing:
+            def dangling(txn: Txn, missing: list[tuple[str, str]] = missing) -> None:
+                # Re-checked inside the transaction: an upload may have written it since the listing.
+                still = [m for m, ext in missing if txn.row(m) is not None
+                         and txn.wait(store.blobs.size(image_key(m, ext))) is None]
+                report.dangling_rows += len(still)
+                report.note(f"dangling {m}" for m in still)
+                if still and not dry_run:
+                    txn.delete_rows(still)
+
+            await store.write(dangling)
+            for m, _ in missing:
+                store.forget(m)
+        await asyncio.sleep(0)
+
+
 def next_cleanup_after(now: float, at: dt.time) -> float:
     """The first cleanup_time in local time strictly after `now` (Unix seconds)."""
     local = dt.datetime.fromtimestamp(now)
@@ -4886,7 +5579,7 @@ async def cleanup_scheduler(run_pass: Callable[[], Awaitable[Any]], last_run: Op
 
 async def cleanup_once(config: Config, dry_run: bool = False, itemize: Optional[bool] = None) -> CleanupReport:
     """Open the store of `config`, run one pass, close it (used by cleanup.py)."""
-    store = await ImageStore(config).open()
+    store = await ImageStore(config).open(listen=False)
     try:
         return await run_cleanup_pass(store, dry_run=dry_run, itemize=itemize)
     finally:
@@ -4895,7 +5588,7 @@ async def cleanup_once(config: Config, dry_run: bool = False, itemize: Optional[
 
 async def reset_store(config: Config) -> None:
     """Empty the database and the uploads of `config` (cleanup.py --reset)."""
-    store = await ImageStore(config).open()
+    store = await ImageStore(config).open(listen=False)
     try:
         storage = store.storage
         trash = storage.tmp / f"reset-{secrets.token_hex(6)}"
@@ -4915,10 +5608,15 @@ async def reset_store(config: Config) -> None:
             storage.variants.mkdir(parents=True, exist_ok=True)
 
         await store.write(wipe)
+        if store.blobs is not None:
+            keys = [key async for key, _, _ in store.blobs.list("") if IMAGE_KEY_RE.fullmatch(key)]
+            for i in range(0, len(keys), 1000):
+                await store.blobs.delete(keys[i:i + 1000])
         await asyncio.to_thread(shutil.rmtree, trash, True)
         for leftover in storage.tmp.glob("reset-*-variants"):
             await asyncio.to_thread(shutil.rmtree, leftover, True)
-        await store._in_writer(lambda db: db.execute("VACUUM"))
+        if store.pool is None:
+            await store._in_writer(lambda db: db.execute("VACUUM"))
     finally:
         await store.close()
 
@@ -4966,8 +5664,11 @@ async def _background_ctx(app: web.Application):
 
         async def run_pass() -> None:
             started = time.monotonic()
+            # The slot this pass is for: with several workers or nodes, the first
+            # to take the lock does it and the others find it done.
+            slot = last_cleanup_slot(store.clock(), config.cleanup.cleanup_time)
             try:
-                report = await run_cleanup_pass(store)
+                report = await run_cleanup_pass(store, not_before=slot)
             except Exception:
                 if METRICS in app:
                     app[METRICS].count_cleanup(None, time.monotonic() - started)
@@ -5295,7 +5996,8 @@ def run_workers(config: Config, sock: socket.socket, count: int) -> int:
     # Create the database (schema, WAL) once, before the workers race to.
     storage = Storage(config.server.data_dir)
     storage.prepare()
-    open_write_db(storage.db_path).close()
+    if config.database.url is None:
+        open_write_db(storage.db_path).close()
     if config.metrics.enable:
         # Counts start from zero with the workers: no snapshot of an earlier run is summed.
         shutil.rmtree(metrics_dir(config), ignore_errors=True)

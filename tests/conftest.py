@@ -22,6 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 import imgproxy  # noqa: E402
 from helpers import TOKEN_RE, ServerProcess, http_exchange  # noqa: E402
+# The real S3 and PostgreSQL engines (session fixtures s3_engine, pg_engine).
+from engines import pg_engine, s3_engine  # noqa: E402, F401
 
 # The corpus ships with the tests; IMGPROXY_CORPUS points them at another copy.
 CORPUS = Path(os.environ.get("IMGPROXY_CORPUS", ROOT / "tests" / "corpus"))
