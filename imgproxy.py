@@ -4837,22 +4837,26 @@ async def _send_object_spans(request: web.Request, resp: web.StreamResponse, obj
         return resp
     streams = [obj.blobs.stream(obj.key, start, stop - 1) for _, start, stop in pieces]
     try:
-        # The first bytes before the status line: a missing object is still a 404.
-        first = await anext(streams[0], b"")
-    except FileNotFoundError:
-        raise json_error(404, NO_SUCH_IMAGE, "not_found") from None
-    await resp.prepare(request)
-    for i, (prefix, _start, _stop) in enumerate(pieces):
-        if prefix:
-            await resp.write(prefix)
-        if i == 0:
-            await resp.write(first)
-        async for chunk in streams[i]:
-            await resp.write(chunk)
-    if tail:
-        await resp.write(tail)
-    await resp.write_eof()
-    return resp
+        try:
+            # The first bytes before the status line: a missing object is still a 404.
+            first = await anext(streams[0], b"")
+        except FileNotFoundError:
+            raise json_error(404, NO_SUCH_IMAGE, "not_found") from None
+        await resp.prepare(request)
+        for i, (prefix, _start, _stop) in enumerate(pieces):
+            if prefix:
+                await resp.write(prefix)
+            if i == 0:
+                await resp.write(first)
+            async for chunk in streams[i]:
+                await resp.write(chunk)
+        if tail:
+            await resp.write(tail)
+        await resp.write_eof()
+        return resp
+    finally:
+        for stream in streams:  # a client gone mid-way: the store's connections go back to the pool
+            await stream.aclose()
 
 
 # ==== handlers ==================================================================
