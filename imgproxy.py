@@ -6136,18 +6136,22 @@ class MoveSource:
             meta = await conn.fetch("SELECT key, value FROM meta") if present["meta"] is not None else []
         return _source_tables(images, holds, tokens, meta, now, report)
 
-    async def local_copy(self, md5: str, ext: str, into: Storage) -> tuple[Optional[Path], Optional[tuple[Path, int]]]:
-        """The image's bytes as a local file: (the source's own file, None) when
-        it may be read in place, else (path, staged): a locked file in `into`'s
-        tmp/ holding a copy. (None, None) when the source lacks the image."""
-        if self.blobs is None:
+    async def local_copy(self, md5: str, ext: str, into: Storage,
+                         in_place: bool) -> tuple[Optional[Path], Optional[tuple[Path, int]]]:
+        """The image's bytes as a local file: with `in_place`, the source's own
+        file when it has one, (path, None); else (path, staged), a locked copy
+        in `into`'s tmp/. (None, None) when the source lacks the image."""
+        if self.blobs is None and in_place:
             path = self.storage.image_path(md5, ext)
             if not await asyncio.to_thread(path.is_file):
                 return None, None
             return path, None
         staged = await asyncio.to_thread(into.create_tmp, "move")
         try:
-            await self.blobs.download(image_key(md5, ext), staged[0])
+            if self.blobs is None:
+                await asyncio.to_thread(shutil.copyfile, self.storage.image_path(md5, ext), staged[0])
+            else:
+                await self.blobs.download(image_key(md5, ext), staged[0])
         except FileNotFoundError:
             await asyncio.to_thread(_release_staged, staged, into)
             return None, None
@@ -6193,25 +6197,6 @@ class Mover:
             return await _object_md5(self.target.blobs, image_key(md5, ext))
         return await asyncio.to_thread(_file_md5, self.target.storage.image_path(md5, ext))
 
-    async def _local_copy(self, md5: str, ext: str) -> tuple[Optional[Path], Optional[tuple[Path, int]]]:
-        """The source's bytes where the target can take them: an object store
-        is sent the source's file itself; a files target gets a copy in its own
-        tmp/, so that the MD5 taken next is of bytes on the target's disk, and
-        the copy is renamed into place with its row."""
-        into = self.target.storage
-        if self.target.blobs is not None or self.source.blobs is not None:
-            return await self.source.local_copy(md5, ext, into)
-        staged = await asyncio.to_thread(into.create_tmp, "move")
-        try:
-            await asyncio.to_thread(shutil.copyfile, self.source.storage.image_path(md5, ext), staged[0])
-        except FileNotFoundError:
-            await asyncio.to_thread(_release_staged, staged, into)
-            return None, None
-        except BaseException:
-            await asyncio.to_thread(_release_staged, staged, into)
-            raise
-        return staged[0], staged
-
     async def _bring(self, row: dict) -> tuple[str, Optional[tuple[Path, int]]]:
         """Make the image's bytes present and verified at the target: ("already",
         None), or ("copied" / "replaced", the staged file a files target renames
@@ -6224,7 +6209,11 @@ class Mover:
             if present is not None:
                 self.complain(f"  {md5}.{ext}: wrong bytes at the target (their MD5 is {present}); "
                               "replacing them")
-            local, staged = await self._local_copy(md5, ext)
+            # An object store is sent the source's own file when there is one. A
+            # files target gets a copy in its own tmp/, so that the MD5 taken next
+            # is of bytes on the target's disk; it is renamed into place with its row.
+            local, staged = await self.source.local_copy(md5, ext, self.target.storage,
+                                                         in_place=self.target.blobs is not None)
             if local is None:
                 raise _ImageFailed(f"{md5}.{ext}: missing at the source")
             try:

@@ -337,3 +337,23 @@ def test_help_says_variants_are_not_copied():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "Variants are NOT copied" in result.stdout
 
+
+
+async def test_a_running_source_server_keeps_serving_and_a_second_run_catches_up(make_client, make_config):
+    source = make_config()
+    client = await make_client(config_path=source)   # stays up: its database has a -wal meanwhile
+    first = await upload(client, seeded_png(4000), BOB, "first.png")
+    target = make_config()
+    result = await asyncio.to_thread(run_move, source, target)
+    assert result.returncode == 0 and summary(result)["copied"] == 1, result.stdout + result.stderr
+
+    later = await upload(client, seeded_png(4001), BOB, "later.png")   # after the first run
+    assert await served_bytes(client, first) == source_bytes(data_dir_of(source), first)
+    result = await asyncio.to_thread(run_move, source, target)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (summary(result)["copied"], summary(result)["already"]) == (1, 1)
+    await client.close()
+    assert store_problems(data_dir_of(target)) == []
+    moved = await make_client(config_path=target)
+    assert await served_bytes(moved, later) == source_bytes(data_dir_of(source), later)
+    await moved.close()
