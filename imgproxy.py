@@ -6180,8 +6180,13 @@ class Mover:
         self.source, self.target, self.report = source, target, report
         self.say, self.complain = say, complain
         self.slots = asyncio.Semaphore(MOVE_CONCURRENCY)
+        self.listed: Optional[set[str]] = None   # keys in the target bucket when the run began
 
     async def run(self, tables: SourceTables) -> None:
+        if self.target.blobs is not None:
+            # One listing spares a GET per image that is not there yet; a key
+            # listed is still read and checked before it counts as there.
+            self.listed = {key async for key, _size, _modified in self.target.blobs.list("")}
         self.say(f"moving {self.report.images} images ({self.report.expired} expired ones stay behind), "
                  f"{sum(map(len, tables.holds.values()))} holds, {len(tables.tokens)} tokens, "
                  f"{len(tables.meta)} meta; variants are not copied (the target renders them on demand)")
@@ -6192,9 +6197,14 @@ class Mover:
 
     # -- one image: its bytes at the target, verified --
 
-    async def _target_md5(self, md5: str, ext: str) -> Optional[str]:
+    async def _target_md5(self, md5: str, ext: str, fresh: bool = False) -> Optional[str]:
+        """MD5 of what the target holds under the image's name; `fresh` reads
+        the object even if it was not listed (after writing it)."""
         if self.target.blobs is not None:
-            return await _object_md5(self.target.blobs, image_key(md5, ext))
+            key = image_key(md5, ext)
+            if not fresh and self.listed is not None and key not in self.listed:
+                return None
+            return await _object_md5(self.target.blobs, key)
         return await asyncio.to_thread(_file_md5, self.target.storage.image_path(md5, ext))
 
     async def _bring(self, row: dict) -> tuple[str, Optional[tuple[Path, int]]]:
@@ -6222,7 +6232,7 @@ class Mover:
                     raise _ImageFailed(f"{md5}.{ext}: its bytes at the source have MD5 {digest}; not copied")
                 if self.target.blobs is not None:
                     await self.target.blobs.put_file(image_key(md5, ext), local, row["mime"], OBJECT_CACHE_CONTROL)
-                    back = await self._target_md5(md5, ext)
+                    back = await self._target_md5(md5, ext, fresh=True)
                     if back != md5:
                         raise _ImageFailed(f"{md5}.{ext}: the target store gives back other bytes "
                                            f"(MD5 {back}) after the copy")
