@@ -19,7 +19,7 @@ import pytest
 
 import imgproxy
 from conftest import ALICE, BOB, ROOT, FakeClock
-from helpers import bearer, create_token, noise_png, photo_bytes, png_bytes, seeded_png, store_problems
+from helpers import bearer, create_token, noise_png, photo_bytes, png_bytes, poll, seeded_png, store_problems
 
 SUMMARY_RE = re.compile(r"move (done|INCOMPLETE): (\d+) copied(?: \((\d+) replaced wrong bytes\))?, "
                         r"(\d+) already there, (\d+) verified, (\d+) failed of (\d+) images; (\d+) new rows")
@@ -232,6 +232,42 @@ async def test_kill_9_mid_move_then_a_second_run_completes(make_client, make_con
     assert listed["total"] == total
     await target_client.close()
 
+
+
+async def test_object_store_lost_mid_move_is_one_line_exit_1_and_a_rerun_completes(make_client, make_config,
+                                                                                  cluster_config, s3_engine):
+    source = make_config()
+    client = await make_client(config_path=source)
+    total = 4 * imgproxy.MOVE_BATCH
+    infos = [await upload(client, noise_png(60_000, seed=500 + i), BOB, f"{i}.png") for i in range(total)]
+    await client.close()
+    target = cluster_config()
+    mover = subprocess.Popen([sys.executable, str(ROOT / "imgproxy.py"), "move", "--config", str(source),
+                              "--to", str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first_batch = await asyncio.to_thread(lambda: [mover.stdout.readline() for _ in range(2)][-1])
+        assert f"/{total} images" in first_batch, first_batch
+        s3_engine.stop(kill=True)   # the store dies under the move
+        out, err = await asyncio.to_thread(mover.communicate, timeout=120)
+    finally:
+        mover.kill()
+        s3_engine.start()
+    assert mover.returncode == 1, out + err
+    assert "Traceback" not in err
+    stopped = [line for line in err.splitlines() if "move stopped" in line]
+    assert len(stopped) == 1 and "run the same command again" in stopped[0], err
+    counts = summary(subprocess.CompletedProcess([], 1, out, err))
+    assert not counts["done"] and counts["verified"] + counts["failed"] == total and counts["failed"] > 0
+
+    # SeaweedFS answers 500 for a moment after a restart from SIGKILL: wait until an
+    # object of the first batch (the lowest md5 goes first) reads back again.
+    first_key = imgproxy.image_key(min(i["md5"] for i in infos), "png")
+    bucket = imgproxy.load_config(target).storage.bucket
+    await asyncio.to_thread(poll, lambda: s3_engine.request("GET", f"/{bucket}/{first_key}")[0] == 200,
+                            60, "SeaweedFS serving reads again")
+    again = await asyncio.to_thread(run_move, source, target)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert summary(again)["verified"] == total
 
 # ---- and back: S3 + PostgreSQL -> files + SQLite -------------------------------------
 
