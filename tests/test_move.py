@@ -271,6 +271,28 @@ async def test_object_store_lost_mid_move_is_one_line_exit_1_and_a_rerun_complet
 
 # ---- and back: S3 + PostgreSQL -> files + SQLite -------------------------------------
 
+async def cluster_state(config_path: Path) -> tuple:
+    """Every object (key, size, time, MD5 of its bytes) and every row of every table
+    of an S3 + PostgreSQL installation, read with clients of the test's own."""
+    import asyncpg
+    config = imgproxy.load_config(config_path)
+    st = config.storage
+    blobs = imgproxy.S3Blobs(st.endpoint, st.bucket, st.region, st.prefix, st.access_key_id, st.secret_access_key)
+    await blobs.open()
+    try:
+        objects = [(key, size, modified, hashlib.md5(await blobs.read(key)).hexdigest())
+                   async for key, size, modified in blobs.list("")]
+    finally:
+        await blobs.close()
+    conn = await asyncpg.connect(config.database.url)
+    try:
+        tables = {name: sorted(tuple(r) for r in await conn.fetch(f"SELECT * FROM {name}"))
+                  for name in ("images", "holds", "tokens", "meta", "claims")}
+    finally:
+        await conn.close()
+    return objects, tables
+
+
 async def test_s3_postgres_moves_back_to_files_sqlite(make_client, make_config, cluster_config):
     source = cluster_config()
     made = await make_installation(make_client, source)
@@ -278,9 +300,11 @@ async def test_s3_postgres_moves_back_to_files_sqlite(make_client, make_config, 
     originals = {m: await served_bytes(cluster, info) for m, info in made["images"].items()}
     await cluster.close()
     target = make_config()
+    before = await cluster_state(source)
 
     result = await asyncio.to_thread(run_move, source, target)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert await cluster_state(source) == before   # the bucket and every table as they were
     n = len(made["images"])
     assert summary(result)["copied"] == n and summary(result)["verified"] == n
     target_dir = data_dir_of(target)
@@ -393,3 +417,25 @@ async def test_a_running_source_server_keeps_serving_and_a_second_run_catches_up
     moved = await make_client(config_path=target)
     assert await served_bytes(moved, later) == source_bytes(data_dir_of(source), later)
     await moved.close()
+
+
+async def test_an_older_database_without_source_md5_or_tokens_moves(make_config):
+    source = make_config()
+    data_dir = data_dir_of(source)
+    body = png_bytes((7, 5), (9, 8, 7))
+    md5 = hashlib.md5(body).hexdigest()
+    (data_dir / "uploads" / md5[:2] / md5[2:4]).mkdir(parents=True)
+    (data_dir / "uploads" / md5[:2] / md5[2:4] / f"{md5}.png").write_bytes(body)
+    with sqlite3.connect(data_dir / "images.db") as db:   # the schema of the first release
+        db.executescript(imgproxy.SCHEMA)
+        db.execute(f"INSERT INTO images ({imgproxy.IMAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                   (md5, "png", "PNG", "image/png", "old.png", len(body), 7, 5, 2, time.time(), time.time() + 3600))
+        db.execute("INSERT INTO holds VALUES (?, 'bob', ?)", (md5, time.time()))
+    db.close()
+    target = make_config()
+    result = await asyncio.to_thread(run_move, source, target)
+    assert result.returncode == 0 and summary(result)["copied"] == 1, result.stdout + result.stderr
+    rows = sqlite3.connect(data_dir_of(target) / "images.db").execute(
+        "SELECT md5, name, access_count, source_md5 FROM images").fetchall()
+    assert rows == [(md5, "old.png", 2, None)]
+    assert store_problems(data_dir_of(target)) == []
