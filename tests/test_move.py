@@ -190,19 +190,36 @@ async def test_wrong_bytes_already_under_a_key_at_the_target_are_replaced(make_c
     assert status == 200 and hashlib.md5(body).hexdigest() == victim["md5"]
 
 
-async def test_kill_9_mid_move_then_a_second_run_completes(make_client, make_config, cluster_config, pg_engine):
+async def noise_installation(make_client, make_config, count: int, size: int) -> tuple[Path, list[dict]]:
+    """A files + SQLite installation of `count` distinct uploads of about `size` bytes."""
     source = make_config()
     client = await make_client(config_path=source)
-    total = 3 * imgproxy.MOVE_BATCH
-    infos = [await upload(client, noise_png(40_000, seed=100 + i), BOB, f"{i}.png") for i in range(total)]
+    infos = [await upload(client, noise_png(size, seed=100 + i), BOB, f"{i}.png") for i in range(count)]
     await client.close()
-    target = cluster_config()
+    return source, infos
 
+
+async def move_past_first_batch(source: Path, target: Path, total: int) -> subprocess.Popen:
+    """A move as a child process, returned once its first batch is recorded (its progress line)."""
     mover = subprocess.Popen([sys.executable, str(ROOT / "imgproxy.py"), "move", "--config", str(source),
                               "--to", str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first_batch = await asyncio.to_thread(lambda: [mover.stdout.readline() for _ in range(2)][-1])
-        assert f"/{total} images" in first_batch, first_batch
+        assert f"{imgproxy.MOVE_BATCH}/{total} images" in first_batch, first_batch
+    except BaseException:
+        mover.kill()
+        mover.wait(30)
+        raise
+    return mover
+
+
+async def test_kill_9_mid_move_then_a_second_run_completes(make_client, make_config, cluster_config, pg_engine):
+    total = 3 * imgproxy.MOVE_BATCH
+    source, infos = await noise_installation(make_client, make_config, total, 40_000)
+    target = cluster_config()
+
+    mover = await move_past_first_batch(source, target, total)
+    try:
         mover.send_signal(signal.SIGKILL)   # while the next batches are on their way
     finally:
         mover.kill()
@@ -233,20 +250,13 @@ async def test_kill_9_mid_move_then_a_second_run_completes(make_client, make_con
     await target_client.close()
 
 
-
 async def test_object_store_lost_mid_move_is_one_line_exit_1_and_a_rerun_completes(make_client, make_config,
                                                                                   cluster_config, s3_engine):
-    source = make_config()
-    client = await make_client(config_path=source)
     total = 4 * imgproxy.MOVE_BATCH
-    infos = [await upload(client, noise_png(60_000, seed=500 + i), BOB, f"{i}.png") for i in range(total)]
-    await client.close()
+    source, infos = await noise_installation(make_client, make_config, total, 60_000)
     target = cluster_config()
-    mover = subprocess.Popen([sys.executable, str(ROOT / "imgproxy.py"), "move", "--config", str(source),
-                              "--to", str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mover = await move_past_first_batch(source, target, total)
     try:
-        first_batch = await asyncio.to_thread(lambda: [mover.stdout.readline() for _ in range(2)][-1])
-        assert f"/{total} images" in first_batch, first_batch
         s3_engine.stop(kill=True)   # the store dies under the move
         out, err = await asyncio.to_thread(mover.communicate, timeout=120)
     finally:
