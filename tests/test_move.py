@@ -449,3 +449,21 @@ async def test_an_older_database_without_source_md5_or_tokens_moves(make_config)
         "SELECT md5, name, access_count, source_md5 FROM images").fetchall()
     assert rows == [(md5, "old.png", 2, None)]
     assert store_problems(data_dir_of(target)) == []
+
+
+async def test_the_same_bucket_or_database_under_another_name_is_refused(cluster_config, make_config, make_client,
+                                                                         pg_engine):
+    source = cluster_config()
+    await (await make_client(config_path=source)).close()   # an installation: its tables exist
+    config = imgproxy.load_config(source)
+    same_bucket = with_engines(make_config(), storage=json.loads(source.read_text())["storage"])
+    assert "share bucket" in one_line_error(await asyncio.to_thread(run_move, source, same_bucket))
+    # The same database reached through its unix socket instead of 127.0.0.1: told
+    # apart by the server's own identity, not by the URL.
+    database = config.database.url.rsplit("/", 1)[1]
+    socket_url = (f"postgresql://{pg_engine.user}:{pg_engine.password}@/{database}"
+                  f"?host={pg_engine.folder}&port={pg_engine.port}")
+    same_database = with_engines(make_config(), database={"url": socket_url})
+    line = one_line_error(await asyncio.to_thread(run_move, source, same_database))
+    assert "FROM and TO name the same PostgreSQL database" in line
+    assert not data_dir_of(same_database).exists()   # refused before the target was opened
