@@ -17,12 +17,13 @@ headers, and removed after ``cleanup.expire_days`` by a daily in-process pass.
 Run:   python3 imgproxy.py [--config config.json] [--host H] [--port P]
 Hash:  python3 imgproxy.py hash-password
 Check: python3 imgproxy.py check-config [--config PATH] [--print KEY ...]
+Move:  python3 imgproxy.py move --config FROM.json --to TO.json
 
 Chapters, top-down: constants · passwords · config · errors · storage · database ·
 image inspection · variants · metadata · metrics · auth · middlewares · serving
 (conditional requests and ranges) · handlers · cleanup · create_app · connections ·
-main · appendix (the OpenAPI document and the upload page). Each chapter uses only
-what stands above it, except the appendix's data, read by handlers at run time.
+moving house · main · appendix (the OpenAPI document and the upload page). Each chapter
+uses only what stands above it, except the appendix's data, read by handlers at run time.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 import warnings
 import zlib
 from pathlib import Path
@@ -5975,6 +5977,520 @@ class ConnectionGuard:
         self._progress = progress
 
 
+# ==== moving house ==============================================================
+# `imgproxy.py move --config FROM.json --to TO.json` copies an installation to
+# another pair of engines (files or S3 for the bytes, SQLite or PostgreSQL for
+# the rows), in any direction. The source is only read: SQLite opened read-only,
+# PostgreSQL in a read-only transaction, the bucket only listed and read. At the
+# target each image goes as the server itself would publish it: its bytes first,
+# read back and checked against the md5 that names them, then its row and holds
+# in one write transaction (files are renamed into place inside that transaction;
+# objects are claimed first, so a cleanup pass running on the target leaves them
+# alone until their rows exist). A kill at any moment leaves no row naming a
+# missing object, and running the command again finishes the job: what is
+# already at the target is read and verified, not copied again.
+
+MOVE_BATCH = 50          # images per target transaction, and per progress line
+MOVE_CONCURRENCY = 4     # images fetched, written and read back at once
+
+
+@dataclasses.dataclass
+class MoveReport:
+    images: int = 0          # not-expired images at the source
+    expired: int = 0         # rows left behind because they expired
+    copied: int = 0          # bytes written to the target and verified
+    already: int = 0         # found at the target, verified, not copied again
+    replaced: int = 0        # of `copied`: wrong bytes under the key at the target, replaced
+    failed: int = 0
+    rows_new: int = 0
+    holds: int = 0
+    tokens: int = 0
+    meta: int = 0
+
+    @property
+    def verified(self) -> int:
+        return self.copied + self.already
+
+    def progress(self) -> str:
+        return (f"  {self.verified + self.failed}/{self.images} images: {self.copied} copied, "
+                f"{self.already} already there, {self.failed} failed")
+
+    def summary(self) -> str:
+        replaced = f" ({self.replaced} replaced wrong bytes)" if self.replaced else ""
+        return (f"move {'done' if self.failed == 0 else 'INCOMPLETE'}: {self.copied} copied{replaced}, "
+                f"{self.already} already there, {self.verified} verified, {self.failed} failed "
+                f"of {self.images} images; {self.rows_new} new rows, {self.holds} holds, {self.tokens} tokens, "
+                f"{self.meta} meta; {self.expired} expired left behind; variants not copied")
+
+
+def _endpoint_identity(url: str) -> tuple:
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    host = "127.0.0.1" if host in ("localhost", "::1") else host
+    return parts.scheme, host, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _pg_identity(url: str) -> tuple:
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query)
+    host = (parts.hostname or query.get("host", [""])[0]).lower()
+    host = "127.0.0.1" if host in ("localhost", "::1") else host
+    port = parts.port or int(query.get("port", ["5432"])[0] or 5432)
+    return host, port, urllib.parse.unquote(parts.path.lstrip("/")) or urllib.parse.unquote(parts.username or "")
+
+
+def _store_places(config: Config) -> dict[tuple, str]:
+    """Where an installation keeps anything, each named for the operator."""
+    places = {("folder", str(config.server.data_dir.resolve())):
+              f"the data folder {config.server.data_dir} (server.data_dir)"}
+    st = config.storage
+    if st.backend == "s3":
+        places[("bucket", *_endpoint_identity(st.endpoint), st.bucket, st.prefix)] = \
+            f'bucket "{st.bucket}" at {st.endpoint} with prefix "{st.prefix}" (storage)'
+    if config.database.url is not None:
+        places[("database", *_pg_identity(config.database.url))] = "the PostgreSQL database (database.url)"
+    return places
+
+
+def refuse_same_store(source: Config, target: Config) -> None:
+    """FROM and TO must not share a folder, a bucket+prefix or a database: the
+    target is written to, and the source must stay as it was."""
+    target_places = _store_places(target)
+    for place, name in _store_places(source).items():
+        if place in target_places:
+            raise ConfigError(f"--to: FROM and TO share {name}; the target needs its own")
+
+
+def _file_md5(path: Path) -> Optional[str]:
+    """Hex MD5 of a file's bytes (blocking), None when it is absent."""
+    digest = hashlib.md5()
+    try:
+        with open(path, "rb") as f:
+            while piece := f.read(FLUSH_BYTES):
+                digest.update(piece)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    return digest.hexdigest()
+
+
+async def _object_md5(blobs: S3Blobs, key: str) -> Optional[str]:
+    """Hex MD5 of an object's bytes as the store gives them now, None when absent."""
+    digest = hashlib.md5()
+    try:
+        async with contextlib.aclosing(blobs.stream(key)) as pieces:
+            async for piece in pieces:
+                digest.update(piece)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class SourceTables:
+    """What is moved, read at one moment from the source database."""
+    images: list[dict]
+    holds: dict[str, list[tuple]]   # md5 -> [(md5, username, held_at)]
+    tokens: list[tuple]
+    meta: list[tuple]
+
+
+def _read_sqlite_tables(db: sqlite3.Connection, now: float, report: MoveReport) -> SourceTables:
+    """Everything to move, in one read transaction (older databases may lack
+    source_md5 or the tokens table)."""
+    db.execute("BEGIN")
+    try:
+        columns = {c[1] for c in db.execute("PRAGMA table_info(images)")}
+        if not columns:
+            raise ConfigError("server.data_dir: its images.db has no images table (not an imgproxy database)")
+        select = IMAGE_COLUMNS + (", source_md5" if "source_md5" in columns else ", NULL AS source_md5")
+        images = [dict(zip(ROW_COLUMNS.replace(" ", "").split(","), r))
+                  for r in db.execute(f"SELECT {select} FROM images ORDER BY md5")]
+        holds = db.execute("SELECT md5, username, held_at FROM holds").fetchall()
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tokens = (db.execute("SELECT id, username, name, secret_sha256, created_at, last_used_at FROM tokens")
+                  .fetchall() if "tokens" in tables else [])
+        meta = db.execute("SELECT key, value FROM meta").fetchall() if "meta" in tables else []
+    finally:
+        db.execute("ROLLBACK")
+    return _source_tables(images, holds, tokens, meta, now, report)
+
+
+def _source_tables(images: list[dict], holds: Iterable, tokens: Iterable, meta: Iterable,
+                   now: float, report: MoveReport) -> SourceTables:
+    live = [r for r in images if r["expire_at"] > now]
+    report.images, report.expired = len(live), len(images) - len(live)
+    names = {r["md5"] for r in live}
+    by_md5: dict[str, list[tuple]] = collections.defaultdict(list)
+    for md5, username, held_at in holds:
+        if md5 in names:
+            by_md5[md5].append((md5, username, float(held_at)))
+    return SourceTables(live, by_md5, [tuple(t) for t in tokens], [tuple(m) for m in meta])
+
+
+class MoveSource:
+    """The installation moved from, opened so that nothing in it changes."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.storage = Storage(config.server.data_dir)   # paths only: prepare() is never called
+        self.blobs: Optional[S3Blobs] = None
+        self.pg: Any = None   # one asyncpg connection
+
+    async def open(self) -> "MoveSource":
+        try:
+            if self.config.database.url is not None:
+                import asyncpg  # optional: only with database.url (checked when the config was read)
+                try:
+                    self.pg = await asyncpg.connect(self.config.database.url, timeout=PG_COMMAND_SECONDS,
+                                                    command_timeout=PG_COMMAND_SECONDS)
+                except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    raise ConfigError(f"database.url: cannot read the PostgreSQL database: "
+                                      f"{pg_error_text(exc)}") from None
+            elif not await asyncio.to_thread(self.storage.db_path.is_file):
+                raise ConfigError(f"server.data_dir: no images.db in {self.storage.root} "
+                                  "(is this the installation to move?)")
+            if self.config.storage.backend == "s3":
+                st = self.config.storage
+                self.blobs = S3Blobs(st.endpoint, st.bucket, st.region, st.prefix,
+                                     st.access_key_id, st.secret_access_key)
+                await self.blobs.open()   # HEAD of the bucket: nothing is written
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def close(self) -> None:
+        if self.blobs is not None:
+            with contextlib.suppress(Exception):
+                await self.blobs.close()
+            self.blobs = None
+        if self.pg is not None:
+            with contextlib.suppress(Exception):
+                await self.pg.close(timeout=2)
+            self.pg = None
+
+    async def read_tables(self, now: float, report: MoveReport) -> SourceTables:
+        if self.pg is not None:
+            return await self._read_pg_tables(now, report)
+        return await asyncio.to_thread(self._read_sqlite, now, report)
+
+    def _read_sqlite(self, now: float, report: MoveReport) -> SourceTables:
+        # mode=ro alone would create images.db-wal and -shm beside a database at
+        # rest (no server running). immutable=1 creates nothing but assumes no
+        # writer: it is used only while no -wal exists, and the read is redone
+        # with mode=ro if a server started (the -wal appeared or the file changed).
+        path = self.storage.db_path
+        wal = path.with_name(path.name + "-wal")
+        uri = path.absolute().as_uri()
+        if not wal.exists():
+            before = os.stat(path)
+            db = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
+            try:
+                tables = _read_sqlite_tables(db, now, report)
+            finally:
+                db.close()
+            after = os.stat(path)
+            if not wal.exists() and (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size):
+                return tables
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, timeout=15)
+        try:
+            return _read_sqlite_tables(db, now, report)
+        finally:
+            db.close()
+
+    async def _read_pg_tables(self, now: float, report: MoveReport) -> SourceTables:
+        conn = self.pg
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            present = await conn.fetchrow("SELECT to_regclass('images') AS images, to_regclass('tokens') AS tokens, "
+                                          "to_regclass('meta') AS meta")
+            if present["images"] is None:
+                raise ConfigError("database.url: that database has no images table (not an imgproxy database)")
+            images = [dict(r) for r in await conn.fetch(f"SELECT {ROW_COLUMNS} FROM images ORDER BY md5")]
+            holds = await conn.fetch("SELECT md5, username, held_at FROM holds")
+            tokens = (await conn.fetch("SELECT id, username, name, secret_sha256, created_at, last_used_at "
+                                       "FROM tokens") if present["tokens"] is not None else [])
+            meta = await conn.fetch("SELECT key, value FROM meta") if present["meta"] is not None else []
+        return _source_tables(images, holds, tokens, meta, now, report)
+
+    async def local_copy(self, md5: str, ext: str, into: Storage,
+                         in_place: bool) -> tuple[Optional[Path], Optional[tuple[Path, int]]]:
+        """The image's bytes as a local file: with `in_place`, the source's own
+        file when it has one, (path, None); else (path, staged), a locked copy
+        in `into`'s tmp/. (None, None) when the source lacks the image."""
+        if self.blobs is None and in_place:
+            path = self.storage.image_path(md5, ext)
+            if not await asyncio.to_thread(path.is_file):
+                return None, None
+            return path, None
+        staged = await asyncio.to_thread(into.create_tmp, "move")
+        try:
+            if self.blobs is None:
+                await asyncio.to_thread(shutil.copyfile, self.storage.image_path(md5, ext), staged[0])
+            else:
+                await self.blobs.download(image_key(md5, ext), staged[0])
+        except FileNotFoundError:
+            await asyncio.to_thread(_release_staged, staged, into)
+            return None, None
+        except BaseException:
+            await asyncio.to_thread(_release_staged, staged, into)
+            raise
+        return staged[0], staged
+
+
+def _release_staged(staged: Optional[tuple[Path, int]], storage: Storage) -> None:
+    """Remove a staged copy (if not renamed into place meanwhile) and drop its lock."""
+    if staged is not None:
+        _unlink_quietly(staged[0])
+        storage.release_tmp(*staged)
+
+
+class _ImageFailed(Exception):
+    """This image could not be moved (the rest go on); the message says why."""
+
+
+class Mover:
+    """Copies a MoveSource's tables into an open ImageStore, batch by batch."""
+
+    def __init__(self, source: MoveSource, target: ImageStore, report: MoveReport,
+                 say: Callable[[str], None], complain: Callable[[str], None]):
+        self.source, self.target, self.report = source, target, report
+        self.say, self.complain = say, complain
+        self.slots = asyncio.Semaphore(MOVE_CONCURRENCY)
+        self.listed: Optional[set[str]] = None   # keys in the target bucket when the run began
+
+    async def run(self, tables: SourceTables) -> None:
+        if self.target.blobs is not None:
+            # One listing spares a GET per image that is not there yet; a key
+            # listed is still read and checked before it counts as there.
+            self.listed = {key async for key, _size, _modified in self.target.blobs.list("")}
+        self.say(f"moving {self.report.images} images ({self.report.expired} expired ones stay behind), "
+                 f"{sum(map(len, tables.holds.values()))} holds, {len(tables.tokens)} tokens, "
+                 f"{len(tables.meta)} meta; variants are not copied (the target renders them on demand)")
+        for at in range(0, len(tables.images), MOVE_BATCH):
+            await self._move_batch(tables.images[at:at + MOVE_BATCH], tables.holds)
+            self.say(self.report.progress())
+        await self.target.write(self._record_tokens_and_meta, tables.tokens, tables.meta)
+
+    # -- one image: its bytes at the target, verified --
+
+    async def _target_md5(self, md5: str, ext: str, fresh: bool = False) -> Optional[str]:
+        """MD5 of what the target holds under the image's name; `fresh` reads
+        the object even if it was not listed (after writing it)."""
+        if self.target.blobs is not None:
+            key = image_key(md5, ext)
+            if not fresh and self.listed is not None and key not in self.listed:
+                return None
+            return await _object_md5(self.target.blobs, key)
+        return await asyncio.to_thread(_file_md5, self.target.storage.image_path(md5, ext))
+
+    async def _bring(self, row: dict) -> tuple[str, Optional[tuple[Path, int]]]:
+        """Make the image's bytes present and verified at the target: ("already",
+        None), or ("copied" / "replaced", the staged file a files target renames
+        into place with the row). Raises _ImageFailed for this image alone."""
+        md5, ext = row["md5"], row["ext"]
+        async with self.slots:
+            present = await self._target_md5(md5, ext)
+            if present == md5:
+                return "already", None
+            if present is not None:
+                self.complain(f"  {md5}.{ext}: wrong bytes at the target (their MD5 is {present}); "
+                              "replacing them")
+            # An object store is sent the source's own file when there is one. A
+            # files target gets a copy in its own tmp/, so that the MD5 taken next
+            # is of bytes on the target's disk; it is renamed into place with its row.
+            local, staged = await self.source.local_copy(md5, ext, self.target.storage,
+                                                         in_place=self.target.blobs is not None)
+            if local is None:
+                raise _ImageFailed(f"{md5}.{ext}: missing at the source")
+            try:
+                digest = await asyncio.to_thread(_file_md5, local)
+                if digest != md5:
+                    raise _ImageFailed(f"{md5}.{ext}: its bytes at the source have MD5 {digest}; not copied")
+                if self.target.blobs is not None:
+                    await self.target.blobs.put_file(image_key(md5, ext), local, row["mime"], OBJECT_CACHE_CONTROL)
+                    back = await self._target_md5(md5, ext, fresh=True)
+                    if back != md5:
+                        raise _ImageFailed(f"{md5}.{ext}: the target store gives back other bytes "
+                                           f"(MD5 {back}) after the copy")
+                    await asyncio.to_thread(_release_staged, staged, self.target.storage)
+                    staged = None
+            except BaseException:
+                await asyncio.to_thread(_release_staged, staged, self.target.storage)
+                raise
+            return ("replaced" if present is not None else "copied"), staged
+
+    async def _bring_or_fail(self, row: dict) -> Optional[tuple[str, Optional[tuple[Path, int]]]]:
+        try:
+            return await self._bring(row)
+        except _ImageFailed as exc:
+            self.complain(f"  failed {exc}")
+            return None
+
+    # -- a batch: bytes first, then the rows in one transaction --
+
+    async def _move_batch(self, rows: list[dict], holds: dict[str, list[tuple]]) -> None:
+        target = self.target
+        md5s = [r["md5"] for r in rows]
+        if target.blobs is not None:
+            await target.write(self._claim, md5s)
+        results = await asyncio.gather(*(self._bring_or_fail(r) for r in rows), return_exceptions=True)
+        done = [(row, outcome) for row, outcome in zip(rows, results) if isinstance(outcome, tuple)]
+        try:
+            trouble = next((r for r in results if isinstance(r, BaseException)), None)
+            if trouble is not None:
+                raise trouble   # an engine failed, not one image: the run stops, nothing is lost
+            recorded = await target.write(self._record, done, holds, md5s)
+        finally:
+            for _row, (_kind, staged) in done:   # renamed into place by _record, or removed here
+                await asyncio.to_thread(_release_staged, staged, target.storage)
+        for row, (kind, _staged) in done:
+            if row["md5"] not in recorded:
+                self.complain(f"  failed {row['md5']}.{row['ext']}: removed at the target meanwhile "
+                              "(by a cleanup pass?); run the move again")
+            elif kind == "already":
+                self.report.already += 1
+            else:
+                self.report.copied += 1
+                self.report.replaced += kind == "replaced"
+        self.report.failed += len(rows) - len(recorded)
+
+    def _claim(self, txn: Txn, md5s: list[str]) -> None:
+        # A cleanup pass on the target removes objects no row holds unless claimed.
+        now = self.target.clock()
+        txn.db.executemany("INSERT INTO claims (md5, claimed_at) VALUES (?, ?) "
+                           "ON CONFLICT (md5) DO UPDATE SET claimed_at = excluded.claimed_at",
+                           [(m, now) for m in md5s])
+
+    def _record(self, txn: Txn, done: list[tuple[dict, tuple]], holds: dict[str, list[tuple]],
+                claimed: list[str]) -> set[str]:
+        """Rows and holds of the images whose bytes are in place (renaming staged
+        files there first); returns the md5s recorded."""
+        storage = self.target.storage
+        ready = []
+        for row, (kind, staged) in done:
+            md5, ext = row["md5"], row["ext"]
+            if staged is not None:
+                storage.place(md5, ext, staged[0])
+            elif self.target.blobs is None and not storage.image_path(md5, ext).is_file():
+                continue   # verified, then removed by someone else before this transaction
+            ready.append(row)
+        if ready:
+            marks = ",".join("?" * len(ready))
+            known = {r[0] for r in txn.db.execute(f"SELECT md5 FROM images WHERE md5 IN ({marks})",
+                                                  [r["md5"] for r in ready])}
+            self.report.rows_new += len(ready) - len(known)
+            txn.changed = bool(known)
+            txn.db.executemany(
+                f"INSERT INTO images ({ROW_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (md5) DO UPDATE SET "
+                "expire_at = CASE WHEN excluded.expire_at > images.expire_at "
+                "THEN excluded.expire_at ELSE images.expire_at END, "
+                "access_count = CASE WHEN excluded.access_count > images.access_count "
+                "THEN excluded.access_count ELSE images.access_count END, "
+                "source_md5 = COALESCE(images.source_md5, excluded.source_md5)",
+                [(r["md5"], r["ext"], r["format"], r["mime"], r["name"], int(r["size"]), int(r["width"]),
+                  int(r["height"]), int(r["access_count"]), float(r["created_at"]), float(r["expire_at"]),
+                  r["source_md5"]) for r in ready])
+            held = [h for r in ready for h in holds.get(r["md5"], ())]
+            if held:
+                txn.db.executemany(
+                    "INSERT INTO holds (md5, username, held_at) VALUES (?, ?, ?) ON CONFLICT (md5, username) "
+                    "DO UPDATE SET held_at = CASE WHEN excluded.held_at > holds.held_at "
+                    "THEN excluded.held_at ELSE holds.held_at END", held)
+            self.report.holds += len(held)
+        if self.target.blobs is not None:
+            marks = ",".join("?" * len(claimed))
+            txn.db.execute(f"DELETE FROM claims WHERE md5 IN ({marks})", claimed)
+        return {r["md5"] for r in ready}
+
+    def _record_tokens_and_meta(self, txn: Txn, tokens: list[tuple], meta: list[tuple]) -> None:
+        # Tokens are digests only (the secrets were never stored); one the target
+        # has already keeps its row, and gains the later last use.
+        for token_id, username, name, secret, created_at, last_used_at in tokens:
+            added = txn.db.execute(
+                "INSERT INTO tokens (id, username, name, secret_sha256, created_at, last_used_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (token_id, username, name, bytes(secret), float(created_at),
+                 None if last_used_at is None else float(last_used_at))).rowcount
+            if not added and last_used_at is not None:
+                txn.db.execute("UPDATE tokens SET last_used_at = ? WHERE id = ? AND "
+                               "(last_used_at IS NULL OR last_used_at < ?)",
+                               (float(last_used_at), token_id, float(last_used_at)))
+            self.report.tokens += 1
+        for key, value in meta:
+            txn.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value))
+            self.report.meta += 1
+
+
+async def _pg_fingerprint(conn: Any) -> tuple:
+    """Which database this is, whatever URL reached it: two clusters do not start
+    in the same microsecond."""
+    row = await conn.fetchrow("SELECT current_database(), pg_postmaster_start_time()::text")
+    return tuple(row)
+
+
+async def move_installation(source_config: Config, target_config: Config, report: MoveReport,
+                            labels: tuple[str, str] = ("FROM", "TO"),
+                            say: Callable[[str], None] = print, complain: Callable[[str], None] = print) -> None:
+    """Copy every image that has not expired, with its holds, and the tokens and
+    meta, from source to target (see the chapter's head), counting in `report`.
+    Raises ConfigError for what the operator must fix (prefixed with the label
+    of the config concerned); StoreUnavailable, OSError or a database error when
+    an engine fails mid-way: the run stops, and running it again resumes it."""
+    source_label, target_label = labels
+    try:
+        source = await MoveSource(source_config).open()
+    except ConfigError as exc:
+        raise ConfigError(f"{source_label}: {exc}") from None
+    try:
+        try:
+            tables = await source.read_tables(time.time(), report)
+        except ConfigError as exc:
+            raise ConfigError(f"{source_label}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"{source_label}: server.data_dir: cannot read its images.db: {exc}") from None
+        if source.pg is not None and target_config.database.url is not None:
+            import asyncpg
+            try:
+                conn = await asyncpg.connect(target_config.database.url, timeout=PG_COMMAND_SECONDS)
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise ConfigError(f"{target_label}: database.url: cannot use the PostgreSQL database: "
+                                  f"{pg_error_text(exc)}") from None
+            try:
+                same = await _pg_fingerprint(conn) == await _pg_fingerprint(source.pg)
+            finally:
+                await conn.close(timeout=2)
+            if same:
+                raise ConfigError("--to: FROM and TO name the same PostgreSQL database (database.url); "
+                                  "the target needs its own")
+        try:
+            target = await ImageStore(target_config).open(listen=False)
+        except ConfigError as exc:
+            raise ConfigError(f"{target_label}: {exc}") from None
+        except OSError as exc:   # the data folder cannot be made or written
+            raise ConfigError(f"{target_label}: server.data_dir: cannot use {target_config.server.data_dir}: "
+                              f"{exc.strerror or exc}") from None
+        try:
+            await Mover(source, target, report, say, complain).run(tables)
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+
+
+MOVE_HELP = """\
+Copy this installation (--config, the source) to another one (--to, the target):
+files+SQLite to S3+PostgreSQL, back, or mixed. The source is only read. Every
+image that has not expired is copied bytes first, read back at the target and
+checked against its MD5, then its row and holds; then the app tokens (digests
+only) and meta. Images already at the target are verified, not copied again, so
+a second run copies nothing, and a run stopped at any moment (even kill -9) is
+finished by running it again. Variants are NOT copied: the target renders them
+again on demand. Users are not moved: give TO the same users[].
+Exit status: 0 when every image is at the target and verified, 1 when some are
+not (an engine failed, or an image's bytes are missing or wrong at the source),
+2 for a config problem (one line naming the key)."""
+
+
 # ==== main ======================================================================
 
 class _MalformedRequestFilter(logging.Filter):
@@ -6199,12 +6715,55 @@ def _check_config_command(argv: list[str]) -> int:
     return 0
 
 
+def _move_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="imgproxy.py move", description=MOVE_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")), metavar="FROM.json",
+                        help="the installation to copy (only read; default: config.json beside this file)")
+    parser.add_argument("--to", required=True, metavar="TO.json", help="the installation to copy it to")
+    args = parser.parse_args(argv)
+    try:
+        source_config = load_config(args.config)
+        target_config = load_config(args.to)
+        refuse_same_store(source_config, target_config)
+    except ConfigError as exc:
+        print(f"imgproxy: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    report = MoveReport()
+    labels = (str(Path(args.config).absolute()), str(Path(args.to).absolute()))
+    stopped = None
+    try:
+        asyncio.run(move_installation(source_config, target_config, report, labels,
+                                      say=functools.partial(print, flush=True),
+                                      complain=functools.partial(print, file=sys.stderr, flush=True)))
+    except ConfigError as exc:
+        print(f"imgproxy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    except (StoreUnavailable, OSError) as exc:
+        stopped = str(exc)
+    except Exception as exc:
+        if not is_database_outage(exc):
+            raise
+        stopped = f"database: {pg_error_text(exc)}"
+    if stopped is not None:
+        print(f"imgproxy: move stopped ({stopped}); nothing is lost: run the same command again to finish",
+              file=sys.stderr, flush=True)
+        report.failed = report.images - report.verified
+    print(report.summary(), flush=True)
+    return 0 if stopped is None and report.failed == 0 else 1
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["hash-password"]:
         return _hash_password_command(argv[1:])
     if argv[:1] == ["check-config"]:
         return _check_config_command(argv[1:])
+    if argv[:1] == ["move"]:
+        return _move_command(argv[1:])
     parser = argparse.ArgumentParser(prog="imgproxy.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")),
                         help="path of config.json (default: beside this file)")
