@@ -168,3 +168,86 @@ def test_upload_on_one_node_is_served_listed_and_found_on_the_others(make_cluste
     assert status == 200 and again["status"] == "exists" and again["url"] == info["url"]
     assert list(cluster.objects()) == [f"{md5[:2]}/{md5[2:4]}/{md5}.png"]
     assert cluster.problems(claimed_ok=False) == []
+
+
+def seconds_until(predicate, timeout: float, what: str) -> float:
+    """How long it took `predicate()` to hold (asked every 20 ms)."""
+    began = time.monotonic()
+    poll(predicate, timeout, what)
+    return time.monotonic() - began
+
+
+def test_delete_on_one_node_is_a_404_on_the_others_within_a_second(make_cluster):
+    cluster = make_cluster()
+    data = png_bytes((30, 30), (200, 30, 30))
+    _, info = cluster.upload(0, data)
+    path = cluster.image_path(info)
+    for node in (1, 2):   # node 1 serves it from its cache from now on; node 2 too
+        for _ in range(2):
+            assert cluster.call(node, "GET", path)[0] == 200
+    status, _, _ = cluster.call(0, "DELETE", f"/api/images/{info['md5']}", headers=BOB)
+    assert status == 204
+    took = seconds_until(lambda: all(cluster.call(n, "GET", path)[0] == 404 for n in (1, 2)),
+                         COHERENCE_SECONDS, "the delete to reach the other nodes' caches")
+    for node in (0, 1, 2):
+        assert cluster.call(node, "GET", f"/api/images/{info['md5']}", headers=BOB)[0] == 404
+        assert cluster.call(node, "HEAD", path)[0] == 404
+    assert cluster.objects() == {} and cluster.rows() == {}
+    assert cluster.problems(claimed_ok=False) == []
+    print(f"delete on node 0 honoured by nodes 1 and 2 after {took * 1000:.0f} ms")
+
+
+def test_a_token_revoked_on_one_node_is_refused_on_the_others_at_once(make_cluster):
+    cluster = make_cluster()
+    status, _, body = cluster.call(0, "POST", "/api/tokens", json.dumps({"name": "laptop"}).encode(),
+                                   {**BOB, "Content-Type": "application/json"})
+    assert status == 201
+    token = json.loads(body)
+    for node in (1, 2):
+        assert cluster.call(node, "GET", "/api/images", headers=bearer(token["token"]))[0] == 200
+    _, info = cluster.upload(1, seeded_png(1), who=bearer(token["token"]))
+    status, _, _ = cluster.call(0, "DELETE", f"/api/tokens/{token['id']}", headers=BOB)
+    assert status == 204
+    for node in (1, 2, 0):   # the very next request, no wait
+        status, _, body = cluster.call(node, "GET", "/api/images", headers=bearer(token["token"]))
+        assert status == 401, body
+        status, _, body = cluster.call(node, "PUT", "/upload/y.png", seeded_png(2),
+                                       {**bearer(token["token"]), "Content-Type": "application/octet-stream"})
+        assert status == 401, body
+    # What the token uploaded stays: it belongs to bob, not to the token.
+    assert cluster.call(2, "GET", cluster.image_path(info))[0] == 200
+    assert len(cluster.rows()) == 1
+
+
+def test_renew_and_expiry_across_nodes(make_cluster):
+    """A renewal on one node keeps the image alive on a node that cached it before;
+    once expired it is a 404 everywhere, and one node's pass removes its object."""
+    life = 3.0
+    cluster = make_cluster(cleanup={"expire_days": life / 86400})
+    data = png_bytes((20, 20), (5, 5, 250))
+    _, info = cluster.upload(0, data)
+    born = time.time()
+    path, md5 = cluster.image_path(info), info["md5"]
+    assert cluster.call(1, "GET", path)[0] == 200   # cached on node 1 with the first expiry
+    time.sleep(1.2)
+    status, _, body = cluster.call(2, "POST", f"/api/images/{md5}/renew", headers=BOB)
+    assert status == 200
+    renewed = json.loads(body)["expire_at"]
+    assert renewed > info["expire_at"]
+    status, _, body = cluster.call(1, "GET", f"/api/images/{md5}", headers=BOB)
+    assert status == 200 and json.loads(body)["expire_at"] == renewed
+    # Past the first expiry, before the renewed one: node 1 serves it still.
+    time.sleep(max(0.0, born + life + 0.2 - time.time()))
+    status, headers, body = cluster.call(1, "GET", path)
+    assert status == 200 and body == data, "node 1 judged the image by the expiry it had cached"
+    # Past the renewed expiry: gone on every node, though the row and object remain.
+    poll(lambda: all(cluster.call(n, "GET", path)[0] == 404 for n in (0, 1, 2)), life + 2,
+         "the renewed image to expire on every node")
+    for node in (0, 1, 2):
+        assert cluster.call(node, "GET", f"/api/images/{md5}", headers=BOB)[0] == 404
+    assert len(cluster.objects()) == 1 and list(cluster.rows()) == [md5]
+    done = cluster.cleanup(2)
+    assert done.returncode == 0, done.stderr
+    assert "1 expired images" in done.stdout, done.stdout
+    assert cluster.objects() == {} and cluster.rows() == {}
+    assert cluster.problems(claimed_ok=False) == []
