@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from typing import Optional
 import pytest
 
 from conftest import ALICE, BOB, CAROL, ROOT
-from helpers import ServerProcess, bearer, http_exchange, png_bytes, poll, seeded_png
+from helpers import ServerProcess, bearer, http_exchange, noise_png, png_bytes, poll, request_bytes, seeded_png
 
 pytest.importorskip("aiobotocore", reason="the S3 backend needs aiobotocore: pip install aiobotocore")
 pytest.importorskip("asyncpg", reason="the PostgreSQL backend needs asyncpg: pip install asyncpg")
@@ -137,9 +138,10 @@ class Cluster:
                               capture_output=True, text=True, timeout=120)
 
 
-def node_config(make_config, storage: dict, database_url: str, cleanup: Optional[dict] = None) -> Path:
+def node_config(make_config, storage: dict, database_url: str, cleanup: Optional[dict] = None,
+                server: Optional[dict] = None) -> Path:
     """A node's config.json: its own data_dir, the shared bucket and database."""
-    path = make_config(server={"base_url": BASE_URL}, cleanup=cleanup)
+    path = make_config(server={"base_url": BASE_URL, **(server or {})}, cleanup=cleanup)
     raw = json.loads(path.read_text(encoding="utf-8"))
     raw["storage"] = storage
     raw["database"] = {"url": database_url}
@@ -149,15 +151,22 @@ def node_config(make_config, storage: dict, database_url: str, cleanup: Optional
 
 @pytest.fixture
 def make_cluster(s3_engine, pg_engine, make_config, server_process):
-    """make_cluster(nodes=3, cleanup=None) -> Cluster: a fresh bucket and database,
-    `nodes` server processes started together (killed at teardown)."""
-    def make(nodes: int = 3, cleanup: Optional[dict] = None) -> Cluster:
+    """make_cluster(nodes=3, cleanup=None, server=None, patches=None) -> Cluster: a fresh
+    bucket and database, `nodes` server processes started together (killed at teardown);
+    `cleanup` and `server` go into every node's config, `patches` as for server_process."""
+    def make(nodes: int = 3, cleanup: Optional[dict] = None, server: Optional[dict] = None,
+             patches: Optional[dict] = None) -> Cluster:
         bucket = s3_engine.new_bucket()
         url = pg_engine.new_database()
-        configs = [node_config(make_config, s3_engine.storage_config(bucket), url, cleanup) for _ in range(nodes)]
+        configs = [node_config(make_config, s3_engine.storage_config(bucket), url, cleanup, server)
+                   for _ in range(nodes)]
+
+        def start(config: Path) -> ServerProcess:
+            return server_process(config, patches=patches)
+
         with concurrent.futures.ThreadPoolExecutor(nodes) as pool:
-            started = list(pool.map(server_process, configs))
-        return Cluster(s3_engine, pg_engine, bucket, url.rsplit("/", 1)[1], configs, started, server_process)
+            started = list(pool.map(start, configs))
+        return Cluster(s3_engine, pg_engine, bucket, url.rsplit("/", 1)[1], configs, started, start)
 
     return make
 
@@ -387,3 +396,72 @@ def test_scheduled_cleanup_of_nodes_starting_together_runs_one_pass(expiring_clu
     assert [c for c in counts if c is not None] == \
         [(len(seeded["expired"]), len(seeded["orphans"]), len(seeded["dangling"]))], summaries()
     assert_cleaned(cluster, seeded)
+
+
+MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def big_png() -> bytes:
+    """A valid 20 MB PNG: above S3_MULTIPART_THRESHOLD, so it goes to the store in parts."""
+    return noise_png(20 * MB, seed=14)
+
+
+def start_slow_upload(node: ServerProcess, data: bytes, sent: int) -> socket.socket:
+    """A PUT whose first `sent` bytes of body are on their way; the rest never come."""
+    sock = socket.create_connection(("127.0.0.1", node.port))
+    sock.sendall(request_bytes("PUT", "/upload/big.png", {**BOB, "Content-Type": "application/octet-stream"},
+                               length=len(data)))
+    for at in range(0, sent, MB):
+        sock.sendall(data[at:min(sent, at + MB)])
+        time.sleep(0.01)
+    return sock
+
+
+def test_a_node_killed_while_receiving_a_large_upload_leaves_nothing_behind(make_cluster, big_png):
+    cluster = make_cluster(nodes=2, server={"max_upload_mb": 64})
+    _, kept = cluster.upload(1, seeded_png(7))
+    sock = start_slow_upload(cluster.nodes[0], big_png, len(big_png) // 2)
+    leftover = poll(lambda: list((cluster.configs[0].parent / "data" / "tmp").glob("upload-*.part")), 10,
+                    "the upload to reach node 0's tmp/")
+    cluster.nodes[0].proc.kill()
+    cluster.nodes[0].proc.wait(10)
+    sock.close()
+    assert cluster.objects() == {f"{kept['md5'][:2]}/{kept['md5'][2:4]}/{kept['md5']}.png":
+                                 len(seeded_png(7))}
+    assert cluster.problems(claimed_ok=False) == []
+    # The next pass (cleanup.py with the dead node's config) sweeps its half file,
+    # which no live process holds any more; the shared store needed nothing.
+    done = cluster.cleanup(0)
+    assert done.returncode == 0, done.stderr
+    assert pass_counts(done.stdout) == (0, 0, 0) and "1 temp files" in done.stdout, done.stdout
+    assert not any(p.exists() for p in leftover)
+    assert cluster.problems(claimed_ok=False) == []
+
+
+def test_a_node_killed_while_writing_a_large_upload_to_the_store(make_cluster, big_png):
+    # One part at a time: the multipart upload lasts long enough to be caught in the act.
+    cluster = make_cluster(nodes=2, server={"max_upload_mb": 64}, patches={"S3_PART_CONCURRENCY": 1})
+    md5 = hashlib.md5(big_png).hexdigest()
+    key = f"{md5[:2]}/{md5[2:4]}/{md5}.png"
+    sock = start_slow_upload(cluster.nodes[0], big_png, len(big_png))
+    poll(lambda: key in cluster.unfinished_uploads(), 20, "node 0 to start the multipart upload", step=0.005)
+    cluster.nodes[0].proc.kill()
+    cluster.nodes[0].proc.wait(10)
+    sock.close()
+    # Nothing of it is visible: no object (S3 shows one only once complete), no row;
+    # only the claim node 0 took before writing, and the unfinished upload's parts.
+    assert cluster.objects() == {} and cluster.rows() == {}
+    assert cluster.sql("SELECT md5 FROM claims") == [[md5]]
+    assert cluster.call(1, "GET", f"/i/{md5}.png")[0] == 404
+    assert cluster.problems(claimed_ok=False) == []
+    done = cluster.cleanup(1)
+    assert done.returncode == 0 and pass_counts(done.stdout) == (0, 0, 0), done.stdout + done.stderr
+    assert cluster.problems(claimed_ok=False) == []
+    # The same upload through the surviving node completes: its claim replaces the dead one's.
+    status, _, body = cluster.call(1, "PUT", "/upload/big.png", big_png,
+                                   {**BOB, "Content-Type": "application/octet-stream"}, timeout=120)
+    assert status == 201, body[:300]
+    assert cluster.objects() == {key: len(big_png)}
+    assert cluster.sql("SELECT COUNT(*) FROM claims") == [["0"]]
+    assert cluster.problems(claimed_ok=False) == []
