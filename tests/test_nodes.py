@@ -465,3 +465,117 @@ def test_a_node_killed_while_writing_a_large_upload_to_the_store(make_cluster, b
     assert cluster.objects() == {key: len(big_png)}
     assert cluster.sql("SELECT COUNT(*) FROM claims") == [["0"]]
     assert cluster.problems(claimed_ok=False) == []
+
+
+@dataclasses.dataclass
+class Answer:
+    what: str            # "upload" or "get"
+    node: int
+    status: int          # 0: no HTTP answer at all (connection error, timeout)
+    seconds: float
+    headers: dict
+    body: bytes
+    data: bytes = b""    # what was sent (uploads) or expected (gets)
+
+
+class Load:
+    """Uploads of new images and GETs of known ones, from a few threads against
+    every node, until stopped; every answer is kept."""
+
+    def __init__(self, cluster: Cluster, served: list[tuple[str, bytes]], threads: int = 6):
+        self.cluster, self.served = cluster, served
+        self.answers: list[Answer] = []
+        self.stopping = False
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads)
+        self.workers = [self.pool.submit(self._work, i) for i in range(threads)]
+
+    def _one(self, what: str, node: int, method: str, path: str, body: Optional[bytes], headers: dict,
+             data: bytes) -> None:
+        began = time.monotonic()
+        try:
+            status, got_headers, got = self.cluster.call(node, method, path, body, headers, timeout=30)
+        except OSError as exc:   # a node that does not answer at all: the test fails on it
+            status, got_headers, got = 0, {}, repr(exc).encode()
+        self.answers.append(Answer(what, node, status, time.monotonic() - began, dict(got_headers), got, data))
+
+    def _work(self, worker: int) -> None:
+        n = 0
+        while not self.stopping:
+            n += 1
+            node = (worker + n) % len(self.cluster.nodes)
+            if worker % 2 == 0:
+                data = seeded_png(10_000 * (worker + 1) + n, size=(24, 16))
+                self._one("upload", node, "PUT", f"/upload/load-{worker}-{n}.png", data,
+                          {**BOB, "Content-Type": "application/octet-stream"}, data)
+            else:
+                path, data = self.served[n % len(self.served)]
+                self._one("get", node, "GET", path, None, {}, data)
+            time.sleep(0.01)
+
+    def stop(self) -> list[Answer]:
+        self.stopping = True
+        for worker in self.workers:
+            worker.result(60)
+        self.pool.shutdown()
+        return self.answers
+
+
+def assert_clear_refusals(answers: list[Answer], max_seconds: float) -> None:
+    """Each answer a success or a JSON 503 with Retry-After, none slower than max_seconds."""
+    for a in answers:
+        assert a.status in (200, 201, 503), (a.what, a.node, a.status, a.body[:300])
+        if a.status == 503:
+            assert a.headers.get("Retry-After", "").isdigit(), a.headers
+            error = json.loads(a.body)
+            assert error["code"] == "unavailable" and error["error"], error
+        assert a.seconds < max_seconds, (a.what, a.status, a.seconds)
+
+
+def assert_nothing_acknowledged_lost(cluster: Cluster, answers: list[Answer]) -> int:
+    """Every upload answered 200/201 is served, byte for byte, by every node."""
+    acknowledged = [(json.loads(a.body), a.data) for a in answers if a.what == "upload" and a.status in (200, 201)]
+    for info, data in acknowledged:
+        for node in range(len(cluster.nodes)):
+            status, _, body = cluster.call(node, "GET", cluster.image_path(info))
+            assert status == 200 and body == data, (node, info["md5"], status)
+    return len(acknowledged)
+
+
+def test_object_store_stopped_under_load_gives_clear_503s_then_recovers(make_cluster, s3_engine):
+    cluster = make_cluster(nodes=2)
+    # Small images are served from the nodes' memory; the large one streams from the store.
+    served = []
+    for i, data in enumerate([seeded_png(50), seeded_png(51), noise_png(MB, seed=5)]):
+        _, info = cluster.upload(i % 2, data)
+        served.append((cluster.image_path(info), data))
+    load = Load(cluster, served)
+    try:
+        time.sleep(0.5)
+        s3_engine.stop()
+        down_from = len(load.answers)
+        time.sleep(2.0)
+        down_answers = list(load.answers[down_from:])
+    finally:
+        s3_engine.start()
+    time.sleep(1.5)
+    answers = load.stop()
+
+    assert_clear_refusals(answers, max_seconds=8.0)
+    refused = [a for a in down_answers if a.status == 503]
+    assert any(a.what == "upload" for a in refused), "uploads went on while the store was down?"
+    assert any(a.what == "get" and a.data == served[2][1] for a in refused), \
+        "the large image streams from the store: a GET of it must have been refused"
+    # After the restart: every node takes uploads and serves everything again.
+    recovered = answers[-12:]
+    assert all(a.status in (200, 201) for a in recovered), [(a.what, a.status) for a in recovered]
+    for node in range(2):
+        assert cluster.call(node, "GET", "/healthz")[0] == 200
+        for path, data in served:
+            assert cluster.call(node, "GET", path)[2] == data
+    kept = assert_nothing_acknowledged_lost(cluster, answers)
+    assert cluster.problems() == []
+    done = cluster.cleanup(1)
+    assert done.returncode == 0, done.stderr
+    assert cluster.problems() == []
+    print(f"store down 2 s: {len(answers)} requests, {len(refused)} refused with 503, "
+          f"{kept} uploads acknowledged and kept, slowest answer {max(a.seconds for a in answers):.2f} s")
