@@ -734,6 +734,12 @@ class StoreUnavailable(Exception):
     and never holds credentials."""
 
 
+class DatabaseUnavailable(Exception):
+    """PostgreSQL could not be reached (a plain OSError while connecting, which
+    asyncpg lets through): a 503 like asyncpg's own errors, never mistaken for
+    a client that went away. The message never holds the URL."""
+
+
 class UploadRejected(Exception):
     """Raised by the inspection and streaming steps; becomes a 4xx for the uploader."""
 
@@ -745,7 +751,8 @@ class UploadRejected(Exception):
 def is_database_outage(exc: BaseException) -> bool:
     """PostgreSQL unreachable, restarting or out of connections (asyncpg's errors
     are recognised by module, so the driver is never imported to check)."""
-    return type(exc).__module__.startswith("asyncpg") or isinstance(exc, (ConnectionRefusedError, asyncio.TimeoutError))
+    return type(exc).__module__.startswith("asyncpg") or isinstance(
+        exc, (ConnectionRefusedError, asyncio.TimeoutError, DatabaseUnavailable))
 
 
 # ==== storage ===================================================================
@@ -1631,13 +1638,28 @@ class PgTxnConnection:
         asyncio.run_coroutine_threadsafe(self.conn.executemany(pg_sql(sql), list(rows)), self.loop).result()
 
 
+@contextlib.asynccontextmanager
+async def pg_connection(pool: Any) -> AsyncIterator[Any]:
+    """pool.acquire() for requests. Opening a connection to a server that is
+    stopping or gone fails with whatever the socket says (a reset, not only a
+    refusal): that is a database outage, whichever OSError it is."""
+    try:
+        conn = await pool.acquire()
+    except OSError as exc:
+        raise DatabaseUnavailable(pg_error_text(exc)) from None
+    try:
+        yield conn
+    finally:
+        await pool.release(conn)
+
+
 class _PgQuery:
     def __init__(self, pool: Any, sql: str, params: Iterable[Any]):
         self.pool, self.sql, self.params = pool, sql, tuple(params)
         self.cursor: Optional[PgCursor] = None
 
     async def __aenter__(self) -> "_PgQuery":
-        async with self.pool.acquire() as conn:
+        async with pg_connection(self.pool) as conn:
             self.cursor = await pg_run(conn, self.sql, self.params)
         return self
 
@@ -1917,7 +1939,7 @@ class ImageStore:
 
     async def _pg_write(self, fn: Callable[..., Any], args: tuple) -> tuple[Any, bool]:
         loop = asyncio.get_running_loop()
-        async with self.pool.acquire() as conn:
+        async with pg_connection(self.pool) as conn:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_LOCK_WRITE)
                 txn = Txn(PgTxnConnection(conn, loop), loop)
@@ -2433,7 +2455,7 @@ class ImageStore:
                 return db
 
             dst = await asyncio.to_thread(make)
-            async with self.pool.acquire() as conn:
+            async with pg_connection(self.pool) as conn:
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
                     for table, columns in EXPORT_TABLES:
                         insert = f"INSERT INTO {table} ({columns}) VALUES ({','.join('?' * len(columns.split(',')))})"
@@ -5344,7 +5366,7 @@ async def cleanup_lock(store: ImageStore):
     """Yields whether this process may run the pass: an flock on data_dir's
     cleanup.lock, or with PostgreSQL a session advisory lock, one for the cluster."""
     if store.pool is not None:
-        async with store.pool.acquire() as conn:
+        async with pg_connection(store.pool) as conn:
             held = await conn.fetchval("SELECT pg_try_advisory_lock($1)", PG_LOCK_CLEANUP)
             try:
                 yield held

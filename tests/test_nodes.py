@@ -125,6 +125,11 @@ class Cluster:
         with concurrent.futures.ThreadPoolExecutor(len(self.configs)) as pool:
             self.nodes = list(pool.map(self.start_node, self.configs))
 
+    def server_errors(self) -> list[str]:
+        """Log lines of requests that ended in a 500 (ours, or aiohttp's for what escaped us)."""
+        return [line for node in self.nodes for line in node.log.splitlines()
+                if "unexpected error" in line or "Error handling request" in line]
+
     def put_object(self, md5: str, data: bytes, ext: str = "png") -> str:
         """An object written straight into the bucket (as a node that died after its PUT leaves it)."""
         key = f"{md5[:2]}/{md5[2:4]}/{md5}.{ext}"
@@ -561,6 +566,7 @@ def test_object_store_stopped_under_load_gives_clear_503s_then_recovers(make_clu
     answers = load.stop()
 
     assert_clear_refusals(answers, max_seconds=8.0)
+    assert cluster.server_errors() == []
     refused = [a for a in down_answers if a.status == 503]
     assert any(a.what == "upload" for a in refused), "uploads went on while the store was down?"
     assert any(a.what == "get" and a.data == served[2][1] for a in refused), \
@@ -579,3 +585,45 @@ def test_object_store_stopped_under_load_gives_clear_503s_then_recovers(make_clu
     assert cluster.problems() == []
     print(f"store down 2 s: {len(answers)} requests, {len(refused)} refused with 503, "
           f"{kept} uploads acknowledged and kept, slowest answer {max(a.seconds for a in answers):.2f} s")
+
+
+def test_database_stopped_under_load_gives_clear_503s_then_the_change_feed_returns(make_cluster, pg_engine):
+    cluster = make_cluster(nodes=2)
+    served = []
+    for i in range(2):
+        data = seeded_png(60 + i)
+        _, info = cluster.upload(i, data)
+        served.append((cluster.image_path(info), data))
+    load = Load(cluster, served)
+    try:
+        time.sleep(0.5)
+        pg_engine.stop()
+        down_from = len(load.answers)
+        time.sleep(2.0)
+        down_answers = list(load.answers[down_from:])
+    finally:
+        pg_engine.start()
+    time.sleep(2.0)
+    answers = load.stop()
+
+    assert_clear_refusals(answers, max_seconds=8.0)
+    assert cluster.server_errors() == []
+    refused = [a for a in down_answers if a.status == 503]
+    assert any(a.what == "upload" for a in refused), [(a.what, a.status) for a in down_answers]
+    recovered = answers[-12:]
+    assert all(a.status in (200, 201) for a in recovered), [(a.what, a.status, a.body[:100]) for a in recovered]
+    kept = assert_nothing_acknowledged_lost(cluster, answers)
+    assert cluster.problems() == []
+
+    # The change feed is back: node 1 caches an image again, and a delete on
+    # node 0 reaches it within the second, as before the outage.
+    path, _ = served[0]
+    for _ in range(2):
+        assert cluster.call(1, "GET", path)[0] == 200
+    md5 = path.rsplit("/", 1)[1].split(".")[0]
+    assert cluster.call(0, "DELETE", f"/api/images/{md5}", headers=ALICE)[0] == 204
+    took = seconds_until(lambda: cluster.call(1, "GET", path)[0] == 404, COHERENCE_SECONDS,
+                         "a delete after the database restart to reach node 1")
+    assert cluster.problems() == []
+    print(f"database down 2 s: {len(answers)} requests, {len(refused)} refused with 503, {kept} uploads kept, "
+          f"slowest answer {max(a.seconds for a in answers):.2f} s; delete seen after {took * 1000:.0f} ms")
