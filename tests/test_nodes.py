@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -627,3 +628,46 @@ def test_database_stopped_under_load_gives_clear_503s_then_the_change_feed_retur
     assert cluster.problems() == []
     print(f"database down 2 s: {len(answers)} requests, {len(refused)} refused with 503, {kept} uploads kept, "
           f"slowest answer {max(a.seconds for a in answers):.2f} s; delete seen after {took * 1000:.0f} ms")
+
+
+def test_a_database_that_resets_new_connections_is_a_503_not_a_500(make_cluster, pg_engine):
+    """A PostgreSQL shutting down accepts a connection and resets it: asyncpg lets
+    that ConnectionResetError through, and it is the database's, not the client's."""
+    cluster = make_cluster(nodes=1)
+    _, info = cluster.upload(0, seeded_png(70))
+    pg_engine.stop()
+    resetter = socket.socket()
+    try:
+        resetter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        resetter.bind((pg_engine.host, pg_engine.port))
+        resetter.listen(64)
+        stop = False
+
+        def reset_all() -> None:
+            while not stop:
+                try:
+                    conn, _ = resetter.accept()
+                except OSError:
+                    return
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            resetting = pool.submit(reset_all)
+            try:
+                for method, path, body, headers in [
+                        ("GET", cluster.image_path(info), None, {}),
+                        ("GET", f"/api/images/{info['md5']}", None, BOB),
+                        ("PUT", "/upload/z.png", seeded_png(71), {**BOB, "Content-Type": "image/png"})]:
+                    status, got_headers, got = cluster.call(0, method, path, body, headers)
+                    assert status == 503, (method, path, status, got[:200])
+                    assert got_headers["Retry-After"] and json.loads(got)["code"] == "unavailable"
+            finally:
+                stop = True
+                resetter.shutdown(socket.SHUT_RDWR)
+                resetting.result(10)
+    finally:
+        resetter.close()
+        pg_engine.start()
+    assert cluster.server_errors() == []
+    poll(lambda: cluster.call(0, "GET", cluster.image_path(info))[0] == 200, 10, "the node to reconnect")
