@@ -1405,7 +1405,31 @@ class S3Blobs:
                 return
             args["ContinuationToken"] = page["NextContinuationToken"]
 
+    async def unfinished_uploads(self) -> AsyncIterator[tuple[str, str, float]]:
+        """(key relative to self.prefix, upload id, started as Unix seconds) of every
+        multipart upload neither completed nor aborted: a node killed mid-upload
+        leaves one, its parts stored (and billed) but no object."""
+        args = {"Bucket": self.bucket, "Prefix": self.prefix, "MaxUploads": self.list_page_size}
+        cut = len(self.prefix)
+        while True:
+            with self._translated("LIST unfinished uploads"):
+                page = await self._client.list_multipart_uploads(**args)
+            for upload in page.get("Uploads", ()):
+                yield upload["Key"][cut:], upload["UploadId"], upload["Initiated"].timestamp()
+            if not page.get("IsTruncated"):
+                return
+            args["KeyMarker"], args["UploadIdMarker"] = page.get("NextKeyMarker"), page.get("NextUploadIdMarker")
+
     # -- removing
+
+    async def abort_unfinished(self, key: str, upload_id: str) -> None:
+        """Drop an unfinished multipart upload's parts."""
+        with self._translated(f"abort of the multipart upload of {key}"):
+            try:
+                await self._client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
+            except self._client_error as e:
+                if self._status(e)[1] != "NoSuchUpload":   # finished or aborted meanwhile: fine
+                    raise
 
     async def delete(self, keys: list[str]) -> None:
         """Remove the objects; keys that are already absent are fine."""
@@ -5288,6 +5312,7 @@ class CleanupReport:
     dangling_rows: int = 0
     temp_files: int = 0
     orphan_variants: int = 0
+    stale_uploads: int = 0   # unfinished multipart uploads in the bucket, older than CLAIM_SECONDS
     bytes_freed: int = 0
     skipped: bool = False
     dry_run: bool = False
@@ -5303,9 +5328,10 @@ class CleanupReport:
             return "cleanup skipped: another cleanup pass is running"
         verb = "would remove" if self.dry_run else "removed"
         variants = f"{self.orphan_variants} orphan variants, " if self.orphan_variants else ""
+        uploads = f"{self.stale_uploads} unfinished uploads, " if self.stale_uploads else ""
         return (f"cleanup {verb}: {self.expired} expired images, {self.orphan_files} orphan files, "
                 f"{self.dangling_rows} dangling rows, {self.temp_files} temp files, "
-                f"{variants}{self.bytes_freed} bytes")
+                f"{variants}{uploads}{self.bytes_freed} bytes")
 
 
 def _scan_uploads(storage: Storage) -> list[tuple[str, str, Path]]:
@@ -5529,6 +5555,19 @@ async def _cleanup_bucket(store: ImageStore, report: CleanupReport, dry_run: boo
 
         await store.write(orphans)
         await asyncio.sleep(0)
+
+    # What a node killed mid-upload leaves: parts of a multipart upload that will
+    # never complete, and its claim. Only past CLAIM_SECONDS, the time an upload
+    # to the store is given: a younger one may be running on a live node.
+    stale_before = store.clock() - CLAIM_SECONDS
+    async for key, upload_id, started in store.blobs.unfinished_uploads():
+        if started < stale_before and IMAGE_KEY_RE.fullmatch(key):
+            report.stale_uploads += 1
+            report.note([f"unfinished upload {key}"])
+            if not dry_run:
+                await store.blobs.abort_unfinished(key, upload_id)
+    if not dry_run:
+        await store.write(lambda txn: txn.db.execute("DELETE FROM claims WHERE claimed_at <= ?", (stale_before,)))
 
     now = store.clock()
     after = ""

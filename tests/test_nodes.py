@@ -138,10 +138,16 @@ class Cluster:
         assert status == 200, body[:300]
         return key
 
-    def cleanup(self, node: int) -> subprocess.CompletedProcess:
-        """`cleanup.py --config` of one node, as cron or an operator runs it."""
-        return subprocess.run([sys.executable, str(ROOT / "cleanup.py"), "--config", str(self.configs[node])],
-                              capture_output=True, text=True, timeout=120)
+    def cleanup(self, node: int, patches: Optional[dict] = None) -> subprocess.CompletedProcess:
+        """`cleanup.py --config` of one node, as cron or an operator runs it;
+        `patches` sets imgproxy's constants first (as for server_process)."""
+        args = ["--config", str(self.configs[node])]
+        command = [str(ROOT / "cleanup.py"), *args]
+        if patches:
+            sets = "".join(f"imgproxy.{k} = {v!r}; " for k, v in patches.items())
+            command = ["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import imgproxy, cleanup; {sets}"
+                             f"sys.exit(cleanup.main({args!r}))"]
+        return subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120)
 
 
 def node_config(make_config, storage: dict, database_url: str, cleanup: Optional[dict] = None,
@@ -461,8 +467,18 @@ def test_a_node_killed_while_writing_a_large_upload_to_the_store(make_cluster, b
     assert cluster.sql("SELECT md5 FROM claims") == [[md5]]
     assert cluster.call(1, "GET", f"/i/{md5}.png")[0] == 404
     assert cluster.problems(claimed_ok=False) == []
+    # The next pass cannot tell the dead upload from one still running on a live
+    # node until CLAIM_SECONDS (an hour) have passed: it leaves the parts and the claim.
     done = cluster.cleanup(1)
     assert done.returncode == 0 and pass_counts(done.stdout) == (0, 0, 0), done.stdout + done.stderr
+    assert "unfinished" not in done.stdout
+    assert cluster.unfinished_uploads() == [key] and cluster.sql("SELECT md5 FROM claims") == [[md5]]
+    assert cluster.problems(claimed_ok=False) == []
+    # A pass an hour later (here: with CLAIM_SECONDS shortened to nothing) aborts
+    # the upload, which frees its parts, and forgets the claim.
+    done = cluster.cleanup(1, patches={"CLAIM_SECONDS": 0.0})
+    assert done.returncode == 0 and "1 unfinished uploads" in done.stdout, done.stdout + done.stderr
+    assert cluster.unfinished_uploads() == [] and cluster.sql("SELECT md5 FROM claims") == []
     assert cluster.problems(claimed_ok=False) == []
     # The same upload through the surviving node completes: its claim replaces the dead one's.
     status, _, body = cluster.call(1, "PUT", "/upload/big.png", big_png,
