@@ -224,12 +224,14 @@ def test_delete_on_one_node_is_a_404_on_the_others_within_a_second(make_cluster)
     data = png_bytes((30, 30), (200, 30, 30))
     _, info = cluster.upload(0, data)
     path = cluster.image_path(info)
+    variant = f"/i/{info['md5']}/160.webp"
     for node in (1, 2):   # node 1 serves it from its cache from now on; node 2 too
         for _ in range(2):
             assert cluster.call(node, "GET", path)[0] == 200
+            assert cluster.call(node, "GET", variant)[0] == 200   # rendered once, kept on that node
     status, _, _ = cluster.call(0, "DELETE", f"/api/images/{info['md5']}", headers=BOB)
     assert status == 204
-    took = seconds_until(lambda: all(cluster.call(n, "GET", path)[0] == 404 for n in (1, 2)),
+    took = seconds_until(lambda: all(cluster.call(n, "GET", p)[0] == 404 for n in (1, 2) for p in (path, variant)),
                          COHERENCE_SECONDS, "the delete to reach the other nodes' caches")
     for node in (0, 1, 2):
         assert cluster.call(node, "GET", f"/api/images/{info['md5']}", headers=BOB)[0] == 404
@@ -687,3 +689,56 @@ def test_a_database_that_resets_new_connections_is_a_503_not_a_500(make_cluster,
         pg_engine.start()
     assert cluster.server_errors() == []
     poll(lambda: cluster.call(0, "GET", cluster.image_path(info))[0] == 200, 10, "the node to reconnect")
+
+
+def test_deletes_racing_uploads_of_the_same_bytes_on_other_nodes_never_lose_an_object(make_cluster):
+    """The hazard of a shared bucket: a delete on one node removing the object that
+    an upload on another node has just written for the same md5. Whatever order the
+    race takes, a row never outlives its object."""
+    cluster = make_cluster()
+    data = seeded_png(80, size=(40, 40))
+    md5 = hashlib.md5(data).hexdigest()
+    path = f"/i/{md5}.png"
+
+    def upload(node: int) -> int:
+        return cluster.call(node, "PUT", "/upload/race.png", data,
+                            {**BOB, "Content-Type": "application/octet-stream"})[0]
+
+    def delete(node: int) -> int:
+        return cluster.call(node, "DELETE", f"/api/images/{md5}", headers=ALICE)[0]
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        for round_ in range(15):
+            moves = [pool.submit(upload, round_ % 3), pool.submit(delete, (round_ + 1) % 3),
+                     pool.submit(upload, (round_ + 2) % 3)]
+            statuses = [m.result() for m in moves]
+            assert statuses[0] in (200, 201) and statuses[2] in (200, 201) and statuses[1] in (204, 404), statuses
+            assert cluster.problems() == [], round_
+            served = [cluster.call(n, "GET", path) for n in range(3)]
+            if md5 in cluster.rows():
+                assert all(s == 200 and body == data for s, _, body in served), (round_, [s for s, _, _ in served])
+            else:
+                assert all(s == 404 for s, _, _ in served), (round_, [s for s, _, _ in served])
+    assert cluster.server_errors() == []
+
+
+def test_a_delete_leaves_the_object_that_an_upload_on_another_node_has_claimed(make_cluster):
+    """The same hazard, made to happen: node 1 is between writing the object and
+    recording it (its claim is in the database) when node 0 deletes the image."""
+    cluster = make_cluster(nodes=2)
+    data = seeded_png(81)
+    _, info = cluster.upload(0, data)
+    md5, key = info["md5"], f"{info['md5'][:2]}/{info['md5'][2:4]}/{info['md5']}.png"
+    cluster.sql(f"INSERT INTO claims (md5, claimed_at) VALUES ('{md5}', {time.time()})")
+    assert cluster.call(0, "DELETE", f"/api/images/{md5}", headers=ALICE)[0] == 204
+    assert cluster.rows() == {} and cluster.call(1, "GET", f"/i/{md5}.png")[0] == 404
+    assert cluster.object_bytes(key) == data, "the delete removed an object an upload had claimed"
+    done = cluster.cleanup(1)
+    assert pass_counts(done.stdout) == (0, 0, 0), done.stdout + done.stderr
+    assert cluster.object_bytes(key) == data
+    # The uploader never came back: once its claim is older than CLAIM_SECONDS the
+    # object is an orphan like any other.
+    cluster.sql(f"UPDATE claims SET claimed_at = {time.time() - 3601}")
+    done = cluster.cleanup(0)
+    assert pass_counts(done.stdout) == (0, 1, 0), done.stdout + done.stderr
+    assert cluster.objects() == {} and cluster.sql("SELECT md5 FROM claims") == []
