@@ -572,6 +572,9 @@ def test_object_store_stopped_under_load_gives_clear_503s_then_recovers(make_clu
     for i, data in enumerate([seeded_png(50), seeded_png(51), noise_png(MB, seed=5)]):
         _, info = cluster.upload(i % 2, data)
         served.append((cluster.image_path(info), data))
+    for node in range(2):
+        for path, _ in served:
+            assert cluster.call(node, "GET", path)[0] == 200
     load = Load(cluster, served)
     try:
         time.sleep(0.5)
@@ -590,6 +593,9 @@ def test_object_store_stopped_under_load_gives_clear_503s_then_recovers(make_clu
     assert any(a.what == "upload" for a in refused), "uploads went on while the store was down?"
     assert any(a.what == "get" and a.data == served[2][1] for a in refused), \
         "the large image streams from the store: a GET of it must have been refused"
+    in_memory = [a for a in down_answers if a.what == "get" and a.data != served[2][1]]
+    assert in_memory and all(a.status == 200 and a.body == a.data for a in in_memory), \
+        "small images are served from the nodes' memory while the store is down"
     # After the restart: every node takes uploads and serves everything again.
     recovered = answers[-12:]
     assert all(a.status in (200, 201) for a in recovered), [(a.what, a.status) for a in recovered]
