@@ -736,6 +736,12 @@ class StoreUnavailable(Exception):
     and never holds credentials."""
 
 
+class DatabaseUnavailable(Exception):
+    """PostgreSQL could not be reached (a plain OSError while connecting, which
+    asyncpg lets through): a 503 like asyncpg's own errors, never mistaken for
+    a client that went away. The message never holds the URL."""
+
+
 class UploadRejected(Exception):
     """Raised by the inspection and streaming steps; becomes a 4xx for the uploader."""
 
@@ -747,7 +753,8 @@ class UploadRejected(Exception):
 def is_database_outage(exc: BaseException) -> bool:
     """PostgreSQL unreachable, restarting or out of connections (asyncpg's errors
     are recognised by module, so the driver is never imported to check)."""
-    return type(exc).__module__.startswith("asyncpg") or isinstance(exc, (ConnectionRefusedError, asyncio.TimeoutError))
+    return type(exc).__module__.startswith("asyncpg") or isinstance(
+        exc, (ConnectionRefusedError, asyncio.TimeoutError, DatabaseUnavailable))
 
 
 # ==== storage ===================================================================
@@ -1417,7 +1424,31 @@ class S3Blobs:
                 return
             args["ContinuationToken"] = page["NextContinuationToken"]
 
+    async def unfinished_uploads(self) -> AsyncIterator[tuple[str, str, float]]:
+        """(key relative to self.prefix, upload id, started as Unix seconds) of every
+        multipart upload neither completed nor aborted: a node killed mid-upload
+        leaves one, its parts stored (and billed) but no object."""
+        args = {"Bucket": self.bucket, "Prefix": self.prefix, "MaxUploads": self.list_page_size}
+        cut = len(self.prefix)
+        while True:
+            with self._translated("LIST unfinished uploads"):
+                page = await self._client.list_multipart_uploads(**args)
+            for upload in page.get("Uploads", ()):
+                yield upload["Key"][cut:], upload["UploadId"], upload["Initiated"].timestamp()
+            if not page.get("IsTruncated"):
+                return
+            args["KeyMarker"], args["UploadIdMarker"] = page.get("NextKeyMarker"), page.get("NextUploadIdMarker")
+
     # -- removing
+
+    async def abort_unfinished(self, key: str, upload_id: str) -> None:
+        """Drop an unfinished multipart upload's parts."""
+        with self._translated(f"abort of the multipart upload of {key}"):
+            try:
+                await self._client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
+            except self._client_error as e:
+                if self._status(e)[1] != "NoSuchUpload":   # finished or aborted meanwhile: fine
+                    raise
 
     async def delete(self, keys: list[str]) -> None:
         """Remove the objects; keys that are already absent are fine."""
@@ -1650,13 +1681,28 @@ class PgTxnConnection:
         asyncio.run_coroutine_threadsafe(self.conn.executemany(pg_sql(sql), list(rows)), self.loop).result()
 
 
+@contextlib.asynccontextmanager
+async def pg_connection(pool: Any) -> AsyncIterator[Any]:
+    """pool.acquire() for requests. Opening a connection to a server that is
+    stopping or gone fails with whatever the socket says (a reset, not only a
+    refusal): that is a database outage, whichever OSError it is."""
+    try:
+        conn = await pool.acquire()
+    except OSError as exc:
+        raise DatabaseUnavailable(pg_error_text(exc)) from None
+    try:
+        yield conn
+    finally:
+        await pool.release(conn)
+
+
 class _PgQuery:
     def __init__(self, pool: Any, sql: str, params: Iterable[Any]):
         self.pool, self.sql, self.params = pool, sql, tuple(params)
         self.cursor: Optional[PgCursor] = None
 
     async def __aenter__(self) -> "_PgQuery":
-        async with self.pool.acquire() as conn:
+        async with pg_connection(self.pool) as conn:
             self.cursor = await pg_run(conn, self.sql, self.params)
         return self
 
@@ -1947,7 +1993,7 @@ class ImageStore:
 
     async def _pg_write(self, fn: Callable[..., Any], args: tuple) -> tuple[Any, bool]:
         loop = asyncio.get_running_loop()
-        async with self.pool.acquire() as conn:
+        async with pg_connection(self.pool) as conn:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_LOCK_WRITE)
                 txn = Txn(PgTxnConnection(conn, loop), loop)
@@ -2495,7 +2541,7 @@ class ImageStore:
                 return db
 
             dst = await asyncio.to_thread(make)
-            async with self.pool.acquire() as conn:
+            async with pg_connection(self.pool) as conn:
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
                     for table, columns in EXPORT_TABLES:
                         insert = f"INSERT INTO {table} ({columns}) VALUES ({','.join('?' * len(columns.split(',')))})"
@@ -5342,6 +5388,7 @@ class CleanupReport:
     dangling_rows: int = 0
     temp_files: int = 0
     orphan_variants: int = 0
+    stale_uploads: int = 0   # unfinished multipart uploads in the bucket, older than CLAIM_SECONDS
     bytes_freed: int = 0
     skipped: bool = False
     dry_run: bool = False
@@ -5357,9 +5404,10 @@ class CleanupReport:
             return "cleanup skipped: another cleanup pass is running"
         verb = "would remove" if self.dry_run else "removed"
         variants = f"{self.orphan_variants} orphan variants, " if self.orphan_variants else ""
+        uploads = f"{self.stale_uploads} unfinished uploads, " if self.stale_uploads else ""
         return (f"cleanup {verb}: {self.expired} expired images, {self.orphan_files} orphan files, "
                 f"{self.dangling_rows} dangling rows, {self.temp_files} temp files, "
-                f"{variants}{self.bytes_freed} bytes")
+                f"{variants}{uploads}{self.bytes_freed} bytes")
 
 
 def _scan_uploads(storage: Storage) -> list[tuple[str, str, Path]]:
@@ -5424,7 +5472,10 @@ async def cleanup_lock(store: ImageStore):
 
         # A connection of its own: the lock lives as long as it, and goes with it
         # if this process dies, so a crashed pass never blocks the next one.
-        conn = await asyncpg.connect(store.config.database.url, timeout=PG_COMMAND_SECONDS)
+        try:
+            conn = await asyncpg.connect(store.config.database.url, timeout=PG_COMMAND_SECONDS)
+        except OSError as exc:
+            raise DatabaseUnavailable(pg_error_text(exc)) from None
         try:
             yield await conn.fetchval("SELECT pg_try_advisory_lock($1)", PG_LOCK_CLEANUP)
         finally:
@@ -5585,6 +5636,24 @@ async def _cleanup_bucket(store: ImageStore, report: CleanupReport, dry_run: boo
 
         await store.write(orphans)
         await asyncio.sleep(0)
+
+    # What a node killed mid-upload leaves: parts of a multipart upload that will
+    # never complete, and its claim. Only past CLAIM_SECONDS, the time an upload
+    # to the store is given: a younger one may be running on a live node.
+    stale_before = store.clock() - CLAIM_SECONDS
+    try:
+        async for key, upload_id, started in store.blobs.unfinished_uploads():
+            if started < stale_before and IMAGE_KEY_RE.fullmatch(key):
+                report.stale_uploads += 1
+                report.note([f"unfinished upload {key}"])
+                if not dry_run:
+                    await store.blobs.abort_unfinished(key, upload_id)
+    except StoreUnavailable as exc:
+        # Not every S3-compatible store lists unfinished uploads; the repair of
+        # rows below matters more than these parts (a lifecycle rule takes them too).
+        log.warning("cleanup: unfinished multipart uploads not checked: %s", exc)
+    if not dry_run:
+        await store.write(lambda txn: txn.db.execute("DELETE FROM claims WHERE claimed_at <= ?", (stale_before,)))
 
     now = store.clock()
     after = ""
