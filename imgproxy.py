@@ -2223,7 +2223,7 @@ class ImageStore:
         self.pending_counts[md5] += 1
 
     async def flush_counts(self) -> None:
-        if not self.pending_counts or self._wdb is None:
+        if not self.pending_counts or (self._wdb is None and self.pool is None):  # closed
             return
         counts, self.pending_counts = self.pending_counts, collections.Counter()
         try:
@@ -2249,7 +2249,7 @@ class ImageStore:
         self.pending_token_use[token_id] = self.clock()
 
     async def flush_token_use(self) -> None:
-        if not self.pending_token_use or self._wdb is None:
+        if not self.pending_token_use or (self._wdb is None and self.pool is None):  # closed
             return
         # The uses stay in pending_token_use until the write has committed: a
         # token list read while the write runs would otherwise see neither.
