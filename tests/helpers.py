@@ -488,6 +488,49 @@ def db_integrity(data_dir: Path) -> str:
     return db_rows(data_dir, "PRAGMA integrity_check")[0][0]
 
 
+_WRITE_LOCKER = """
+import asyncio, sqlite3, sys
+kind, where, lock = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if kind == "sqlite":
+    con = sqlite3.connect(where, timeout=30, isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")
+    print("locked", flush=True)
+    sys.stdin.read()
+    con.execute("ROLLBACK")
+else:
+    import asyncpg
+    async def hold():
+        con = await asyncpg.connect(where)
+        await con.execute("SELECT pg_advisory_lock($1)", lock)
+        print("locked", flush=True)
+        await asyncio.to_thread(sys.stdin.read)
+        await con.close()
+    asyncio.run(hold())
+"""
+
+
+class WriteLockHolder:
+    """Another process holding the database's write lock, as a second writer would:
+    SQLite's (BEGIN IMMEDIATE) or, under PostgreSQL, imgproxy's write advisory lock.
+    Held from construction until release()."""
+
+    def __init__(self, data_dir: Path):
+        import imgproxy
+        url = site_stack(data_dir).database_url
+        args = ("pg", url) if url is not None else ("sqlite", str(data_dir / "images.db"))
+        self.proc = subprocess.Popen([sys.executable, "-c", _WRITE_LOCKER, *args, str(imgproxy.PG_LOCK_WRITE)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if line != "locked":
+            self.proc.kill()
+            raise AssertionError(f"the lock holder did not take the lock: {line!r}")
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+        assert self.proc.wait(30) == 0
+
+
 class _S3Site:
     """Signed requests to a site's bucket with the standard library (the tests' own view)."""
 
