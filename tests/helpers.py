@@ -615,13 +615,15 @@ def _image_keys(site: _S3Site) -> list[str]:
     return [k for k in site.keys() if imgproxy.IMAGE_KEY_RE.fullmatch(k)]
 
 
-def stored_files(data_dir: Path) -> list[Path]:
-    """The stored images: files under uploads/, or the bucket's image objects as StoredObjects."""
+def stored_files(data_dir: Path, everything: bool = False) -> list[Path]:
+    """The stored images: files under uploads/, or the bucket's image objects as
+    StoredObjects named like those files (`everything`: also what is not named by a digest)."""
     storage = site_stack(data_dir).storage
     if storage is None:
         return sorted(p for p in (data_dir / "uploads").rglob("*") if p.is_file())
     site = _S3Site(storage)
-    return [StoredObject(data_dir / "uploads" / key)._bind(site, key) for key in _image_keys(site)]
+    keys = site.keys() if everything else _image_keys(site)
+    return [StoredObject(data_dir / "uploads" / key)._bind(site, key) for key in keys]
 
 
 def stored_path(data_dir: Path, md5: str, ext: str) -> Path:
@@ -634,15 +636,35 @@ def stored_path(data_dir: Path, md5: str, ext: str) -> Path:
     return StoredObject(path)._bind(_S3Site(storage), key)
 
 
-def store_image(data_dir: Path, md5: str, ext: str, data: bytes) -> Path:
-    """Put bytes where the store keeps that image (as a crash or a hand would leave them)."""
-    path = stored_path(data_dir, md5, ext)
-    if isinstance(path, StoredObject):
-        path._site.write(path._key, data)
+def store_bytes(data_dir: Path, relative: str, data: bytes) -> Path:
+    """Put bytes at uploads/{relative}, or at that key in the site's bucket, as a
+    crash or a careless hand would leave them; returns their stored_files() name."""
+    path = data_dir / "uploads" / relative
+    storage = site_stack(data_dir).storage
+    if storage is not None:
+        path = StoredObject(path)._bind(_S3Site(storage), relative)
+        path._site.write(relative, data)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return path
+
+
+def store_image(data_dir: Path, md5: str, ext: str, data: bytes) -> Path:
+    """Put bytes where the store keeps that image, without a row."""
+    return store_bytes(data_dir, f"{md5[0:2]}/{md5[2:4]}/{md5}.{ext}", data)
+
+
+def db_schema(data_dir: Path) -> None:
+    """Create the database's tables as a server's first start would, to seed rows before one runs."""
+    import imgproxy
+    url = site_stack(data_dir).database_url
+    if url is not None:
+        pg_rows(url, imgproxy.PG_SCHEMA)
+        return
+    storage = imgproxy.Storage(data_dir)
+    storage.prepare()
+    imgproxy.open_write_db(storage.db_path).close()
 
 
 # ---- storage invariants ----------------------------------------------------------

@@ -18,7 +18,6 @@ import logging
 import os
 import pty
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -32,7 +31,8 @@ import pytest
 
 import imgproxy
 from conftest import ALICE, BOB, CAROL, ROOT, FakeClock
-from helpers import apoll, db_rows, http_call, poll, seeded_png
+from helpers import (apoll, db_integrity, db_rows, db_schema, db_write, http_call, poll, seeded_png, store_bytes,
+                     store_image, stored_files, stored_path)
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -48,16 +48,6 @@ def data_dir_of(config_path: Path) -> Path:
     return imgproxy.load_config(config_path).server.data_dir
 
 
-def connect(data_dir: Path) -> sqlite3.Connection:
-    """The test's own connection: a second writer, exactly like cleanup.py would be."""
-    storage = imgproxy.Storage(data_dir)
-    storage.prepare()
-    con = sqlite3.connect(storage.db_path, timeout=15, isolation_level=None)
-    con.execute("PRAGMA journal_mode = WAL")
-    con.executescript(imgproxy.SCHEMA)
-    return con
-
-
 @dataclasses.dataclass
 class Planted:
     md5: str
@@ -70,39 +60,24 @@ def plant(data_dir: Path, items: Iterable[tuple[bytes, float]], *, ext: str = "p
           holders: Iterable[str] = ("alice",), with_file: bool = True, now: Optional[float] = None,
           ) -> list[Planted]:
     """Write rows (expire_at given per item), holds and files as a publish would have."""
-    storage = imgproxy.Storage(data_dir)
     now = time.time() if now is None else now
     planted, rows, holds = [], [], []
-    made: set[Path] = set()
     for data, expire_at in items:
         md5 = md5_of(data)
-        path = storage.image_path(md5, ext)
-        if with_file:
-            if path.parent not in made:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                made.add(path.parent)
-            path.write_bytes(data)
+        path = store_image(data_dir, md5, ext, data) if with_file else stored_path(data_dir, md5, ext)
         rows.append((md5, ext, "PNG", "image/png", f"{md5[:6]}.{ext}", len(data), 6, 4, 0, now - DAY, expire_at))
         holds.extend((md5, user, now - DAY) for user in holders)
         planted.append(Planted(md5, ext, data, path))
-    con = connect(data_dir)
-    try:
-        con.execute("BEGIN IMMEDIATE")
-        con.executemany(f"INSERT INTO images ({imgproxy.IMAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-        con.executemany("INSERT INTO holds (md5, username, held_at) VALUES (?,?,?)", holds)
-        con.execute("COMMIT")
-    finally:
-        con.close()
+    db_schema(data_dir)
+    db_write(data_dir, f"INSERT INTO images ({imgproxy.IMAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+    db_write(data_dir, "INSERT INTO holds (md5, username, held_at) VALUES (?,?,?)", holds)
     return planted
 
 
 def set_meta(data_dir: Path, key: str, value: str) -> None:
-    con = connect(data_dir)
-    try:
-        con.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
-    finally:
-        con.close()
+    db_schema(data_dir)
+    db_write(data_dir, "INSERT INTO meta (key, value) VALUES (?, ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
 
 def image_rows(data_dir: Path) -> dict[str, str]:
@@ -110,7 +85,7 @@ def image_rows(data_dir: Path) -> dict[str, str]:
 
 
 def upload_files(data_dir: Path) -> set[Path]:
-    return {p for p in (data_dir / "uploads").rglob("*") if p.is_file()}
+    return set(stored_files(data_dir, everything=True))
 
 
 def tmp_files(data_dir: Path) -> set[Path]:
@@ -126,7 +101,7 @@ def assert_consistent(data_dir: Path) -> None:
     assert files - expected == set(), "files without a row"
     assert expected - files == set(), "rows without a file"
     assert db_rows(data_dir, "SELECT COUNT(*) FROM holds WHERE md5 NOT IN (SELECT md5 FROM images)") == [(0,)]
-    assert db_rows(data_dir, "PRAGMA integrity_check") == [("ok",)]
+    assert db_integrity(data_dir) == "ok"
 
 
 def no_old_tmp(data_dir: Path) -> None:
@@ -465,9 +440,7 @@ def test_server_process_catches_up_at_start(make_config, server_process):
     now = time.time()
     expired = plant(data_dir, [(seeded_png(20), now - 60)], holders=("alice", "bob"))[0]
     live = plant(data_dir, [(seeded_png(21), now + DAY)])[0]
-    orphan = data_dir / "uploads" / "ab" / "cd" / ("abcd" + "0" * 28 + ".png")
-    orphan.parent.mkdir(parents=True)
-    orphan.write_bytes(b"left by a crash")
+    orphan = store_bytes(data_dir, "ab/cd/abcd" + "0" * 28 + ".png", b"left by a crash")
     set_meta(data_dir, "last_cleanup", repr(now - 3 * DAY))
     server = server_process(config_path)
     poll(lambda: "cleanup removed: 1 expired images, 1 orphan files" in server.log, 10, "the catch-up pass")
@@ -484,16 +457,11 @@ def test_server_process_catches_up_at_start(make_config, server_process):
 
 def plant_damage(data_dir: Path, live_md5: str) -> dict:
     """Everything a crash or a careless hand can leave behind, one of each."""
-    uploads, tmp = data_dir / "uploads", data_dir / "tmp"
-    orphan_md5 = md5_of(b"orphan bytes")
-    orphan = uploads / orphan_md5[:2] / orphan_md5[2:4] / f"{orphan_md5}.png"
-    orphan.parent.mkdir(parents=True, exist_ok=True)
-    orphan.write_bytes(b"orphan bytes")
-    foreign = uploads / "zz" / "notes.txt"
-    foreign.parent.mkdir(parents=True, exist_ok=True)
-    foreign.write_bytes(b"not ours at all")
-    wrong_ext = uploads / live_md5[:2] / live_md5[2:4] / f"{live_md5}.jpg"   # the row says png
-    wrong_ext.write_bytes(b"stale copy under another extension")
+    tmp = data_dir / "tmp"
+    orphan = store_image(data_dir, md5_of(b"orphan bytes"), "png", b"orphan bytes")
+    foreign = store_bytes(data_dir, "zz/notes.txt", b"not ours at all")
+    # the row says png
+    wrong_ext = store_image(data_dir, live_md5, "jpg", b"stale copy under another extension")
     dangling = plant(data_dir, [(seeded_png(30), time.time() + DAY)], holders=("bob",), with_file=False)[0]
     old_tmp = tmp / "upload-0123456789abcdef.part"
     old_tmp.write_bytes(b"x" * 1000)
@@ -505,7 +473,7 @@ def plant_damage(data_dir: Path, live_md5: str) -> dict:
     writer.flush()
     return {"orphans": [orphan, foreign, wrong_ext], "dangling": dangling,
             "old_tmp": old_tmp, "young_tmp": young_tmp, "young_tmp_writer": writer,
-            "bytes": sum(p.stat().st_size for p in (orphan, foreign, wrong_ext, old_tmp))}
+            "bytes": sum(len(p.read_bytes()) for p in (orphan, foreign, wrong_ext, old_tmp))}
 
 
 async def test_one_pass_repairs_exactly_the_damage(make_client):
@@ -546,7 +514,7 @@ async def test_dangling_row_is_dropped_even_if_cached_for_serving(make_client):
     data = seeded_png(32)
     md5 = (await (await upload(client, data)).json())["md5"]
     assert (await client.get(f"/i/{md5}.png")).status == 200
-    imgproxy.Storage(client.data_dir).image_path(md5, "png").unlink()
+    stored_path(client.data_dir, md5, "png").unlink()
     report = await imgproxy.run_cleanup_pass(client.app[imgproxy.STORE])
     assert report.dangling_rows == 1
     assert (await client.get(f"/i/{md5}.png")).status == 404
@@ -586,6 +554,7 @@ async def test_second_concurrent_pass_in_process_skips(make_client, clock):
     assert not later.skipped
 
 
+@pytest.mark.sqlite_only   # the flock on cleanup.lock (PostgreSQL: an advisory lock)
 def test_cleanup_py_skips_while_another_pass_holds_the_lock(make_config):
     config_path = make_config()
     data_dir = data_dir_of(config_path)
@@ -890,7 +859,7 @@ def test_cleanup_py_reset_yes_while_the_server_runs(make_config, server_process)
     assert image_rows(data_dir) == {}
     assert db_rows(data_dir, "SELECT COUNT(*) FROM holds") == [(0,)]
     assert upload_files(data_dir) == set()
-    assert db_rows(data_dir, "PRAGMA integrity_check") == [("ok",)]
+    assert db_integrity(data_dir) == "ok"
 
     # The running server notices the other writer within its flush period.
     for md5 in images:
@@ -913,7 +882,7 @@ def test_cleanup_py_repairs_under_a_running_server_which_then_stops_serving(make
     for data in (keep, lost):
         assert http_call("PUT", f"{server.base_url}/upload/k.png", data, ALICE)[0] == 201
         assert http_call("GET", f"{server.base_url}/i/{md5_of(data)}.png") == (200, data)   # cached in memory
-    imgproxy.Storage(data_dir).image_path(md5_of(lost), "png").unlink()          # lost by hand
+    stored_path(data_dir, md5_of(lost), "png").unlink()          # lost by hand
     result = run_cleanup_py(config_path)
     assert result.returncode == 0, result.stderr
     assert "1 dangling rows" in result.stdout
@@ -947,6 +916,7 @@ def test_cleanup_py_unknown_option_exits_2(make_config):
     assert result.returncode == 2
 
 
+@pytest.mark.sqlite_only   # a corrupt SQLite file
 def test_cleanup_py_failure_exits_1(make_config):
     config_path = make_config()
     data_dir = data_dir_of(config_path)
