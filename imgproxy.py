@@ -5490,11 +5490,13 @@ async def _cleanup_bucket(store: ImageStore, report: CleanupReport, dry_run: boo
     """The object store against the database: objects no row holds (and no
     upload has claimed) go, rows whose object is gone go. Keys that are not
     ours (another application's, under the same prefix) are left alone."""
-    objects: dict[str, tuple[str, int]] = {}
+    # md5 -> {ext: size}: one md5 can have a stale object under another extension
+    # beside the one its row names (a crash between a re-upload's PUT and commit).
+    objects: dict[str, dict[str, int]] = {}
     async for key, size, _modified in store.blobs.list(""):
         m = IMAGE_KEY_RE.fullmatch(key)
         if m:
-            objects[m[3]] = (m[4], size)
+            objects.setdefault(m[3], {})[m[4]] = size
     names = sorted(objects)
     for i in range(0, len(names), CLEANUP_BATCH):
         chunk = names[i:i + CLEANUP_BATCH]
@@ -5502,11 +5504,11 @@ async def _cleanup_bucket(store: ImageStore, report: CleanupReport, dry_run: boo
         def orphans(txn: Txn, chunk: list[str] = chunk) -> None:
             marks = ",".join("?" * len(chunk))
             known = {r[0]: r[1] for r in txn.db.execute(f"SELECT md5, ext FROM images WHERE md5 IN ({marks})", chunk)}
-            gone = [(m, objects[m][0]) for m in chunk
-                    if known.get(m) != objects[m][0] and not store._claimed(txn, m)]
+            gone = [(m, ext) for m in chunk for ext in objects[m]
+                    if known.get(m) != ext and not store._claimed(txn, m)]
             report.orphan_files += len(gone)
             report.note(f"orphan object {image_key(m, ext)}" for m, ext in gone)
-            report.bytes_freed += sum(objects[m][1] for m, _ in gone)
+            report.bytes_freed += sum(objects[m][ext] for m, ext in gone)
             if gone and not dry_run:
                 txn.wait(store.blobs.delete([image_key(m, ext) for m, ext in gone]))
 
@@ -5522,7 +5524,7 @@ async def _cleanup_bucket(store: ImageStore, report: CleanupReport, dry_run: boo
         if not rows:
             return
         after = rows[-1][0]
-        missing = [(m, ext) for m, ext in rows if objects.get(m, ("",))[0] != ext]
+        missing = [(m, ext) for m, ext in rows if ext not in objects.get(m, {})]
         if missing:
             def dangling(txn: Txn, missing: list[tuple[str, str]] = missing) -> None:
                 # Re-checked inside the transaction: an upload may have written it since the listing.

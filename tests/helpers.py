@@ -658,13 +658,26 @@ def store_image(data_dir: Path, md5: str, ext: str, data: bytes) -> Path:
 def db_schema(data_dir: Path) -> None:
     """Create the database's tables as a server's first start would, to seed rows before one runs."""
     import imgproxy
+    storage = imgproxy.Storage(data_dir)
+    storage.prepare()          # tmp/ and variants/ are local on every stack
     url = site_stack(data_dir).database_url
     if url is not None:
         pg_rows(url, imgproxy.PG_SCHEMA)
         return
-    storage = imgproxy.Storage(data_dir)
-    storage.prepare()
     imgproxy.open_write_db(storage.db_path).close()
+
+
+def age_upload_claims(data_dir: Path) -> None:
+    """Let the claims of uploads that died with their node run out, as CLAIM_SECONDS
+    later: until then a pass on S3 keeps their objects (the node might be alive)."""
+    import imgproxy
+    db_write(data_dir, "UPDATE claims SET claimed_at = claimed_at - ?", (imgproxy.CLAIM_SECONDS + 1,))
+
+
+def objects_left_alone(data_dir: Path) -> bool:
+    """Whether a cleanup pass leaves what is not named by a digest in place: in a
+    bucket it may be another application's (files under uploads/ are all ours)."""
+    return site_stack(data_dir).storage is not None
 
 
 # ---- storage invariants ----------------------------------------------------------

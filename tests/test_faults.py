@@ -25,7 +25,7 @@ import pytest
 
 import imgproxy
 from conftest import ALICE, BOB, CAROL, ROOT
-from helpers import (PatchedServer, db_rows, http_call, noise_png, png_bytes, store_problems, stored_files,
+from helpers import (PatchedServer, age_upload_claims, db_rows, http_call, noise_png, png_bytes, store_problems, stored_files,
                      stored_path, tmp_leftovers)
 
 
@@ -405,6 +405,7 @@ def kill_loop(make_config, kills: int, seed: int) -> dict:
         server = PatchedServer(config_path)
         servers.append(server)
         check_after_restart(server.base_url, data_dir, state)
+        age_upload_claims(data_dir)   # the claims of uploads killed mid-way run out
         run_cleanup(config_path)
         assert store_problems(data_dir) == []
         check_after_restart(server.base_url, data_dir, state)

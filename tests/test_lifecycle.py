@@ -31,8 +31,8 @@ import pytest
 
 import imgproxy
 from conftest import ALICE, BOB, CAROL, ROOT, FakeClock
-from helpers import (apoll, db_integrity, db_rows, db_schema, db_write, http_call, poll, seeded_png, store_bytes,
-                     store_image, stored_files, stored_path)
+from helpers import (age_upload_claims, apoll, db_integrity, db_rows, db_schema, db_write, http_call,
+                     objects_left_alone, poll, seeded_png, store_bytes, store_image, stored_files, stored_path)
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -183,8 +183,8 @@ async def test_expired_image_is_404_everywhere_then_removed_by_a_pass(make_clien
     assert (await client.get(f"/api/images/{old_md5}", headers=ALICE)).status == 404
     listed = await (await client.get("/api/images", headers=ALICE)).json()
     assert [i["md5"] for i in listed["images"]] == [young_md5]
-    old_path = store.storage.image_path(old_md5, "png")
-    assert old_path.is_file()                                          # not removed before the pass
+    old_path = stored_path(client.data_dir, old_md5, "png")
+    assert old_path.exists()                                           # not removed before the pass
 
     report = await imgproxy.run_cleanup_pass(store)
     assert (report.expired, report.orphan_files, report.dangling_rows, report.temp_files) == (1, 0, 0, 0)
@@ -471,9 +471,13 @@ def plant_damage(data_dir: Path, live_md5: str) -> dict:
     writer = open(fd, "wb")
     writer.write(b"y" * 500)
     writer.flush()
-    return {"orphans": [orphan, foreign, wrong_ext], "dangling": dangling,
+    # A foreign file under uploads/ is ours to remove; in a bucket it may be another
+    # application's, so a pass leaves it alone (and counts it nowhere).
+    orphans, kept = ([orphan, wrong_ext], [foreign]) if objects_left_alone(data_dir) else \
+        ([orphan, foreign, wrong_ext], [])
+    return {"orphans": orphans, "kept": kept, "dangling": dangling,
             "old_tmp": old_tmp, "young_tmp": young_tmp, "young_tmp_writer": writer,
-            "bytes": sum(len(p.read_bytes()) for p in (orphan, foreign, wrong_ext, old_tmp))}
+            "bytes": sum(len(p.read_bytes()) for p in (*orphans, old_tmp))}
 
 
 async def test_one_pass_repairs_exactly_the_damage(make_client):
@@ -492,10 +496,11 @@ async def test_one_pass_repairs_exactly_the_damage(make_client):
 
     report = await imgproxy.run_cleanup_pass(store, itemize=True)
     for r in (dry, report):
-        assert (r.expired, r.orphan_files, r.dangling_rows, r.temp_files) == (0, 3, 1, 1)
+        assert (r.expired, r.orphan_files, r.dangling_rows, r.temp_files) == (0, len(damage["orphans"]), 1, 1)
         assert r.bytes_freed == damage["bytes"]
     assert sorted(dry.removed) == sorted(report.removed)
     assert all(not p.exists() for p in damage["orphans"]) and not damage["old_tmp"].exists()
+    assert all(p.exists() for p in damage["kept"])
     assert damage["young_tmp"].exists()                    # an upload may still be writing it
     assert image_rows(data_dir) == {live_md5: "png"}
     assert db_rows(data_dir, "SELECT md5 FROM holds") == [(live_md5,)]
@@ -533,7 +538,8 @@ async def test_dry_run_counts_match_a_real_pass_with_everything_at_once(make_cli
     real = await imgproxy.run_cleanup_pass(store)
     fields = ("expired", "orphan_files", "dangling_rows", "temp_files", "bytes_freed")
     assert [getattr(dry, f) for f in fields] == [getattr(real, f) for f in fields]
-    assert (real.expired, real.orphan_files, real.dangling_rows, real.temp_files) == (6, 3, 1, 1)
+    assert (real.expired, real.orphan_files, real.dangling_rows, real.temp_files) == \
+        (6, len(damage["orphans"]), 1, 1)
     assert damage["young_tmp"].exists()
     assert_consistent(data_dir)
 
@@ -713,6 +719,7 @@ def test_kill_9_during_uploads_then_one_pass_restores_every_invariant(make_confi
     assert leftovers, "the stalled upload should have left its tmp file"
 
     restarted = server_process(config_path)
+    age_upload_claims(data_dir)                    # the dead node's claims on objects run out
     result = run_cleanup_py(config_path)           # while the restarted server runs
     assert result.returncode == 0, result.stderr
     assert "cleanup removed:" in result.stdout
@@ -767,7 +774,8 @@ def test_kill_9_during_a_cleanup_pass_then_rerun_restores_every_invariant(make_c
 
 @pytest.fixture
 def damaged_site(make_config):
-    """A config whose store has 2 expired images, 3 orphan files, 1 dangling row, 1 old tmp file."""
+    """A config whose store has 2 expired images, 3 orphan files (2 and a foreign object left
+    alone in a bucket), 1 dangling row, 1 old tmp file."""
     config_path = make_config()
     data_dir = data_dir_of(config_path)
     live = plant(data_dir, [(seeded_png(80), time.time() + DAY)])[0]
@@ -782,7 +790,7 @@ def test_cleanup_py_prints_counts_and_removes(damaged_site):
     result = run_cleanup_py(config_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == (
-        f"cleanup removed: 2 expired images, 3 orphan files, 1 dangling rows, 1 temp files, "
+        f"cleanup removed: 2 expired images, {len(damage['orphans'])} orphan files, 1 dangling rows, 1 temp files, "
         f"{damage['bytes']} bytes")
     assert image_rows(data_dir) == {live.md5: "png"}
     assert damage["young_tmp"].exists() and not damage["old_tmp"].exists()
@@ -800,9 +808,9 @@ def test_cleanup_py_dry_run_removes_nothing_and_says_what_it_would(damaged_site)
     result = run_cleanup_py(config_path, "--dry-run")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[-1] == (f"cleanup would remove: 2 expired images, 3 orphan files, 1 dangling rows, "
+    assert lines[-1] == (f"cleanup would remove: 2 expired images, {len(damage['orphans'])} orphan files, 1 dangling rows, "
                          f"1 temp files, {damage['bytes']} bytes")
-    assert all(line.startswith("would remove ") for line in lines[:-1]) and len(lines) == 1 + 2 + 3 + 1 + 1
+    assert all(line.startswith("would remove ") for line in lines[:-1]) and len(lines) == 1 + 2 + len(damage["orphans"]) + 1 + 1
     for p in (*damage["orphans"], damage["old_tmp"]):
         assert any(str(p) in line for line in lines)
     assert any(e.md5 in line for e in expired for line in lines)
