@@ -610,6 +610,11 @@ class StoredObject(PurePosixPath):
         self._site.delete(self._key)
 
 
+def report_name(path: Path) -> str:
+    """How a cleanup report names a stored file: its path, or a bucket object's key."""
+    return path._key if isinstance(path, StoredObject) else str(path)
+
+
 def _image_keys(site: _S3Site) -> list[str]:
     import imgproxy
     return [k for k in site.keys() if imgproxy.IMAGE_KEY_RE.fullmatch(k)]
