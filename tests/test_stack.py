@@ -7,6 +7,7 @@ database; without the engines they skip), so a broken helper cannot make a
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
@@ -14,9 +15,10 @@ import sys
 
 import pytest
 
-from conftest import ALICE, ROOT
-from helpers import (WriteLockHolder, db_rows, db_write, http_call, png_bytes, site_stack, store_image,
-                     store_problems, stored_files, stored_path)
+import imgproxy
+from conftest import ALICE, BOB, ROOT
+from helpers import (WriteLockHolder, bearer, create_token, db_rows, db_write, http_call, png_bytes, site_stack,
+                     store_image, store_problems, stored_files, stored_path)
 
 
 def test_the_default_stack_writes_plain_configs(make_config, request):
@@ -61,9 +63,6 @@ def test_helpers_look_inside_an_s3_and_postgresql_site(make_config, live_server,
 
 
 async def test_write_lock_holder_holds_up_postgresql_writers(make_client, pg_engine):
-    import asyncio
-
-    import imgproxy
     client = await make_client(database={"url": pg_engine.new_database()})
     holder = WriteLockHolder(client.data_dir)
     try:
@@ -84,3 +83,32 @@ def test_a_stack_without_its_engine_stops_the_run_at_once(tmp_path):
     assert result.returncode == 4, result.stdout + result.stderr   # a usage error, before any test
     assert "--stack pg: PostgreSQL is not installed" in result.stderr
     assert "passed" not in result.stdout and "skipped" not in result.stdout
+
+
+# ---- server bugs the first --stack s3pg run found (kept in every run) ------------------
+
+async def test_access_counts_and_token_use_reach_postgresql(make_client, pg_engine):
+    client = await make_client(database={"url": pg_engine.new_database()})
+    made = await create_token(client, BOB)
+    resp = await client.put("/upload/a.png", data=png_bytes((9, 9), (1, 9, 1)), headers=bearer(made["token"]))
+    md5 = (await resp.json())["md5"]
+    for _ in range(3):
+        assert (await client.get(f"/i/{md5}.png")).status == 200
+    store = client.app[imgproxy.STORE]
+    await store.flush_counts()
+    await store.flush_token_use()
+    assert db_rows(client.data_dir, "SELECT access_count FROM images") == [(3,)]
+    assert db_rows(client.data_dir, "SELECT COUNT(*) FROM tokens WHERE last_used_at IS NOT NULL") == [(1,)]
+
+
+async def test_a_pass_removes_a_stale_object_beside_the_live_one(make_client, s3_engine):
+    """Two objects of one md5 (the row names .png, a crash left a .jpg): the stale one goes."""
+    storage = s3_engine.storage_config(s3_engine.new_bucket(), prefix="stale/")
+    client = await make_client(storage=storage)
+    data = png_bytes((9, 9), (2, 8, 2))
+    md5 = (await (await client.put("/upload/a.png", data=data, headers=ALICE)).json())["md5"]
+    stale = store_image(client.data_dir, md5, "jpg", b"a copy under another extension")
+    report = await imgproxy.run_cleanup_pass(client.app[imgproxy.STORE])
+    assert (report.orphan_files, report.dangling_rows) == (1, 0)
+    assert not stale.exists() and stored_path(client.data_dir, md5, "png").read_bytes() == data
+    assert store_problems(client.data_dir) == []
