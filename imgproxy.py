@@ -869,11 +869,28 @@ def image_key(md5: str, ext: str) -> str:
 IMAGE_KEY_RE = re.compile(r"([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{28})\.([a-z0-9]{2,5})")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class RemoteObject:
-    """An image kept in the object store, served in place of a local file."""
+    """An image kept in the object store, served in place of a local file.
+
+    `local` is where this node keeps its own copy of a large original (beside
+    its variants, under the same disk budget and eviction): once it is there,
+    the image is sent from it like a file. The bytes at an md5 never change,
+    so a copy cannot go stale; a deleted image is refused before any copy is
+    looked at, since serving always starts from its row.
+    """
     blobs: Any  # S3Blobs
     key: str
+    local: Optional[Path] = None
+
+    def open_local(self) -> Optional[io.BufferedReader]:
+        """The local copy, opened (blocking), or None: open first, so an eviction cannot slip in between."""
+        if self.local is None:
+            return None
+        try:
+            return open(self.local, "rb")
+        except FileNotFoundError:
+            return None
 
 
 def _unlink_quietly(path: Optional[Path]) -> int:
@@ -1670,6 +1687,10 @@ class PgReader:
         await self.pool.close()
 
 
+async def _pg_no_reset(_conn: Any) -> None:
+    """Pool connections carry no session state to undo (see ImageStore._open_pg)."""
+
+
 def pg_error_text(exc: BaseException) -> str:
     """An error of the driver or the network, without the URL (it holds the password)."""
     return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
@@ -1764,6 +1785,7 @@ class ImageStore:
         self.coherent = True                  # False while the change feed is down: nothing is cached
         self._listener: Any = None
         self._listen_task: Optional[asyncio.Task] = None
+        self._copying: dict[str, asyncio.Task] = {}  # object key -> its local copy being fetched
 
     # -- life cycle --
     async def open(self, listen: bool = True) -> "ImageStore":
@@ -1795,8 +1817,12 @@ class ImageStore:
 
         url = self.config.database.url
         try:
+            # reset: the pool's default runs four statements per release to undo
+            # session state (locks, LISTEN, settings); pool connections never take
+            # any: transactions close with their block, and the cleanup lock and
+            # the change feed have connections of their own.
             self.pool = await asyncpg.create_pool(url, min_size=1, max_size=PG_POOL_SIZE,
-                                                  command_timeout=PG_COMMAND_SECONDS)
+                                                  command_timeout=PG_COMMAND_SECONDS, reset=_pg_no_reset)
             async with self.pool.acquire() as conn:
                 async with conn.transaction():
                     # Nodes starting together would race on CREATE ... IF NOT EXISTS.
@@ -1854,6 +1880,8 @@ class ImageStore:
                 await self.flush_counts()
             with contextlib.suppress(Exception):
                 await self.flush_token_use()
+        for task in list(self._copying.values()):
+            task.cancel()
         if self._listen_task is not None:
             self._listen_task.cancel()
             with contextlib.suppress(BaseException):
@@ -1970,9 +1998,11 @@ class ImageStore:
     # -- reading --
     def info(self, row: sqlite3.Row, status: Optional[str] = None) -> dict:
         md5 = row["md5"]
+        public = self.config.storage.public_base_url
         out = {
             "md5": md5,
-            "url": f"{self.config.base_url}/i/{md5}.{row['ext']}",
+            "url": f"{public}/{self.config.storage.prefix}{image_key(md5, row['ext'])}" if public
+            else f"{self.config.base_url}/i/{md5}.{row['ext']}",
             "name": row["name"],
             "size": row["size"],
             "width": row["width"],
@@ -2147,9 +2177,10 @@ class ImageStore:
 
         try:
             known = await self.get_row(md5)
-            # Bytes we already hold are not sent again: the row is the proof the object exists.
+            # Bytes we already hold are not sent again; one HEAD makes sure, so an
+            # upload also heals a row whose object was lost (as on the files backend).
             written = False
-            if known is None or known["ext"] != ext:
+            if known is None or known["ext"] != ext or await self.blobs.size(key) is None:
                 await self.write(txn_claim)
                 await self.blobs.put_file(key, tmp_path, mime, OBJECT_CACHE_CONTROL)
                 written = True
@@ -2166,6 +2197,32 @@ class ImageStore:
         if source_md5 is not None:
             info["source_md5"] = source_md5
         return info, created
+
+    def _copy_locally(self, obj: RemoteObject) -> None:
+        """Fetch a large original into this node's copy in the background (once at a time)."""
+        if obj.key in self._copying or obj.local is None:
+            return
+        task = asyncio.create_task(self._fetch_copy(obj), name="imgproxy-local-copy")
+        self._copying[obj.key] = task
+        task.add_done_callback(lambda _: self._copying.pop(obj.key, None))
+
+    async def _fetch_copy(self, obj: RemoteObject) -> None:
+        if await asyncio.to_thread(obj.local.exists):
+            return
+        tmp, fd = await asyncio.to_thread(self.storage.create_tmp, "source")
+        try:
+            await obj.blobs.download(obj.key, tmp)
+
+            def place() -> None:
+                obj.local.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, obj.local)  # atomic: a reader sees the whole copy or none
+
+            await asyncio.to_thread(place)
+        except Exception as exc:  # noqa: BLE001 - a copy is an optimisation; the store still serves
+            log.debug("no local copy of %s: %s", obj.key, exc)
+        finally:
+            await asyncio.to_thread(_unlink_quietly, tmp)
+            self.storage.release_tmp(tmp, fd)
 
     async def renew(self, user: str, digest: str) -> Optional[dict]:
         """Dedup without bytes: renew expiry and record the caller as a holder.
@@ -2316,7 +2373,10 @@ class ImageStore:
             if self.blobs is None:
                 path = self.storage.image_path(md5, row["ext"])
             else:
-                path = RemoteObject(self.blobs, image_key(md5, row["ext"]))
+                path = RemoteObject(self.blobs, image_key(md5, row["ext"]),
+                                    self.storage.variant_path(md5, "source", row["ext"]))
+                if row["size"] > BODY_CACHE_MAX_FILE:
+                    self._copy_locally(path)
             entry = ServedImage(md5, row["ext"], row["mime"], row["size"], row["expire_at"],
                                 path, created_at=row["created_at"])
             if row["size"] <= BODY_CACHE_MAX_FILE and row["size"] <= self.body_budget:
@@ -3286,6 +3346,12 @@ class VariantCache:
         or a locked tmp/ copy (returned with its descriptor, for _drop_source)."""
         if image.body is not None:
             return image.body, None
+        f = await asyncio.to_thread(image.path.open_local)
+        if f is not None:  # this node's copy; read whole, so an eviction cannot pull it away mid-render
+            try:
+                return await asyncio.to_thread(f.read), None
+            finally:
+                await asyncio.to_thread(f.close)
         tmp, fd = await asyncio.to_thread(self.storage.create_tmp, "source")
         try:
             await image.path.blobs.download(image.path.key, tmp)
@@ -4720,12 +4786,16 @@ async def _send_file_spans(request: web.Request, resp: web.StreamResponse, path:
     the loop has it. The task is listed under STREAMING meanwhile, so the
     connection guard can stop a native sendfile whose reader stopped reading."""
     if isinstance(path, RemoteObject):
-        return await _send_object_spans(request, resp, path, pieces, tail)
-    try:
-        f = await asyncio.to_thread(open, path, "rb")
-    except FileNotFoundError:
-        # Removed since it was looked up (a delete, a cleanup pass).
-        raise json_error(404, NO_SUCH_IMAGE, "not_found") from None
+        f = await asyncio.to_thread(path.open_local)
+        if f is None:
+            return await _send_object_spans(request, resp, path, pieces, tail)
+        path = path.local
+    else:
+        try:
+            f = await asyncio.to_thread(open, path, "rb")
+        except FileNotFoundError:
+            # Removed since it was looked up (a delete, a cleanup pass).
+            raise json_error(404, NO_SUCH_IMAGE, "not_found") from None
     try:
         await resp.prepare(request)
         if request.method == "HEAD":
@@ -5349,13 +5419,15 @@ async def cleanup_lock(store: ImageStore):
     """Yields whether this process may run the pass: an flock on data_dir's
     cleanup.lock, or with PostgreSQL a session advisory lock, one for the cluster."""
     if store.pool is not None:
-        async with store.pool.acquire() as conn:
-            held = await conn.fetchval("SELECT pg_try_advisory_lock($1)", PG_LOCK_CLEANUP)
-            try:
-                yield held
-            finally:
-                if held:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", PG_LOCK_CLEANUP)
+        import asyncpg
+
+        # A connection of its own: the lock lives as long as it, and goes with it
+        # if this process dies, so a crashed pass never blocks the next one.
+        conn = await asyncpg.connect(store.config.database.url, timeout=PG_COMMAND_SECONDS)
+        try:
+            yield await conn.fetchval("SELECT pg_try_advisory_lock($1)", PG_LOCK_CLEANUP)
+        finally:
+            await conn.close(timeout=5)
         return
     lock_fd = os.open(store.storage.cleanup_lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -6179,6 +6251,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         asyncio.run(serve(config, sock))
     except KeyboardInterrupt:
         pass
+    except ConfigError as exc:  # the database or the bucket named by the config cannot be used
+        print(f"imgproxy: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
+        print(f"imgproxy: storage: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

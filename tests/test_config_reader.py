@@ -19,7 +19,8 @@ from conftest import ROOT
 # dataclasses means a key added to one is checked here without editing this file.
 SECTIONS = {"server": imgproxy.ServerConfig, "cleanup": imgproxy.CleanupConfig,
             "users[]": imgproxy.UserConfig, "client": imgproxy.ClientConfig,
-            "metrics": imgproxy.MetricsConfig}
+            "metrics": imgproxy.MetricsConfig, "storage": imgproxy.StorageConfig,
+            "database": imgproxy.DatabaseConfig}
 
 
 def test_every_config_section_is_walked():
