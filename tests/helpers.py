@@ -5,6 +5,7 @@ Fixtures live in conftest.py; everything a test file imports lives here."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import http.client
@@ -19,9 +20,10 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Optional
 
 import aiohttp
@@ -386,18 +388,59 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-# ---- storage invariants ----------------------------------------------------------
+# ---- the stack under test: files + SQLite, or S3 and/or PostgreSQL ----------------
+# conftest.write_config registers every site it gives a bucket or a database (pytest
+# --stack), keyed by data_dir; the helpers below look there to find where a site keeps
+# its rows and its image bytes. A data_dir never registered is files + SQLite.
 
-def stored_files(data_dir: Path) -> list[Path]:
-    return sorted(p for p in (data_dir / "uploads").rglob("*") if p.is_file())
+@dataclasses.dataclass(frozen=True)
+class SiteStack:
+    storage: Optional[dict] = None        # the config's S3 "storage" section
+    database_url: Optional[str] = None    # the config's PostgreSQL "database.url"
 
 
-def tmp_leftovers(data_dir: Path) -> list[Path]:
-    return sorted((data_dir / "tmp").iterdir())
+STACK_SITES: dict[Path, SiteStack] = {}
+
+
+def register_site(data_dir: Path, stack: SiteStack) -> None:
+    STACK_SITES[Path(data_dir).resolve()] = stack
+
+
+def site_stack(data_dir: Path) -> SiteStack:
+    return STACK_SITES.get(Path(data_dir).resolve(), SiteStack())
+
+
+def _run_async(coro):
+    """Run a coroutine to its end from blocking code, even one called on an event loop."""
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result(60)
+
+
+def pg_rows(url: str, sql: str, args: tuple = ()) -> list[tuple]:
+    """Our SQLite-dialect statement (? placeholders) on PostgreSQL, rows as tuples."""
+    import asyncpg
+
+    import imgproxy
+
+    async def run() -> list[tuple]:
+        con = await asyncpg.connect(url, timeout=15)
+        try:
+            if not args and ";" in sql.strip().rstrip(";"):
+                await con.execute(sql)   # a script
+                return []
+            return [tuple(r) for r in await con.fetch(imgproxy.pg_sql(sql), *args)]
+        finally:
+            await con.close()
+
+    return _run_async(run())
 
 
 def db_rows(data_dir: Path, sql: str = "SELECT md5 FROM images", args: tuple = ()) -> list[tuple]:
-    """A query on the live database from a connection of the test's own."""
+    """A query on the live database (SQLite or PostgreSQL) from a connection of the test's own."""
+    url = site_stack(data_dir).database_url
+    if url is not None:
+        return pg_rows(url, sql, tuple(args))
     con = sqlite3.connect(data_dir / "images.db", timeout=15)
     try:
         return con.execute(sql, args).fetchall()
@@ -405,31 +448,276 @@ def db_rows(data_dir: Path, sql: str = "SELECT md5 FROM images", args: tuple = (
         con.close()
 
 
+def db_write(data_dir: Path, sql: str, rows: list[tuple] | tuple = ()) -> None:
+    """One statement (for each of `rows` if it is a list) in one committed transaction,
+    as another writer would: SQLite or PostgreSQL. The schema must exist (a server ran)."""
+    many = isinstance(rows, list)
+    url = site_stack(data_dir).database_url
+    if url is not None:
+        import asyncpg
+
+        import imgproxy
+
+        async def run() -> None:
+            con = await asyncpg.connect(url, timeout=15)
+            try:
+                async with con.transaction():
+                    if many:
+                        await con.executemany(imgproxy.pg_sql(sql), rows)
+                    else:
+                        await con.execute(imgproxy.pg_sql(sql), *rows)
+            finally:
+                await con.close()
+
+        _run_async(run())
+        return
+    con = sqlite3.connect(data_dir / "images.db", timeout=15, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.executemany(sql, rows) if many else con.execute(sql, rows)
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+def db_integrity(data_dir: Path) -> str:
+    """"ok", or SQLite's integrity_check complaint. PostgreSQL has no such check of
+    a live database: its own constraints hold every row, so it answers "ok"."""
+    if site_stack(data_dir).database_url is not None:
+        return "ok"
+    return db_rows(data_dir, "PRAGMA integrity_check")[0][0]
+
+
+_WRITE_LOCKER = """
+import asyncio, sqlite3, sys
+kind, where, lock = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if kind == "sqlite":
+    con = sqlite3.connect(where, timeout=30, isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")
+    print("locked", flush=True)
+    sys.stdin.read()
+    con.execute("ROLLBACK")
+else:
+    import asyncpg
+    async def hold():
+        con = await asyncpg.connect(where)
+        await con.execute("SELECT pg_advisory_lock($1)", lock)
+        print("locked", flush=True)
+        await asyncio.to_thread(sys.stdin.read)
+        await con.close()
+    asyncio.run(hold())
+"""
+
+
+class WriteLockHolder:
+    """Another process holding the database's write lock, as a second writer would:
+    SQLite's (BEGIN IMMEDIATE) or, under PostgreSQL, imgproxy's write advisory lock.
+    Held from construction until release()."""
+
+    def __init__(self, data_dir: Path):
+        import imgproxy
+        url = site_stack(data_dir).database_url
+        args = ("pg", url) if url is not None else ("sqlite", str(data_dir / "images.db"))
+        self.proc = subprocess.Popen([sys.executable, "-c", _WRITE_LOCKER, *args, str(imgproxy.PG_LOCK_WRITE)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if line != "locked":
+            self.proc.kill()
+            raise AssertionError(f"the lock holder did not take the lock: {line!r}")
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+        assert self.proc.wait(30) == 0
+
+
+class _S3Site:
+    """Signed requests to a site's bucket with the standard library (the tests' own view)."""
+
+    def __init__(self, storage: dict):
+        self.storage = storage
+        self.prefix = storage.get("prefix") or ""
+        if self.prefix and not self.prefix.endswith("/"):
+            self.prefix += "/"
+
+    def request(self, method: str, key: str = "", query: str = "", body: bytes = b"") -> tuple[int, bytes]:
+        from engines import sign_v4
+        st = self.storage
+        url = f"{st['endpoint']}/{st['bucket']}/{urllib.parse.quote(key, safe='/-_.~')}" + (
+            f"?{query}" if query else "")
+        headers = sign_v4(method, url, body, st["access_key_id"], st["secret_access_key"], st["region"])
+        request = urllib.request.Request(url, data=body if method == "PUT" else None, method=method,
+                                         headers=headers)
+        try:
+            with _DIRECT.open(request, timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def keys(self) -> list[str]:
+        """Every key under the prefix (the prefix taken off), all pages."""
+        import xml.etree.ElementTree as ET
+        out: list[str] = []
+        token = None
+        while True:
+            params = {"list-type": "2", "prefix": self.prefix}
+            if token:
+                params["continuation-token"] = token
+            status, body = self.request("GET", query=urllib.parse.urlencode(sorted(params.items())))
+            assert status == 200, (status, body[:300])
+            root = ET.fromstring(body)
+            ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+            out += [el.text[len(self.prefix):] for el in root.iter(f"{ns}Key")]
+            token = root.findtext(f"{ns}NextContinuationToken")
+            if root.findtext(f"{ns}IsTruncated") != "true" or not token:
+                return sorted(out)
+
+    def read(self, key: str) -> bytes:
+        status, body = self.request("GET", self.prefix + key)
+        if status == 404:
+            raise FileNotFoundError(key)
+        assert status == 200, (status, body[:300])
+        return body
+
+    def write(self, key: str, data: bytes) -> None:
+        status, body = self.request("PUT", self.prefix + key, body=data)
+        assert status == 200, (status, body[:300])
+
+    def delete(self, key: str) -> None:
+        status, body = self.request("DELETE", self.prefix + key)
+        assert status in (200, 204), (status, body[:300])
+
+
+class StoredObject(PurePosixPath):
+    """An image object in a bucket, named by the path its file would have under
+    data_dir/uploads: it compares equal to that Path, and reads from the bucket."""
+
+    def _bind(self, site: _S3Site, key: str) -> "StoredObject":
+        self._site, self._key = site, key
+        return self
+
+    def read_bytes(self) -> bytes:
+        return self._site.read(self._key)
+
+    def exists(self) -> bool:
+        try:
+            self._site.read(self._key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        self._site.delete(self._key)
+
+
+def report_name(path: Path) -> str:
+    """How a cleanup report names a stored file: its path, or a bucket object's key."""
+    return path._key if isinstance(path, StoredObject) else str(path)
+
+
+def _image_keys(site: _S3Site) -> list[str]:
+    import imgproxy
+    return [k for k in site.keys() if imgproxy.IMAGE_KEY_RE.fullmatch(k)]
+
+
+def stored_files(data_dir: Path, everything: bool = False) -> list[Path]:
+    """The stored images: files under uploads/, or the bucket's image objects as
+    StoredObjects named like those files (`everything`: also what is not named by a digest)."""
+    storage = site_stack(data_dir).storage
+    if storage is None:
+        return sorted(p for p in (data_dir / "uploads").rglob("*") if p.is_file())
+    site = _S3Site(storage)
+    keys = site.keys() if everything else _image_keys(site)
+    return [StoredObject(data_dir / "uploads" / key)._bind(site, key) for key in keys]
+
+
+def stored_path(data_dir: Path, md5: str, ext: str) -> Path:
+    """Where an image's bytes are: its file, or (S3) its object under the same name."""
+    path = data_dir / "uploads" / md5[0:2] / md5[2:4] / f"{md5}.{ext}"
+    storage = site_stack(data_dir).storage
+    if storage is None:
+        return path
+    key = f"{md5[0:2]}/{md5[2:4]}/{md5}.{ext}"
+    return StoredObject(path)._bind(_S3Site(storage), key)
+
+
+def store_bytes(data_dir: Path, relative: str, data: bytes) -> Path:
+    """Put bytes at uploads/{relative}, or at that key in the site's bucket, as a
+    crash or a careless hand would leave them; returns their stored_files() name."""
+    path = data_dir / "uploads" / relative
+    storage = site_stack(data_dir).storage
+    if storage is not None:
+        path = StoredObject(path)._bind(_S3Site(storage), relative)
+        path._site.write(relative, data)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return path
+
+
+def store_image(data_dir: Path, md5: str, ext: str, data: bytes) -> Path:
+    """Put bytes where the store keeps that image, without a row."""
+    return store_bytes(data_dir, f"{md5[0:2]}/{md5[2:4]}/{md5}.{ext}", data)
+
+
+def db_schema(data_dir: Path) -> None:
+    """Create the database's tables as a server's first start would, to seed rows before one runs."""
+    import imgproxy
+    storage = imgproxy.Storage(data_dir)
+    storage.prepare()          # tmp/ and variants/ are local on every stack
+    url = site_stack(data_dir).database_url
+    if url is not None:
+        pg_rows(url, imgproxy.PG_SCHEMA)
+        return
+    imgproxy.open_write_db(storage.db_path).close()
+
+
+def age_upload_claims(data_dir: Path) -> None:
+    """Let the claims of uploads that died with their node run out, as CLAIM_SECONDS
+    later: until then a pass on S3 keeps their objects (the node might be alive)."""
+    import imgproxy
+    db_write(data_dir, "UPDATE claims SET claimed_at = claimed_at - ?", (imgproxy.CLAIM_SECONDS + 1,))
+
+
+def objects_left_alone(data_dir: Path) -> bool:
+    """Whether a cleanup pass leaves what is not named by a digest in place: in a
+    bucket it may be another application's (files under uploads/ are all ours)."""
+    return site_stack(data_dir).storage is not None
+
+
+# ---- storage invariants ----------------------------------------------------------
+
+def tmp_leftovers(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "tmp").iterdir())
+
+
 def store_problems(data_dir: Path, *, rows_need_files: bool = True, files_need_rows: bool = True) -> list[str]:
     """What is wrong with the store at data_dir: the lifecycle invariants.
 
-    Every file under uploads/ is complete (its bytes hash to its name) and sits
-    at the path its digest gives; every row has its file; every file has its
-    row; the database passes SQLite's integrity check.
+    Every stored image (file under uploads/ or bucket object) is complete (its
+    bytes hash to its name) and sits at the path its digest gives; every row has
+    its image; every image has its row; the database passes its integrity check.
     """
     problems = []
-    con = sqlite3.connect(f"file:{data_dir / 'images.db'}?mode=ro", uri=True, timeout=30)
-    try:
-        check = con.execute("PRAGMA integrity_check").fetchone()[0]
-        if check != "ok":
-            problems.append(f"integrity_check: {check}")
-        rows = {md5: ext for md5, ext in con.execute("SELECT md5, ext FROM images")}
-        holds_orphans = con.execute(
-            "SELECT COUNT(*) FROM holds WHERE md5 NOT IN (SELECT md5 FROM images)").fetchone()[0]
-    finally:
-        con.close()
+    check = db_integrity(data_dir)
+    if check != "ok":
+        problems.append(f"integrity_check: {check}")
+    rows = {md5: ext for md5, ext in db_rows(data_dir, "SELECT md5, ext FROM images")}
+    holds_orphans = db_rows(data_dir, "SELECT COUNT(*) FROM holds WHERE md5 NOT IN (SELECT md5 FROM images)")[0][0]
     if holds_orphans:
         problems.append(f"{holds_orphans} holds without an image row")
     files = {}
     uploads = data_dir / "uploads"
-    for path in uploads.rglob("*"):
-        if not path.is_file():
-            continue
+    storage = site_stack(data_dir).storage
+    if storage is not None:
+        site = _S3Site(storage)
+        keys = site.keys()
+        problems += [f"object at a key not from a digest: {k}" for k in keys
+                     if not k.startswith("variants/") and k not in _image_keys(site)]
+        stored = stored_files(data_dir)
+    else:
+        stored = [p for p in uploads.rglob("*") if p.is_file()]
+    for path in stored:
         stem, _, ext = path.name.partition(".")
         if path.parent != uploads / stem[:2] / stem[2:4]:
             problems.append(f"file at a path not from its digest: {path}")

@@ -120,6 +120,7 @@ def event_loop_prefix(request, tmp_path):
     return ("env", f"PYTHONPATH={blocker}")
 
 
+@pytest.mark.local_files_only   # watches the served file's descriptor
 def test_a_reader_that_takes_nothing_is_dropped_and_the_file_closed(make_config, server_process, event_loop_prefix):
     server = server_process(make_config(), patches={"RESPONSE_STALL_TIMEOUT": 2.0}, prefix=event_loop_prefix)
     data = noise_png(8 * 1024 * 1024)

@@ -15,7 +15,7 @@ from PIL import Image
 
 import imgproxy
 from conftest import ALICE, BOB, CAROL, ROOT, TEST_BASE_URL, basic, corpus_file, read_manifest
-from helpers import db_rows, file_form, png_bytes, stored_files
+from helpers import db_rows, file_form, png_bytes, stored_files, stored_path
 
 async def upload(client, data: bytes, headers=ALICE, name="x.png"):
     return await client.post("/upload", data=file_form(data, name), headers=headers)
@@ -37,7 +37,7 @@ async def test_multipart_upload_stores_content_addressed_file(make_client):
     assert (info["name"], info["size"], info["width"], info["height"]) == ("holiday.png", len(data), 40, 30)
     assert (info["format"], info["mime"], info["access_count"]) == ("PNG", "image/png", 0)
     assert info["created_at"].endswith("Z") and info["expire_at"].endswith("Z")
-    path = client.data_dir / "uploads" / md5[:2] / md5[2:4] / f"{md5}.png"
+    path = stored_path(client.data_dir, md5, "png")
     assert path.read_bytes() == data
     assert stored_files(client.data_dir) == [path]
     assert list((client.data_dir / "tmp").iterdir()) == []

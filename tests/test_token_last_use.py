@@ -1,17 +1,16 @@
 """A token's last use stays visible while the batched write of it is in flight.
 
 Uses are kept in memory and written every few seconds; a token list read while
-that write waits for SQLite's lock must still show the use (it used to read
-"never used" for that moment). Another real connection holds the write lock.
+that write waits for the database's write lock must still show the use (it used to
+read "never used" for that moment). Another real process holds the write lock.
 """
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import imgproxy
 from conftest import BOB
-from helpers import bearer, create_token
+from helpers import WriteLockHolder, bearer, create_token
 
 
 async def listed_last_use(client) -> str | None:
@@ -26,15 +25,13 @@ async def test_last_use_is_listed_while_its_write_waits(make_client):
     used = await listed_last_use(client)
     assert used is not None
 
-    blocker = sqlite3.connect(client.data_dir / "images.db", isolation_level=None)
+    blocker = WriteLockHolder(client.data_dir)
     try:
-        blocker.execute("BEGIN IMMEDIATE")
         flush = asyncio.create_task(client.app[imgproxy.STORE].flush_token_use())
         await asyncio.sleep(0.3)
         assert not flush.done()                     # the write waits for the lock
         assert await listed_last_use(client) == used
     finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
+        blocker.release()
     await flush
     assert await listed_last_use(client) == used   # now from the database

@@ -16,7 +16,7 @@ from PIL import Image, ImageCms, features
 
 import imgproxy
 from conftest import ALICE, BOB, ROOT, corpus_file
-from helpers import http_exchange, noise_png
+from helpers import http_exchange, noise_png, stored_files
 
 DAY = 86400.0
 HAS_AVIF = features.check("avif")
@@ -375,13 +375,14 @@ async def test_flood_of_unknown_md5s_and_bad_sizes_renders_nothing_and_writes_no
     client = await make_client()
     md5 = await put(client, photo((500, 400)))
     before = sorted(p for p in client.data_dir.rglob("*") if p.is_file() and p.name != "images.db-wal")
+    stored_before = stored_files(client.data_dir, everything=True)
     urls = [f"/i/{hashlib.md5(str(i).encode()).hexdigest()}/320.webp" for i in range(300)]
     urls += [f"/i/{md5}/{w}.webp" for w in range(321, 520)] + [f"/i/{md5}/320.x{i}" for i in range(50)]
     results = await asyncio.gather(*(fetch(client, u) for u in urls))
     assert {s for s, _, _ in results} == {400, 404}
     assert renders(client) == 0
     after = sorted(p for p in client.data_dir.rglob("*") if p.is_file() and p.name != "images.db-wal")
-    assert after == before
+    assert after == before and stored_files(client.data_dir, everything=True) == stored_before
 
 
 # ---- disk budget and life cycle --------------------------------------------------

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import time
 
 from conftest import ALICE, ROOT
-from helpers import http_call, png_bytes
+from helpers import db_rows, http_call, png_bytes
 
 
 def test_two_workers_serve_and_a_delete_is_seen_by_both(make_config, server_process):
@@ -35,9 +34,7 @@ def test_access_counts_from_all_workers_reach_the_database(make_config, server_p
     for _ in range(30):
         assert http_call("GET", url)[0] == 200
     assert proc.terminate() == 0
-    con = sqlite3.connect(config.parent / "data" / "images.db")
-    assert con.execute("SELECT access_count FROM images").fetchone() == (30,)
-    con.close()
+    assert db_rows(config.parent / "data", "SELECT access_count FROM images") == [(30,)]
 
 
 def test_reset_by_another_process_is_seen_at_once(make_config, live_server):
