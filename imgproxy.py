@@ -13,6 +13,8 @@ Upload an image (multipart POST, raw PUT, the stdlib client or the upload page),
 get a public URL. Images are stored once per distinct content under
 ``uploads/ab/cd/<md5>.<ext>``, described in SQLite, served with strong caching
 headers, and removed after ``cleanup.expire_days`` by a daily in-process pass.
+For several machines the same file keeps the bytes in an S3-compatible bucket
+(same keys) and the rows in PostgreSQL (config ``storage`` and ``database``).
 
 Run:   python3 imgproxy.py [--config config.json] [--host H] [--port P]
 Hash:  python3 imgproxy.py hash-password
