@@ -581,20 +581,31 @@ def assert_nothing_acknowledged_lost(cluster: Cluster, answers: list[Answer]) ->
 @pytest.mark.parametrize("crash", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["sigterm", "sigkill"])
 def test_object_store_stopped_under_load_gives_clear_503s_then_recovers(make_cluster, s3_engine, crash):
     cluster = make_cluster(nodes=2)
-    # Small images are served from the nodes' memory; the large one streams from the store.
-    served = []
+    # Small images are served from the nodes' memory; a large one from each node's own
+    # copy once its first GET has fetched it; a large one never asked for before streams
+    # from the store.
+    served, md5s = [], []
     for i, data in enumerate([seeded_png(50), seeded_png(51), noise_png(MB, seed=5)]):
         _, info = cluster.upload(i % 2, data)
         served.append((cluster.image_path(info), data))
+        md5s.append(info["md5"])
+    _, untouched = cluster.upload(0, noise_png(MB, seed=6))
     for node in range(2):
         for path, _ in served:
             assert cluster.call(node, "GET", path)[0] == 200
+    copied = md5s[2]
+    for config in cluster.configs:
+        copy = config.parent / "data" / "variants" / copied[:2] / copied[2:4] / f"{copied}-source.png"
+        poll(copy.exists, 10, "the node's own copy of the large image")
     load = Load(cluster, served)
     try:
         time.sleep(0.5)
         s3_engine.stop(kill=crash)
         down_from = len(load.answers)
-        time.sleep(2.0)
+        time.sleep(1.0)
+        # A large image no node has fetched yet can only come from the store.
+        from_store = [cluster.call(node, "GET", cluster.image_path(untouched)) for node in range(2)]
+        time.sleep(1.0)
         down_answers = list(load.answers[down_from:])
     finally:
         s3_engine.start()
@@ -605,11 +616,12 @@ def test_object_store_stopped_under_load_gives_clear_503s_then_recovers(make_clu
     assert cluster.server_errors() == []
     refused = [a for a in down_answers if a.status == 503]
     assert any(a.what == "upload" for a in refused), "uploads went on while the store was down?"
-    assert any(a.what == "get" and a.data == served[2][1] for a in refused), \
-        "the large image streams from the store: a GET of it must have been refused"
-    in_memory = [a for a in down_answers if a.what == "get" and a.data != served[2][1]]
-    assert in_memory and all(a.status == 200 and a.body == a.data for a in in_memory), \
-        "small images are served from the nodes' memory while the store is down"
+    for status, headers, body in from_store:
+        assert status == 503 and headers.get("Retry-After", "").isdigit(), (status, body[:200])
+        assert json.loads(body)["code"] == "unavailable"
+    held = [a for a in down_answers if a.what == "get"]
+    assert held and all(a.status == 200 and a.body == a.data for a in held), \
+        "images in the nodes' memory or on their disks are served while the store is down"
     # After the restart: every node takes uploads and serves everything again.
     recovered = answers[-12:]
     assert all(a.status in (200, 201) for a in recovered), [(a.what, a.status) for a in recovered]
