@@ -8,7 +8,9 @@ Measured per stack, with wrk (16 connections) for the GETs:
 
 - hot GET: a 60 KB image, served from the node's memory;
 - cold GET: a 700 KB image, above the memory cache's per-file limit, so every request
-  reads the disk or the object store;
+  reads the disk (on S3: the node's own copy, fetched after the first GET);
+- first GET: 40 distinct 700 KB images each asked for once (8 threads): on S3 each
+  streams from the store (its CPU includes starting the node's own copy);
 - uploads: 200 distinct 150 KB PNGs over 8 threads (urllib), uploads per second.
 
 For each: requests per second, CPU per request of the imgproxy process, and of the
@@ -37,6 +39,7 @@ from helpers import noise_png  # noqa: E402
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"alice:bench-password").decode()}
 UPLOADS, UPLOAD_THREADS = 200, 8
+FIRST_GETS = 40
 
 
 def start_server(extra: dict, env: dict) -> tuple[subprocess.Popen, str]:
@@ -123,6 +126,17 @@ def main() -> None:
                     spent, spent_engines = cpu_seconds([proc.pid]) - before, cpu_seconds(others) - before_engines
                     results.setdefault((test, name), []).append(
                         (count / wall, spent / count * 1e6, spent_engines / count * 1e6))
+                # First GETs: images this node has never served (for S3, not on its disk yet).
+                fresh = [f"{base}/i/{upload(base, noise_png(700 * 1024, 5000 * (r + 1) + i + (0 if name == 'files+sqlite' else 100)))}.png"
+                         for i in range(FIRST_GETS)]
+                before, before_engines = cpu_seconds([proc.pid]), cpu_seconds(others)
+                started = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+                    list(pool.map(lambda u: urllib.request.urlopen(u).read(), fresh))
+                wall = time.perf_counter() - started
+                spent, spent_engines = cpu_seconds([proc.pid]) - before, cpu_seconds(others) - before_engines
+                results.setdefault(("first GET 700 KB", name), []).append(
+                    (FIRST_GETS / wall, spent / FIRST_GETS * 1e6, spent_engines / FIRST_GETS * 1e6))
                 # Distinct uploads: every one a new object and a new row.
                 blobs = [noise_png(150 * 1024, 1000 * (r + 1) + i + (0 if name == "files+sqlite" else 500))
                          for i in range(UPLOADS)]
@@ -142,7 +156,7 @@ def main() -> None:
 
     print(f"{args.rounds} rounds, wrk -c16 {args.seconds}s per GET test; {UPLOADS} uploads over "
           f"{UPLOAD_THREADS} threads. Best round by rate; CPU in microseconds per request.")
-    for test in ("hot GET 60 KB", "cold GET 700 KB", "uploads 150 KB"):
+    for test in ("hot GET 60 KB", "cold GET 700 KB", "first GET 700 KB", "uploads 150 KB"):
         best = {name: max(results[(test, name)]) for name in servers}
         base, other = best["files+sqlite"], best["s3+pg"]
         print(f"{test}: files+sqlite {base[0]:.0f}/s ({base[1]:.0f} us CPU); "
