@@ -2120,39 +2120,18 @@ class ImageStore:
             source_md5 = None
         if self.blobs is not None:
             return await self._publish_object(user, md5, facts, name, tmp_path, source_md5)
-        ext, mime = FORMATS[facts.format]
+        ext = FORMATS[facts.format][0]
         storage = self.storage
-        now = self.clock()
-        expire_at = now + self.config.expire_seconds
 
         def txn_publish(txn: Txn) -> tuple[sqlite3.Row, bool, bool]:
             row = txn.row(md5)
-            placed = False
-            if row is not None and row["ext"] == ext and storage.image_path(md5, ext).is_file():
-                txn.db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?", (expire_at, md5))
-                created = False
-            else:
-                # New bytes, or a row whose file went missing: (re)place the file
-                # before the row commits, so the row never points at nothing.
+            # New bytes, or a row whose file went missing: (re)place the file
+            # before the row commits, so the row never points at nothing.
+            fresh = row is None or row["ext"] != ext or not storage.image_path(md5, ext).is_file()
+            if fresh:
                 storage.place(md5, ext, tmp_path)
-                placed = True
-                if row is None:
-                    txn.db.execute(
-                        f"INSERT INTO images ({ROW_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,0,?,?,?)",
-                        (md5, ext, facts.format, mime, name, facts.size, facts.width, facts.height,
-                         now, expire_at, source_md5))
-                    created = True
-                else:
-                    txn.db.execute(
-                        "UPDATE images SET ext=?, format=?, mime=?, size=?, width=?, height=?, expire_at=? "
-                        "WHERE md5=?", (ext, facts.format, mime, facts.size, facts.width, facts.height,
-                                        expire_at, md5))
-                    txn.changed = True
-                    created = False
-            if source_md5 is not None and row is not None and row["source_md5"] is None:
-                txn.db.execute("UPDATE images SET source_md5 = ? WHERE md5 = ?", (source_md5, md5))
-            txn.hold(md5, user, now)
-            return txn.row(md5), created, placed
+            created = self._record_upload(txn, row, fresh, user, md5, facts, name, source_md5)
+            return txn.row(md5), created, fresh
 
         placed = False
         try:
@@ -2160,7 +2139,35 @@ class ImageStore:
         finally:
             if not placed:
                 await asyncio.to_thread(_unlink_quietly, tmp_path)
-        self.forget(md5)
+        return self._published(row, created, source_md5)
+
+    def _record_upload(self, txn: Txn, row: Any, fresh: bool, user: str, md5: str, facts: "ImageFacts",
+                       name: str, source_md5: Optional[str]) -> bool:
+        """Inside the publishing transaction, the bytes in place: the image's row,
+        new (returns True) or renewed, every fact rewritten when the bytes were
+        (re)placed (`fresh`); the upload's source_md5 where the row has none; the hold."""
+        ext, mime = FORMATS[facts.format]
+        now = self.clock()
+        expire_at = now + self.config.expire_seconds
+        created = row is None
+        if created:
+            txn.db.execute(f"INSERT INTO images ({ROW_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,0,?,?,?)",
+                           (md5, ext, facts.format, mime, name, facts.size, facts.width, facts.height,
+                            now, expire_at, source_md5))
+        elif fresh:
+            txn.db.execute("UPDATE images SET ext=?, format=?, mime=?, size=?, width=?, height=?, expire_at=? "
+                           "WHERE md5=?", (ext, facts.format, mime, facts.size, facts.width, facts.height,
+                                           expire_at, md5))
+            txn.changed = True
+        else:
+            txn.db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?", (expire_at, md5))
+        if source_md5 is not None and row is not None and row["source_md5"] is None:
+            txn.db.execute("UPDATE images SET source_md5 = ? WHERE md5 = ?", (source_md5, md5))
+        txn.hold(md5, user, now)
+        return created
+
+    def _published(self, row: Any, created: bool, source_md5: Optional[str]) -> tuple[dict, bool]:
+        self.forget(row["md5"])
         info = self.info(row, "uploaded" if created else "exists")
         if source_md5 is not None:
             info["source_md5"] = source_md5  # this upload's bytes, even when the row names another
@@ -2197,32 +2204,13 @@ class ImageStore:
                            (md5, self.clock()))
 
         def txn_publish(txn: Txn, written: bool) -> Optional[tuple[Any, bool]]:
-            now = self.clock()
-            expire_at = now + self.config.expire_seconds
             row = txn.row(md5)
-            if row is not None and row["ext"] == ext:
-                txn.db.execute("UPDATE images SET expire_at = ? WHERE md5 = ?", (expire_at, md5))
-                created = False
-            elif not written:
+            fresh = row is None or row["ext"] != ext
+            if fresh and not written:
                 return None  # the row went (or never matched) since we looked: write the object first
-            elif row is None:
-                txn.db.execute(
-                    f"INSERT INTO images ({ROW_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,0,?,?,?)",
-                    (md5, ext, facts.format, mime, name, facts.size, facts.width, facts.height,
-                     now, expire_at, source_md5))
-                created = True
-            else:
-                txn.db.execute(
-                    "UPDATE images SET ext=?, format=?, mime=?, size=?, width=?, height=?, expire_at=? "
-                    "WHERE md5=?", (ext, facts.format, mime, facts.size, facts.width, facts.height,
-                                    expire_at, md5))
-                txn.changed = True
-                created = False
+            created = self._record_upload(txn, row, fresh, user, md5, facts, name, source_md5)
             if written:
                 txn.db.execute("DELETE FROM claims WHERE md5 = ?", (md5,))
-            if source_md5 is not None and row is not None and row["source_md5"] is None:
-                txn.db.execute("UPDATE images SET source_md5 = ? WHERE md5 = ?", (source_md5, md5))
-            txn.hold(md5, user, now)
             return txn.row(md5), created
 
         try:
@@ -2241,12 +2229,7 @@ class ImageStore:
                 result = await self.write(txn_publish, True)
         finally:
             await asyncio.to_thread(_unlink_quietly, tmp_path)
-        row, created = result
-        self.forget(md5)
-        info = self.info(row, "uploaded" if created else "exists")
-        if source_md5 is not None:
-            info["source_md5"] = source_md5
-        return info, created
+        return self._published(*result, source_md5)
 
     def _copy_locally(self, obj: RemoteObject) -> None:
         """Fetch a large original into this node's copy in the background (once at a time)."""
