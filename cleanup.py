@@ -55,13 +55,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def reset(config: "imgproxy.Config", yes: bool) -> int:
-    data_dir = config.server.data_dir
+    where = str(config.server.data_dir)
+    if config.storage.backend == "s3":
+        where = f"bucket {config.storage.bucket} ({config.storage.prefix or 'no prefix'})"
+    if config.database.url is not None:
+        where = f"{where} and its PostgreSQL database"
     if not yes:
         if not sys.stdin.isatty():
             print("cleanup.py: --reset deletes every image; add --yes to confirm when not at a terminal",
                   file=sys.stderr)
             return 2
-        answer = input(f"Delete every image and empty the database in {data_dir}? Type 'yes': ")
+        answer = input(f"Delete every image and empty the database in {where}? Type 'yes': ")
         if answer.strip().lower() != "yes":
             print("nothing changed")
             return 1
@@ -70,7 +74,7 @@ def reset(config: "imgproxy.Config", yes: bool) -> int:
     except Exception as exc:  # noqa: BLE001
         print(f"cleanup.py: reset failed: {exc}", file=sys.stderr)
         return 1
-    print(f"reset done: {data_dir} holds no images")
+    print(f"reset done: {where} holds no images")
     return 0
 
 
