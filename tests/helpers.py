@@ -10,6 +10,7 @@ import functools
 import hashlib
 import http.client
 import io
+import json
 import os
 import re
 import signal
@@ -340,6 +341,13 @@ class ServerProcess:
         self._reader.start()
 
     def _wait_for_listening(self) -> str:
+        """The base URL, once every worker the config asks for is listening (a worker
+        that starts late, e.g. connecting to PostgreSQL, would otherwise serve nothing)."""
+        try:
+            workers = json.loads(self.config_path.read_text(encoding="utf-8"))["server"].get("workers", 1)
+        except (OSError, ValueError, KeyError, AttributeError):
+            workers = 1
+        url, listening = None, 0
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
@@ -347,7 +355,10 @@ class ServerProcess:
                 break
             self.log_lines.append(line)
             if "listening on " in line:
-                return line.split("listening on ", 1)[1].split()[0]
+                url = url or line.split("listening on ", 1)[1].split()[0]
+                listening += 1
+                if listening >= workers:
+                    return url
         self.kill()
         raise RuntimeError("server did not start:\n" + "".join(self.log_lines))
 
