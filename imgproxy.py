@@ -35,6 +35,7 @@ import base64
 import binascii
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import dataclasses
 import datetime as dt
@@ -52,9 +53,11 @@ import json
 import logging
 import math
 import mmap
+import multiprocessing
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -183,6 +186,7 @@ VARIANT_SWEEP_SECONDS = 300.0   # the disk budget is checked at least this often
 VARIANT_LOCK_STRIPES = 256      # per-variant render locks across workers, hashed onto this many files
 VARIANT_HEAD_BYTES = 256 * 1024  # of an original in the object store, read to tell if it can be see-through
 VARIANT_SOURCE_CACHE = 10_000   # images whose "has transparency" answer is remembered for negotiation
+RENDER_NICE = 10                # render processes yield the CPU to the serving event loop
 # More than one machine (storage.backend "s3", database.url): see the storage and database chapters.
 PG_POOL_SIZE = 10               # connections per process (reads; writes queue on one lock anyway)
 PG_COMMAND_SECONDS = 30.0       # a statement, or a connection attempt, that takes longer fails
@@ -750,6 +754,9 @@ class UploadRejected(Exception):
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+    def __reduce__(self):  # raised in a render process, re-raised in the server
+        return type(self), (self.status, self.code, self.message)
 
 
 def is_database_outage(exc: BaseException) -> bool:
@@ -3185,11 +3192,16 @@ def render_variant(source: Path | bytes, width: Optional[int], fmt: str, max_pix
     nothing else of the original's metadata is written.
     """
     pillow_format = VARIANT_FORMATS[fmt][0]
+    too_many = UploadRejected(413, "too_many_pixels", "the original has more pixels than allowed")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        try:
+            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except Image.DecompressionBombError:  # Pillow's backstop: twice its limit (see create_app)
+            raise too_many from None
+        with im:
             if im.width * im.height > max_pixels:  # stored before a lower limit was set
-                raise UploadRejected(413, "too_many_pixels", "the original has more pixels than allowed")
+                raise too_many
             swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
             shown_w, shown_h = (im.height, im.width) if swapped else im.size
             target_w = shown_w if width is None else min(width, shown_w)
@@ -3239,6 +3251,149 @@ def render_variant(source: Path | bytes, width: Optional[int], fmt: str, max_pix
     return out.getvalue()
 
 
+class RenderProcessDied(Exception):
+    """A render process ended mid-render (killed, say, by the kernel's OOM killer)."""
+
+
+def _start_render_process(max_pixels: int, server_pid: int) -> None:
+    """Initializer of a render process: lower priority, Pillow set up as in the server."""
+    threading.Thread(target=_end_with, args=(server_pid,), name="imgproxy-server-watch", daemon=True).start()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, RENDER_NICE)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which then stops us
+    Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    warnings.filterwarnings("ignore", module=r"PIL\.")
+    Image.init()
+    with contextlib.suppress(Exception):  # load the encoders now, not in the first render
+        Image.new("RGB", (16, 16)).save(io.BytesIO(), "WEBP")
+
+
+def _end_with(server_pid: int) -> None:
+    """A render process ends when its server does. A server killed with -9
+    cannot say so, and a pool process only waits for its next call (and keeps
+    the fork server alive), so it watches the server's pid itself."""
+    try:
+        watch = os.pidfd_open(server_pid)
+    except ProcessLookupError:
+        os._exit(0)
+    except (AttributeError, OSError):  # no pidfd (older kernel): look every second
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(server_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass
+    select.select([watch], [], [])  # readable once the server has exited
+    os._exit(0)
+
+
+def _render_process_pid() -> int:
+    return os.getpid()
+
+
+def _lower_thread_priority() -> None:
+    # Renders left in threads (no render processes) run at nice 10, which Linux
+    # sets per thread: the event loop still gets the CPU first.
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+class RenderProcesses:
+    """render_variant run in a pool of processes, off the server's GIL.
+
+    In a thread of the server, a render holds the GIL for stretches (Pillow's
+    Python code, parts of its encoders), and at a lower priority it can be
+    descheduled while holding it: the event loop then waits on a thread that
+    is not running, and cached images stall for milliseconds. A process has a
+    GIL of its own, and at nice 10 the kernel gives the loop its core first.
+
+    The processes are forked from multiprocessing's fork server (started on
+    first use from this file, so they share its pages): one at first, more
+    as renders overlap, up to `size`. A process that dies mid-render breaks
+    the pool: the renders it held raise RenderProcessDied, and the next render
+    starts a new pool. Where processes cannot be made (no /dev/shm, say),
+    renders run in the calling thread instead, as before.
+    """
+
+    def __init__(self, size: int, max_pixels: int):
+        self.size = size
+        self.max_pixels = max_pixels
+        self.lock = threading.Lock()
+        self.pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
+        self.in_threads = False
+        self.closed = False
+
+    def _pool(self) -> Optional[concurrent.futures.ProcessPoolExecutor]:
+        with self.lock:
+            if self.pool is None and not self.in_threads and not self.closed:
+                try:
+                    context = multiprocessing.get_context("forkserver")
+                    # The fork server imports this file once; `__main__` when run as a script.
+                    context.set_forkserver_preload([render_variant.__module__])
+                    self.pool = concurrent.futures.ProcessPoolExecutor(
+                        self.size, mp_context=context, initializer=_start_render_process,
+                        initargs=(self.max_pixels, os.getpid()))
+                except (OSError, ValueError, ImportError) as exc:
+                    log.warning("renders run in threads: no render processes (%s)", exc)
+                    self.in_threads = True
+            return self.pool
+
+    def render(self, source: Path | bytes, width: Optional[int], fmt: str) -> bytes:
+        """Blocking: the variant's bytes, rendered in a render process."""
+        future = self._submit(render_variant, source, width, fmt, self.max_pixels)
+        if future is None:
+            _lower_thread_priority()
+            return render_variant(source, width, fmt, self.max_pixels)
+        try:
+            return future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise RenderProcessDied() from None
+
+    def warm(self) -> Optional[int]:
+        """Start the fork server and one render process now; returns its pid."""
+        future = self._submit(_render_process_pid)
+        with contextlib.suppress(concurrent.futures.process.BrokenProcessPool):
+            return None if future is None else future.result()
+        return None
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Optional[concurrent.futures.Future]:
+        """The call queued in a render process; None when renders run in threads."""
+        pool = self._pool()
+        if pool is None:
+            return None
+        try:
+            future = pool.submit(fn, *args)
+        except concurrent.futures.process.BrokenProcessPool:  # a process died since the last render
+            self._discard(pool, "a render process died; starting new ones")
+            return self._submit(fn, *args)
+        except OSError as exc:  # the fork server or a process could not be started here
+            self._discard(pool, f"renders run in threads: no render processes ({exc})", for_good=True)
+            return None
+        future.add_done_callback(lambda f: self._check(pool, f))
+        return future
+
+    def _check(self, pool: concurrent.futures.ProcessPoolExecutor, future: concurrent.futures.Future) -> None:
+        if not future.cancelled() and isinstance(future.exception(), concurrent.futures.process.BrokenProcessPool):
+            self._discard(pool, "a render process died; starting new ones")
+
+    def _discard(self, pool: concurrent.futures.ProcessPoolExecutor, why: str, for_good: bool = False) -> None:
+        with self.lock:
+            if self.pool is pool:
+                self.pool = None
+                self.in_threads = self.in_threads or for_good
+                log.warning("%s", why)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        with self.lock:
+            pool, self.pool, self.closed = self.pool, None, True
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 class VariantCache:
     """Rendered variants of the stored images: memory, disk, renders.
 
@@ -3261,8 +3416,9 @@ class VariantCache:
         Image.init()
         self.formats = tuple(f for f, (pil, _) in VARIANT_FORMATS.items() if pil in Image.SAVE)
         cores = os.cpu_count() or 1
-        self.pool = concurrent.futures.ThreadPoolExecutor(cores, thread_name_prefix="imgproxy-render",
-                                                          initializer=_lower_thread_priority)
+        # These threads take the locks and write the files; renders run in self.renderers.
+        self.pool = concurrent.futures.ThreadPoolExecutor(cores, thread_name_prefix="imgproxy-render")
+        self.renderers = RenderProcesses(cores, self.max_pixels)
         self.queue_limit = cores * VARIANT_QUEUE_PER_CORE
         self.inflight: dict[str, asyncio.Future] = {}
         self.rendering = 0
@@ -3281,6 +3437,7 @@ class VariantCache:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.sweeper
         self.pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.renderers.close)
 
     def size_width(self, size: str) -> Optional[int]:
         """The width a size label asks for (None: the original's); 400 if not offered."""
@@ -3351,6 +3508,9 @@ class VariantCache:
                     self.pool, self._render_once, path, source, width, fmt)
             except FileNotFoundError:  # the image was deleted while we waited
                 raise json_error(404, NO_SUCH_IMAGE, "not_found") from None
+            except RenderProcessDied:
+                raise json_error(503, "the resize was interrupted; try again shortly", "unavailable",
+                                 {"Retry-After": "2"}) from None
             finally:
                 self.rendering -= 1
                 if fetched is not None:
@@ -3417,7 +3577,7 @@ class VariantCache:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             with contextlib.suppress(FileNotFoundError):
                 return path.read_bytes(), False
-            data = render_variant(source, width, fmt, self.max_pixels)
+            data = self.renderers.render(source, width, fmt)
             # Locked while in tmp/, so no leftover sweep takes it from under us.
             tmp_path, fd = self.storage.create_tmp("variant")
             try:
@@ -3462,13 +3622,6 @@ class VariantCache:
         self.touched.pop(key, None)
         if old is not None and old.body is not None:
             self.memory_bytes -= len(old.body)
-
-
-def _lower_thread_priority() -> None:
-    # Renders run at nice 10 (Linux sets it per thread): while they fill every
-    # core, the event loop still gets the CPU at once for cached images.
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _touch_quietly(path: Path) -> None:
@@ -6620,6 +6773,8 @@ async def serve(config: Config, sock: socket.socket, worker: Optional[int] = Non
     guard = ConnectionGuard(runner.server, app[STREAMING], connection_limit(config, raise_fd_limit()),
                             **handler_options)
     listener = await loop.create_server(guard, sock=sock, backlog=1024)
+    if app[VARIANTS].widths:  # the first render need not wait for the render processes to start
+        loop.run_in_executor(None, app[VARIANTS].renderers.warm)
     guard.start()
     host, port = sock.getsockname()[:2]
     log.info("imgproxy %s%s listening on http://%s:%d (public URLs: %s)", __version__,
