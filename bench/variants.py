@@ -365,7 +365,7 @@ def main(argv=None) -> int:
             small = [server.upload(photo_jpeg(100 + i, (1600, 1200)), f"s{i}.jpg")
                      for i in range(max(1, args.flood // 5))]
             targets = [f"/i/{m}/{w}.jpg" for m in small for w in (160, 320, 640, 1280, 2048)][:args.flood]
-            client_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+            children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             flooder = subprocess.Popen([sys.executable, "-c", FLOOD_CLIENT], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True)
             flooder.stdin.write(json.dumps([server.port, targets]))
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
                 during.append(probe_time())
             flood_result = json.loads(flooder.stdout.read())
             usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the flooder is reaped by poll()
-            client_cpu = usage.ru_utime + usage.ru_stime - client_cpu.ru_utime - client_cpu.ru_stime
+            client_cpu = usage.ru_utime + usage.ru_stime - children_before.ru_utime - children_before.ru_stime
             flooder.stdout.close()
             seen: dict[str, int] = flood_result["statuses"]
             flood_seconds = flood_result["seconds"]
