@@ -325,7 +325,7 @@ def main(argv=None) -> int:
                     floor_cpus.append(statistics.median(cpu for _, cpu in runs))
                 render_wall, floor_wall = statistics.median(walls), statistics.median(floor_walls)
                 render_cpu, floor_cpu = statistics.median(cpus), statistics.median(floor_cpus)
-                scale_text = "/".join(f"1/{s}" for s in sorted(set(scales)))
+                scale_text = ", ".join(f"1/{s}" for s in sorted(set(scales)))
                 rows.append((f"floor: djpeg -scale {scale_text}, same files", "render / djpeg decode: wall; CPU",
                              f"{render_wall * 1000:.0f} / {floor_wall * 1000:.0f} ms = "
                              f"{render_wall / floor_wall:.1f}×; {render_cpu * 1000:.0f} / "
