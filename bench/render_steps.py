@@ -133,7 +133,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--photo {photo}: no such file")
     command = " ".join(["python3 bench/render_steps.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `{command}`")
-    print(f"Pillow {Image.__version__}, libjpeg-turbo {features.version('jpg')}, "
+    print(f"Pillow {Image.__version__}, libjpeg-turbo {features.version('libjpeg_turbo')}, "
           f"libwebp {features.version('webp')}, libavif {features.version('avif')}; "
           f"thread CPU ms, median of {args.repeats}.")
     with tempfile.TemporaryDirectory(prefix="imgproxy-steps-") as tmp:
