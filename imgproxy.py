@@ -3267,10 +3267,12 @@ class RenderProcessDied(Exception):
 
 
 def _start_render_process(max_pixels: int, server_pid: int) -> None:
-    """Initializer of a render process: lower priority, Pillow set up as in the server."""
+    """Initializer of a render process: idle priority, Pillow set up as in the server."""
     threading.Thread(target=_end_with, args=(server_pid,), name="imgproxy-server-watch", daemon=True).start()
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, RENDER_NICE)
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which then stops us
     Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -3319,14 +3321,15 @@ class RenderProcesses:
     Python code, parts of its encoders), and at a lower priority it can be
     descheduled while holding it: the event loop then waits on a thread that
     is not running, and cached images stall for milliseconds. A process has a
-    GIL of its own, and at nice 10 the kernel gives the loop its core first.
+    GIL of its own, and as SCHED_IDLE (nice 10 where that is refused) it gets
+    a core only when the event loop does not want it.
 
-    The processes are forked from multiprocessing's fork server (started on
-    first use from this file, so they share its pages): one at first, more
-    as renders overlap, up to `size`. A process that dies mid-render breaks
-    the pool: the renders it held raise RenderProcessDied, and the next render
-    starts a new pool. Where processes cannot be made (no /dev/shm, say),
-    renders run in the calling thread instead, as before.
+    The processes come from multiprocessing's fork server (a small process
+    started on first use, or by serve() at start): one at first, more as
+    renders overlap, up to `size`, and they stay. A process that dies
+    mid-render breaks the pool: the renders it held raise RenderProcessDied,
+    and the next render starts a new pool. Where processes cannot be made
+    (no /dev/shm, say), renders run in the calling thread instead.
     """
 
     def __init__(self, size: int, max_pixels: int):
@@ -3341,11 +3344,12 @@ class RenderProcesses:
         with self.lock:
             if self.pool is None and not self.in_threads and not self.closed:
                 try:
-                    context = multiprocessing.get_context("forkserver")
-                    # The fork server imports this file once; `__main__` when run as a script.
-                    context.set_forkserver_preload([render_variant.__module__])
+                    # A render process imports this file on its own (about 35 MB). Preloading
+                    # it in the fork server was tried: reference counting soon copies the
+                    # shared pages anyway, and every process grew.
                     self.pool = concurrent.futures.ProcessPoolExecutor(
-                        self.size, mp_context=context, initializer=_start_render_process,
+                        self.size, mp_context=multiprocessing.get_context("forkserver"),
+                        initializer=_start_render_process,
                         initargs=(self.max_pixels, os.getpid()))
                 except (OSError, ValueError, ImportError) as exc:
                     log.warning("renders run in threads: no render processes (%s)", exc)

@@ -2,7 +2,7 @@
 """Variants (/i/{md5}/{size}.{fmt}) against a real imgproxy process: the
 figures of issue 12's "Measured" list, in one run of about two minutes.
 
-    python3 bench/variants.py [--renders 7] [--seconds 5] [--flood 500] [--photo FILE ...]
+    python3 bench/variants.py [--renders 7] [--seconds 5] [--flood 500] [--photo FILE ... [--as-phone]]
 
 Server CPU is always that of the whole process tree (the server pid and its
 live descendants from /proc/*/stat, utime+stime+cutime+cstime, so reaped
@@ -19,7 +19,10 @@ server or in render processes (a forkserver pool).
    synthetic ones, one first render each (real photos: see bench/README.md,
    "Variants": `apt-get download lomiri-wallpapers-20.04
    lomiri-wallpapers-16.04 && dpkg-deb -x <deb> DIR`, then
-   DIR/usr/share/backgrounds/*.jpg; nothing is installed).
+   DIR/usr/share/backgrounds/*.jpg; nothing is installed). With
+   --as-phone each is first re-encoded as a phone camera writes a 12 MP
+   photo (cropped to 4:3, 4000x3000, baseline, quality 92, 4:2:0): real
+   content at the size and coding of the issue's "12 MP JPEG".
    A floor in the same run, if djpeg (libjpeg-turbo-progs) is on PATH:
    `djpeg -scale 1/N -outfile /dev/null` of the same files at the DCT scale
    the render uses (1/4 for 12 MP to 640 px), median of 3 each, wall and CPU:
@@ -33,7 +36,11 @@ server or in render processes (a forkserver pool).
    threads in a separate client process, so they do not share the probe's
    GIL) while a probe in this process GETs a cached image: probe p99 (and
    p50) during the flood / idle, and every status seen (5xx other than 503
-   with Retry-After is a failure).
+   with Retry-After is a failure). Each of --flood-rounds rounds (3) first
+   sends a control flood from the same client: as many GETs of one cached
+   variant, no render at all. On 2 shared cores the client and the
+   requests themselves cost the probe; "render flood / control flood" is
+   what the renders add on top.
 5. A flood of unknown md5s and bad sizes: renders and files written (both 0).
 
 Everything runs on 127.0.0.1 with a throw-away data folder. Prints a
@@ -74,6 +81,24 @@ def photo_jpeg(seed: int, size=(4000, 3000)) -> bytes:
     im = Image.blend(im, Image.effect_noise(size, 20).convert("RGB"), 0.15)
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=88)
+    return buf.getvalue()
+
+
+def as_phone_jpeg(path: Path) -> bytes:
+    """A real photo as a 12 MP phone camera writes it: 4:3, 4000x3000, baseline, q92, 4:2:0."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    w, h = im.size
+    if w * 3 > h * 4:
+        crop_w = h * 4 // 3
+        im = im.crop(((w - crop_w) // 2, 0, (w - crop_w) // 2 + crop_w, h))
+    else:
+        crop_h = w * 3 // 4
+        im = im.crop((0, (h - crop_h) // 2, w, (h - crop_h) // 2 + crop_h))
+    im = im.resize((4000, 3000), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=92, subsampling="4:2:0")
     return buf.getvalue()
 
 
@@ -272,8 +297,12 @@ def main(argv=None) -> int:
     ap.add_argument("--renders", type=int, default=7)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--flood", type=int, default=500)
+    ap.add_argument("--flood-rounds", type=int, default=3, choices=(1, 2, 3))
     ap.add_argument("--photo", action="append", type=Path, default=[], metavar="FILE",
                     help="a JPEG for test 1 instead of the synthetic ones (repeatable)")
+    ap.add_argument("--as-phone", action="store_true",
+                    help="re-encode each --photo as a phone camera writes one: cropped to 4:3, "
+                         "4000x3000, baseline, quality 92, 4:2:0")
     args = ap.parse_args(argv)
     for photo in args.photo:
         if not photo.is_file():
@@ -284,7 +313,12 @@ def main(argv=None) -> int:
         server = Server(Path(tmp))
         try:
             print("generating and uploading images ...", file=sys.stderr)
-            if args.photo:
+            if args.photo and args.as_phone:
+                sources = [Path(tmp) / f"phone-{i}-{p.name}" for i, p in enumerate(args.photo)]
+                for source, path in zip(args.photo, sources):
+                    path.write_bytes(as_phone_jpeg(source))
+                what = f"12 MP phone-like JPEG of {len(sources)} photo{'s' if len(sources) > 1 else ''}"
+            elif args.photo:
                 sources = args.photo
                 what = f"{len(sources)} photo{'s' if len(sources) > 1 else ''} (--photo)"
             else:
@@ -367,33 +401,55 @@ def main(argv=None) -> int:
             idle = [probe_time() for _ in range(300)]
             small = [server.upload(photo_jpeg(100 + i, (1600, 1200)), f"s{i}.jpg")
                      for i in range(max(1, args.flood // 5))]
-            targets = [f"/i/{m}/{w}.jpg" for m in small for w in (160, 320, 640, 1280, 2048)][:args.flood]
-            children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            flooder = subprocess.Popen([sys.executable, "-c", FLOOD_CLIENT], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, text=True)
-            flooder.stdin.write(json.dumps([server.port, targets]))
-            flooder.stdin.close()
-            assert flooder.stdout.readline().strip() == "go"
-            during = []
-            while flooder.poll() is None:
-                during.append(probe_time())
-            flood_result = json.loads(flooder.stdout.read())
-            usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the flooder is reaped by poll()
-            client_cpu = usage.ru_utime + usage.ru_stime - children_before.ru_utime - children_before.ru_stime
-            flooder.stdout.close()
-            seen: dict[str, int] = flood_result["statuses"]
-            flood_seconds = flood_result["seconds"]
+
+            def flood(paths: list[str]) -> tuple[list[float], dict[str, int], float, float]:
+                """Probe times while the flood client sends `paths`; its statuses, seconds, CPU."""
+                children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                flooder = subprocess.Popen([sys.executable, "-c", FLOOD_CLIENT], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True)
+                flooder.stdin.write(json.dumps([server.port, paths]))
+                flooder.stdin.close()
+                assert flooder.stdout.readline().strip() == "go"
+                during = []
+                while flooder.poll() is None:
+                    during.append(probe_time())
+                result = json.loads(flooder.stdout.read())
+                usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the flooder is reaped by poll()
+                cpu = usage.ru_utime + usage.ru_stime - children_before.ru_utime - children_before.ru_stime
+                flooder.stdout.close()
+                return during, result["statuses"], result["seconds"], cpu
+
+            # Rounds of (a control flood of one cached variant, then a flood of uncached ones),
+            # interleaved: the control is what the same client and requests cost without renders.
+            control_path = f"/i/{md5s[-1]}/320.webp"  # rendered by test 3
+            seen: dict[str, int] = {}
+            rounds = []
+            for fmt in ("jpg", "webp", "png")[:args.flood_rounds]:
+                targets = [f"/i/{m}/{w}.{fmt}" for m in small for w in (160, 320, 640, 1280, 2048)][:args.flood]
+                control, control_seen, control_seconds, control_cpu = flood([control_path] * len(targets))
+                during, statuses, seconds, cpu = flood(targets)
+                for k, v in statuses.items():
+                    seen[k] = seen.get(k, 0) + v
+                rounds.append((p99(during), p99(control), statistics.median(during), seconds, cpu,
+                               control_seconds, control_cpu, len(during), set(control_seen)))
             # a status other than 2xx-4xx, or a client error instead of an answer, fails
             bad = {k: v for k, v in seen.items() if k[:1] not in "234" and k != "503 with Retry-After"}
-            p50 = statistics.median
-            # on 2 cores the flood client's own CPU competes with the server: printed to read the ratio by
-            rows.append((f"{len(targets)} uncached variants, 32 at a time ({flood_seconds:.1f} s, "
-                         f"flood client CPU {client_cpu:.1f} s)",
+            idle99, idle50 = p99(idle), statistics.median(idle)
+            mid = sorted(rounds)[len(rounds) // 2]  # the round with the median render-flood p99
+            flood99, control99, flood50, seconds, cpu, control_seconds, control_cpu, probes, cseen = mid
+            rows.append((f"{args.flood} uncached variants, 32 at a time ({len(rounds)} rounds; median round "
+                         f"{seconds:.1f} s, flood client CPU {cpu:.1f} s)",
                          "p99 (p50) of a cached GET: flood / idle",
-                         f"{p99(during) * 1000:.1f} / {p99(idle) * 1000:.1f} ms = {p99(during) / p99(idle):.1f}× "
-                         f"({p50(during) * 1000:.1f} / {p50(idle) * 1000:.1f} ms = {p50(during) / p50(idle):.1f}×; "
-                         f"{len(during)} probes)", "≤ 3×"))
-            rows.append(("", "statuses", ", ".join(f"{k}: {v}" for k, v in sorted(seen.items())),
+                         f"{flood99 * 1000:.1f} / {idle99 * 1000:.1f} ms = {flood99 / idle99:.1f}× "
+                         f"({flood50 * 1000:.1f} / {idle50 * 1000:.1f} ms = {flood50 / idle50:.1f}×; "
+                         f"{probes} probes); rounds: "
+                         + ", ".join(f"{r[0] / idle99:.1f}×" for r in rounds), "≤ 3×"))
+            rows.append((f"control: {args.flood} GETs of one cached variant, same client "
+                         f"({control_seconds:.1f} s, client CPU {control_cpu:.1f} s, statuses {sorted(cseen)})",
+                         "p99 of a cached GET: render flood / control flood",
+                         f"{flood99 * 1000:.1f} / {control99 * 1000:.1f} ms = {flood99 / control99:.2f}×; rounds: "
+                         + ", ".join(f"{r[0] / r[1]:.2f}×" for r in rounds), "renders add ≤ the requests' own cost"))
+            rows.append(("", "statuses of the render floods", ", ".join(f"{k}: {v}" for k, v in sorted(seen.items())),
                          "no 5xx but 503 + Retry-After, no errors" + (" ❌" if bad else " ✅")))
             # 5. unknown md5s and bad sizes
             def files() -> int:

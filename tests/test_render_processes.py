@@ -1,5 +1,5 @@
 """Renders run in processes of their own (RenderProcesses): off the server's
-GIL, at nice 10, replaced when one dies, and gone when the server goes.
+GIL, at idle priority, replaced when one dies, and gone when the server goes.
 Against a real server (in-process and as its own process), real files."""
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def slow_jpeg() -> bytes:
 
 # ---- where renders run ------------------------------------------------------------
 
-def test_renders_run_in_processes_of_their_own_at_nice_10(make_config, server_process):
+def test_renders_run_in_processes_of_their_own_at_idle_priority(make_config, server_process):
     proc = server_process(make_config(server={"log_level": "DEBUG"}))
     status, _, body = http_exchange("PUT", proc.base_url + "/upload/big.jpg", photo((3000, 2000)), ALICE)
     assert status == 201
@@ -92,6 +92,8 @@ def test_renders_run_in_processes_of_their_own_at_nice_10(make_config, server_pr
         assert status == 200, body[:200]
     after = render_processes(pid)
     assert after, "no process at nice 10 under the server"
+    # SCHED_IDLE: a core only when nothing else (the event loop) wants it
+    assert {os.sched_getscheduler(p) for p in after} == {os.SCHED_IDLE}
     render_cpu = sum(cpu - before_renders.get(p, 0.0) for p, cpu in after.items())
     server_cpu = own_cpu(pid) - before_server
     # Three full-size encodes of 6 MP: hundreds of ms, and almost none of it in the server.
