@@ -162,6 +162,7 @@ async def test_a_render_process_that_died_idle_is_replaced_without_an_error(make
 
 # ---- what crosses the process boundary -----------------------------------------------
 
+@pytest.mark.files_stack  # a second config on the first one's data folder
 async def test_a_refusal_in_the_render_process_reaches_the_client_as_its_4xx(make_client, make_config):
     first = await make_client()
     md5 = await put(first, photo((1200, 800)))
@@ -188,6 +189,7 @@ async def test_renders_work_in_threads_where_processes_cannot_be_made(make_clien
     assert not render_processes(os.getpid())
 
 
+@pytest.mark.local_files_only  # renders the stored file here too
 @pytest.mark.parametrize("size", ["160", "1280"])
 async def test_sizes_rendered_in_processes_match_a_render_in_this_process(make_client, size):
     client = await make_client()
