@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import contextlib
 import hashlib
 import http.client
 import io
@@ -156,7 +157,8 @@ def proc_cpu_seconds(pid: int) -> float:
 class RenderProcessMemory:
     """Peak RSS growth of the server's descendants (render processes), observed by polling.
 
-    Processes already there when it starts are measured from their VmRSS then;
+    Processes already there when it starts are measured from their VmRSS then
+    (their VmHWM reset to it);
     later ones from their fork parent's VmRSS when first seen (a forked child
     starts with its parent's pages). A process that lives and dies between two
     looks is not seen: look() after every render.
@@ -167,6 +169,10 @@ class RenderProcessMemory:
         self.base_kb: dict[int, int] = {}
         self.peak_kb: dict[int, int] = {}
         for pid, _ in descendants(server_pid):
+            # "5" resets VmHWM to the current RSS (Linux, our own processes): a process's
+            # start-up (compiling imgproxy.py) peaks higher than a render, and would hide it.
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
             self.base_kb[pid] = proc_kb(pid, "VmRSS")
         self.look()
 
@@ -209,7 +215,7 @@ def djpeg_decode(path: Path, scale: int) -> tuple[float, float]:
 
 
 class Server:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, program: Path = ROOT / "imgproxy.py"):
         data = workdir / "data"
         config = {"server": {"domain": "127.0.0.1", "host": "127.0.0.1", "data_dir": str(data),
                              "log_level": "DEBUG", "max_upload_mb": 50},
@@ -219,7 +225,7 @@ class Server:
         path.write_text(json.dumps(config))
         self.data = data
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "imgproxy.py"), "--config", str(path),
+        self.proc = subprocess.Popen([sys.executable, str(program), "--config", str(path),
                                       "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in self.proc.stdout:
             self.lines.append(line)
@@ -298,6 +304,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--flood", type=int, default=500)
     ap.add_argument("--flood-rounds", type=int, default=3, choices=(1, 2, 3))
+    ap.add_argument("--imgproxy", type=Path, default=ROOT / "imgproxy.py", metavar="FILE",
+                    help="the server to measure (e.g. an older imgproxy.py from git show, to compare)")
     ap.add_argument("--photo", action="append", type=Path, default=[], metavar="FILE",
                     help="a JPEG for test 1 instead of the synthetic ones (repeatable)")
     ap.add_argument("--as-phone", action="store_true",
@@ -310,7 +318,7 @@ def main(argv=None) -> int:
     rows = []
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="imgproxy-variants-") as tmp:
-        server = Server(Path(tmp))
+        server = Server(Path(tmp), args.imgproxy)
         try:
             print("generating and uploading images ...", file=sys.stderr)
             if args.photo and args.as_phone:
