@@ -1753,6 +1753,27 @@ def pg_error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:200]
 
 
+class PgPoolNoise(logging.Filter):
+    """asyncpg's pool logs a warning with a traceback at every failed reconnection
+    while PostgreSQL is down (several a second). Clients get 503s meanwhile; the
+    log gets one line, at most one a minute, naming the error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg, record.args = "PostgreSQL is unreachable (%s); the pool keeps trying", (
+                pg_error_text(record.exc_info[1]),)
+            record.exc_info, record.exc_text = None, None
+        now = time.monotonic()
+        if now - self.last < 60.0:
+            return False
+        self.last = now
+        return True
+
+
 @dataclasses.dataclass
 class ServedImage:
     """What serving one image needs, kept in memory so a hit costs no I/O."""
@@ -1872,6 +1893,9 @@ class ImageStore:
     async def _open_pg(self, listen: bool) -> None:
         import asyncpg  # optional: only with database.url (checked when the config was read)
 
+        pool_log = logging.getLogger("asyncpg.pool")
+        if not any(isinstance(f, PgPoolNoise) for f in pool_log.filters):
+            pool_log.addFilter(PgPoolNoise())
         url = self.config.database.url
         try:
             # reset: the pool's default runs four statements per release to undo
@@ -5962,8 +5986,11 @@ async def _background_ctx(app: web.Application):
                 await store.flush_token_use()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("could not flush access counts; will retry")
+            except Exception as exc:
+                if is_database_outage(exc):  # requests get 503s meanwhile: one line is enough
+                    log.warning("could not flush access counts (%s); will retry", pg_error_text(exc))
+                else:
+                    log.exception("could not flush access counts; will retry")
 
     tasks = [asyncio.create_task(flusher(), name="imgproxy-flush")]
     if config.cleanup.enable:
