@@ -160,6 +160,7 @@ S3_DELETE_BATCH = 1000               # the S3 limit on keys in one DeleteObjects
 S3_CONNECT_TIMEOUT = 3.0             # seconds; a store that does not answer is unavailable, not slow
 S3_READ_TIMEOUT = 30.0               # seconds without a byte from the store on an open request
 S3_MAX_ATTEMPTS = 3                  # tries of one request in all (connection errors, 5xx, throttling): <= 3 s of backoff
+S3_ANSWER_SECONDS = 10.0             # a HEAD, or a GET until its headers, tries included; then "unavailable"
 S3_POOL_CONNECTIONS = 64             # connections kept to the store, shared by all requests
 # App tokens: "imgp_" + 43 base62 characters = 256 bits; the fixed prefix lets
 # secret scanners (GitHub's, gitleaks) recognise a leaked one.
@@ -1353,7 +1354,8 @@ class S3Blobs:
     async def size(self, key: str) -> Optional[int]:
         with self._translated(f"HEAD {key}"):
             try:
-                answer = await self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+                answer = await asyncio.wait_for(self._client.head_object(Bucket=self.bucket, Key=self._key(key)),
+                                                S3_ANSWER_SECONDS)
             except self._client_error as e:
                 if self._absent(e):
                     return None
@@ -1368,7 +1370,10 @@ class S3Blobs:
             extra["Range"] = f"bytes={start}-{'' if end is None else end}"
         with self._translated(f"GET {key}"):
             try:
-                return await self._client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)
+                # Bounded as a whole: a store that accepts connections but has stopped
+                # answering would otherwise hold a reader for three read timeouts.
+                return await asyncio.wait_for(self._client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                                                      **extra), S3_ANSWER_SECONDS)
             except self._client_error as e:
                 if self._absent(e):
                     raise FileNotFoundError(f"no object {key} in the store") from None

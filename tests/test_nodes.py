@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import http.client
 import json
+import signal
+import os
 import re
 import socket
 import struct
@@ -633,6 +635,29 @@ def test_object_store_stopped_under_load_gives_clear_503s_then_recovers(make_clu
     assert cluster.problems() == []
     print(f"store down 2 s: {len(answers)} requests, {len(refused)} refused with 503, "
           f"{kept} uploads acknowledged and kept, slowest answer {max(a.seconds for a in answers):.2f} s")
+
+
+def test_a_frozen_store_that_still_accepts_connections_is_a_503_within_the_answer_bound(make_cluster):
+    """SIGSTOP: the kernel still accepts connections for SeaweedFS, nothing answers.
+    A GET that must read the store gives up after S3_ANSWER_SECONDS (here 2 s),
+    retries included, instead of three 30 s read timeouts; memory keeps serving."""
+    cluster = make_cluster(nodes=1, patches={"S3_ANSWER_SECONDS": 2.0})
+    _, small = cluster.upload(0, seeded_png(80))
+    _, large = cluster.upload(0, noise_png(MB, seed=8))  # streamed from the store, never asked for yet
+    assert cluster.call(0, "GET", cluster.image_path(small))[0] == 200
+    os.kill(cluster.s3.process.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        status, headers, body = cluster.call(0, "GET", cluster.image_path(large), timeout=60)
+        took = time.monotonic() - began
+        assert status == 503 and int(headers["Retry-After"]) > 0, (status, body[:200])
+        assert took < 2.0 + 3.0, took  # the bound, plus slack for a loaded machine; not 3 x 30 s
+        assert cluster.call(0, "GET", cluster.image_path(small))[0] == 200  # from memory meanwhile
+    finally:
+        os.kill(cluster.s3.process.pid, signal.SIGCONT)
+    status, _, body = cluster.call(0, "GET", cluster.image_path(large), timeout=60)
+    assert status == 200 and len(body) == large["size"]
+    assert cluster.server_errors() == []
 
 
 @pytest.mark.parametrize("mode", ["fast", pytest.param("immediate", marks=pytest.mark.slow)])
