@@ -161,6 +161,8 @@ S3_CONNECT_TIMEOUT = 3.0             # seconds; a store that does not answer is 
 S3_READ_TIMEOUT = 30.0               # seconds without a byte from the store on an open request
 S3_MAX_ATTEMPTS = 3                  # tries of one request in all (connection errors, 5xx, throttling): <= 3 s of backoff
 S3_ANSWER_SECONDS = 10.0             # a HEAD, or a GET until its headers, tries included; then "unavailable"
+COPY_WAIT_MAX = 16 * 1024 * 1024     # a first GET of an original up to this size waits for the node's copy...
+COPY_WAIT_SECONDS = 2.0              # ... this long at most, then reads the store itself
 S3_POOL_CONNECTIONS = 64             # connections kept to the store, shared by all requests
 # App tokens: "imgp_" + 43 base62 characters = 256 bits; the fixed prefix lets
 # secret scanners (GitHub's, gitleaks) recognise a leaked one.
@@ -901,6 +903,7 @@ class RemoteObject:
     blobs: Any  # S3Blobs
     key: str
     local: Optional[Path] = None
+    copying: Optional[asyncio.Future] = dataclasses.field(default=None, compare=False, repr=False)
 
     def open_local(self) -> Optional[io.BufferedReader]:
         """The local copy, opened (blocking), or None: open first, so an eviction cannot slip in between."""
@@ -1368,6 +1371,7 @@ class S3Blobs:
         extra = {}
         if start or end is not None:
             extra["Range"] = f"bytes={start}-{'' if end is None else end}"
+        log.debug("object store: GET %s%s", key, f" ({extra['Range']})" if extra else "")
         with self._translated(f"GET {key}"):
             try:
                 # Bounded as a whole: a store that accepts connections but has stopped
@@ -2267,13 +2271,19 @@ class ImageStore:
             await asyncio.to_thread(_unlink_quietly, tmp_path)
         return self._published(*result, source_md5)
 
-    def _copy_locally(self, obj: RemoteObject) -> None:
-        """Fetch a large original into this node's copy in the background (once at a time)."""
-        if obj.key in self._copying or obj.local is None:
+    def _copy_locally(self, obj: RemoteObject, size: int) -> None:
+        """Fetch a large original into this node's copy in the background (once at a time).
+        Up to COPY_WAIT_MAX, the first GETs wait for it (obj.copying) rather than each
+        reading the store too: one GET from the store however many ask at once."""
+        if obj.local is None:
             return
-        task = asyncio.create_task(self._fetch_copy(obj), name="imgproxy-local-copy")
-        self._copying[obj.key] = task
-        task.add_done_callback(lambda _: self._copying.pop(obj.key, None))
+        task = self._copying.get(obj.key)
+        if task is None:
+            task = asyncio.create_task(self._fetch_copy(obj), name="imgproxy-local-copy")
+            self._copying[obj.key] = task
+            task.add_done_callback(lambda _: self._copying.pop(obj.key, None))
+        if size <= COPY_WAIT_MAX:
+            obj.copying = task
 
     async def _fetch_copy(self, obj: RemoteObject) -> None:
         if await asyncio.to_thread(obj.local.exists):
@@ -2445,7 +2455,7 @@ class ImageStore:
                 path = RemoteObject(self.blobs, image_key(md5, row["ext"]),
                                     self.storage.variant_path(md5, "source", row["ext"]))
                 if row["size"] > BODY_CACHE_MAX_FILE:
-                    self._copy_locally(path)
+                    self._copy_locally(path, row["size"])
             entry = ServedImage(md5, row["ext"], row["mime"], row["size"], row["expire_at"],
                                 path, created_at=row["created_at"])
             if row["size"] <= BODY_CACHE_MAX_FILE and row["size"] <= self.body_budget:
@@ -5017,6 +5027,12 @@ async def _send_file_spans(request: web.Request, resp: web.StreamResponse, path:
     connection guard can stop a native sendfile whose reader stopped reading."""
     if isinstance(path, RemoteObject):
         f = await asyncio.to_thread(path.open_local)
+        if f is None and path.copying is not None and not path.copying.done():
+            # This node's copy is on its way (asked for when the image was looked up):
+            # a moment's wait for it spares the store a second read of the same bytes.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(path.copying), COPY_WAIT_SECONDS)
+            f = await asyncio.to_thread(path.open_local)
         if f is None:
             return await _send_object_spans(request, resp, path, pieces, tail)
         path = path.local

@@ -637,6 +637,24 @@ def test_object_store_stopped_under_load_gives_clear_503s_then_recovers(make_clu
           f"{kept} uploads acknowledged and kept, slowest answer {max(a.seconds for a in answers):.2f} s")
 
 
+def test_concurrent_first_gets_of_a_large_image_read_the_store_once(make_cluster):
+    """The node's own copy is fetched when the image is first looked up; the first
+    GETs wait for it instead of each streaming the object from the store as well."""
+    cluster = make_cluster(nodes=1, server={"log_level": "DEBUG"})
+    data = noise_png(MB, seed=9)
+    _, info = cluster.upload(0, data)
+    key = f"{info['md5'][:2]}/{info['md5'][2:4]}/{info['md5']}.png"
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # a connection each
+        answers = list(pool.map(lambda _: cluster.call(0, "GET", cluster.image_path(info)), range(16)))
+    assert {status for status, _, _ in answers} == {200}
+    assert all(body == data for _, _, body in answers)
+    reads = [line for line in cluster.nodes[0].log.splitlines() if f"object store: GET {key}" in line]
+    assert len(reads) == 1, reads
+    status, headers, body = cluster.call(0, "GET", cluster.image_path(info), headers={"Range": "bytes=10-19"})
+    assert status == 206 and body == data[10:20]  # from the copy: still no second read
+    assert len([line for line in cluster.nodes[0].log.splitlines() if f"object store: GET {key}" in line]) == 1
+
+
 def test_a_frozen_store_that_still_accepts_connections_is_a_503_within_the_answer_bound(make_cluster):
     """SIGSTOP: the kernel still accepts connections for SeaweedFS, nothing answers.
     A GET that must read the store gives up after S3_ANSWER_SECONDS (here 2 s),
