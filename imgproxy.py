@@ -3408,21 +3408,25 @@ class RenderProcesses:
 
     def warm(self) -> Optional[int]:
         """Start the fork server and one render process now; returns its pid."""
-        future = self._submit(_render_process_pid)
-        with contextlib.suppress(concurrent.futures.process.BrokenProcessPool):
+        with contextlib.suppress(concurrent.futures.process.BrokenProcessPool, RenderProcessDied):
+            future = self._submit(_render_process_pid)
             return None if future is None else future.result()
         return None
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> Optional[concurrent.futures.Future]:
+    def _submit(self, fn: Callable[..., Any], *args: Any, again: bool = True) -> Optional[concurrent.futures.Future]:
         """The call queued in a render process; None when renders run in threads."""
         pool = self._pool()
         if pool is None:
             return None
         try:
             future = pool.submit(fn, *args)
-        except concurrent.futures.process.BrokenProcessPool:  # a process died since the last render
+        except (concurrent.futures.process.BrokenProcessPool, RuntimeError):
+            # A process died since the last render (or another thread just shut this
+            # pool down for that): once more, on a new pool.
             self._discard(pool, "a render process died; starting new ones")
-            return self._submit(fn, *args)
+            if not again:
+                raise RenderProcessDied() from None
+            return self._submit(fn, *args, again=False)
         except OSError as exc:  # the fork server or a process could not be started here
             self._discard(pool, f"renders run in threads: no render processes ({exc})", for_good=True)
             return None
