@@ -308,6 +308,8 @@ def test_service_unit_hardening_directives() -> None:
     for key, value in expected.items():
         assert unit_value(unit, "Service", key) == value, key
     assert "@system-service" in unit_values(unit, "Service", "SystemCallFilter")
+    # Render processes lower their own priority (SCHED_IDLE, nice 10) past ~@resources.
+    assert "setpriority sched_setscheduler" in unit_values(unit, "Service", "SystemCallFilter")
 
 
 def test_cleanup_units_are_a_oneshot_and_a_persistent_timer() -> None:
@@ -689,6 +691,10 @@ def test_real_start_with_the_units_exec_start_serves_and_stops_cleanly(installed
         for _ in range(3):
             status, body = server.request("GET", image_path)
             assert status == 200 and body == image
+        # A size, rendered in a render process started under the same sandbox (MDWE).
+        status, body = server.request("GET", f"/i/{info['md5']}/full.webp")
+        assert status == 200 and body[:4] == b"RIFF" and body[8:12] == b"WEBP"
+        assert not any("renders run in threads" in line for line in server.log), "".join(server.log)
     finally:
         timeout = float(unit_value(installed.path(f"{UNIT_DIR}/imgproxy.service"),
                                    "Service", "TimeoutStopSec").rstrip("s"))
@@ -700,7 +706,7 @@ def test_real_start_with_the_units_exec_start_serves_and_stops_cleanly(installed
         count = db.execute("SELECT access_count FROM images WHERE md5 = ?", (info["md5"],)).fetchone()
     finally:
         db.close()
-    assert count == (3,), "".join(server.log)
+    assert count == (4,), "".join(server.log)  # three GETs of the original, one of a size
     # UMask=0027: nothing the service writes is readable by other accounts.
     assert not installed.path(f"{DATA_DIR}/images.db").stat().st_mode & 0o007
 
