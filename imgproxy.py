@@ -3446,10 +3446,13 @@ class RenderProcesses:
         pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
+        """Blocking: renders waiting are dropped, one running finishes (systemd's stop
+        signals the render processes too). Waiting also keeps Python 3.11's exit hook
+        from writing to the pool's closed wake-up pipe (a traceback at exit)."""
         with self.lock:
             pool, self.pool, self.closed = self.pool, None, True
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class VariantCache:
