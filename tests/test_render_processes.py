@@ -86,6 +86,11 @@ def test_renders_run_in_processes_of_their_own_at_idle_priority(make_config, ser
     assert status == 201
     md5 = decoded_json(body)["md5"]
     pid = proc.proc.pid
+    # Started with the server, so the first render does not wait for it.
+    deadline = time.monotonic() + 20
+    while not render_processes(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert render_processes(pid), "no render process started with the server"
     before_server, before_renders = own_cpu(pid), render_processes(pid)
     for tail in ("full.png", "full.webp", "2048.png"):
         status, _, body = http_exchange("GET", f"{proc.base_url}/i/{md5}/{tail}", timeout=60)
