@@ -9,6 +9,7 @@ import collections
 import datetime as dt
 import errno
 import hashlib
+import http.client
 import io
 import json
 import random
@@ -319,7 +320,8 @@ class Load:
                     status, _ = http_call("GET", f"{self.base}/i/{md5}.png")
                     if status >= 500:
                         self.errors.append(f"GET {status}")
-            except (OSError, urllib.error.URLError):
+            except (OSError, urllib.error.URLError, http.client.HTTPException):
+                # HTTPException: IncompleteRead, a body cut off by the kill
                 if not self.stop.is_set():
                     time.sleep(0.01)
                 return  # the server died under us: whatever was in flight is uncertain
