@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional
 
 import aiosqlite
-from aiohttp import BodyPartReader, MultipartReader, hdrs, http_exceptions, web
+from aiohttp import BodyPartReader, ClientError, MultipartReader, hdrs, http_exceptions, web
 from PIL import Image, ImageOps, TiffImagePlugin
 
 # ==== constants =================================================================
@@ -1137,6 +1137,20 @@ def _content_md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
 
 
+def _quiet_lost_body_writes(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """aiohttp sends a request body in a task of its own. When the store drops the
+    connection mid-request, botocore gets (and we report) the request's error, but
+    that task's own is never retrieved, and asyncio would log it with a traceback:
+    one debug line instead. Everything else goes to asyncio's default handler."""
+    task = context.get("future")
+    coro = task.get_coro() if isinstance(task, asyncio.Task) else None
+    if (getattr(coro, "__qualname__", "").endswith("write_bytes")
+            and isinstance(context.get("exception"), (OSError, ClientError))):
+        log.debug("object store: a request body was cut off (%s)", context["exception"])
+        return
+    loop.default_exception_handler(context)
+
+
 class S3Blobs:
     """Objects in an S3-compatible bucket, keys `{prefix}{relative path}`.
 
@@ -1177,6 +1191,9 @@ class S3Blobs:
         return f"S3Blobs({self.endpoint!r}, bucket={self.bucket!r}, prefix={self.prefix!r})"
 
     async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:
+            loop.set_exception_handler(_quiet_lost_body_writes)
         try:
             import aiohttp
             import botocore.exceptions

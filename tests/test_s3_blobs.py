@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -124,6 +126,31 @@ async def test_corpus_image_round_trip_with_headers(blobs, raw, bucket):
     assert head["ContentType"] == "image/jpeg"
     assert head["CacheControl"] == "public, max-age=600, immutable"
     assert head["ETag"].strip('"') == hashlib.md5(source.read_bytes()).hexdigest()
+
+
+async def test_a_body_cut_off_by_the_store_is_a_debug_line_not_a_traceback(blobs, caplog):
+    """aiohttp writes a request body in a task of its own; when the store drops the
+    connection, that task's error is never retrieved. S3Blobs.open() installs a loop
+    handler that makes it one debug line; any other lost task error still goes to
+    asyncio's own handler, traceback and all."""
+    from aiohttp import ClientOSError
+    assert asyncio.get_running_loop().get_exception_handler() is imgproxy._quiet_lost_body_writes
+
+    class ClientRequest:  # the qualified name of aiohttp's body writer
+        async def write_bytes(self):
+            raise ClientOSError(104, "Connection reset by peer")
+
+    async def something_of_ours():
+        raise ConnectionResetError("a bug of ours")
+
+    caplog.set_level(logging.DEBUG)
+    tasks = [asyncio.ensure_future(ClientRequest().write_bytes()), asyncio.ensure_future(something_of_ours())]
+    await asyncio.sleep(0.01)
+    del tasks  # never retrieved: asyncio reports them when they are collected
+    gc.collect()
+    await asyncio.sleep(0.01)
+    reported = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert len(reported) == 1 and "a bug of ours" in str(reported[0].exc_info[1]), reported
 
 
 async def test_put_bytes_round_trip_without_cache_control(blobs, raw, bucket):
